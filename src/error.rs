@@ -1,0 +1,105 @@
+//! One error type for the library. Every variant says what failed and carries
+//! the values a user needs to fix it; the binary prints it as one line.
+
+use std::path::PathBuf;
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `--kv-budget` string that is not a size or a token count.
+    #[error("invalid KV budget {input:?}: {reason} (examples: 64MiB, 512KiB, 1GB, 4096tokens)")]
+    BudgetSyntax { input: String, reason: String },
+
+    /// The byte budget does not hold the slots the cache needs.
+    #[error(
+        "KV budget too small: {budget_bytes} bytes hold {slots} slot(s) of {bytes_per_slot} bytes, \
+         but at least {min_slots} are needed ({why}); raise --kv-budget to at least {min_bytes} bytes"
+    )]
+    BudgetTooSmall {
+        budget_bytes: u64,
+        bytes_per_slot: u64,
+        slots: usize,
+        min_slots: usize,
+        min_bytes: u64,
+        why: &'static str,
+    },
+
+    /// A keep ratio outside (0, 1].
+    #[error("keep ratio {0} is outside (0, 1]: it is the fraction of processed tokens the cache keeps")]
+    KeepRatio(f64),
+
+    /// A pool or step shape with a zero or inconsistent dimension.
+    #[error("invalid shape: {0}")]
+    Shape(String),
+
+    /// The pool is full and the policy may not remove anything (the `full` policy).
+    #[error(
+        "the KV pool is full: {needed} entries needed, {capacity} fit in the budget; \
+         raise --kv-budget or use a compressing policy (elastic, h2o, local)"
+    )]
+    CapacityExceeded { needed: usize, capacity: usize },
+
+    /// A file-backed pool whose file cannot be created, sized or mapped.
+    #[error("cannot map KV pool file {path}: {source}")]
+    PoolFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An anonymous mapping the kernel refused (usually: not enough memory).
+    #[error("cannot allocate the {bytes}-byte KV pool: {source}")]
+    PoolAlloc {
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A compaction plan that breaks the pool's invariants (a bug in a policy).
+    #[error("invalid cache plan: {0}")]
+    Plan(String),
+
+    /// A view asked for in a dtype other than the pool's.
+    #[error("the KV pool holds {pool} but {asked} was requested")]
+    DtypeMismatch { pool: &'static str, asked: &'static str },
+
+    /// An unknown policy name or bad policy option.
+    #[error("invalid cache policy {0}")]
+    Policy(String),
+
+    /// ONNX Runtime's shared library could not be loaded.
+    #[error("cannot load ONNX Runtime from {path} (given by {found_by}): {reason}. {hint}")]
+    RuntimeLoad {
+        path: PathBuf,
+        found_by: &'static str,
+        reason: String,
+        hint: &'static str,
+    },
+
+    /// No ONNX Runtime library was found where we look.
+    #[error("ONNX Runtime library not found; looked in: {tried}. Run scripts/setup.sh, or set ORT_DYLIB_PATH to libonnxruntime.so")]
+    RuntimeMissing { tried: String },
+
+    /// Any other ONNX Runtime failure, with what we were doing.
+    #[error("ONNX Runtime: {context}: {reason}")]
+    Runtime { context: String, reason: String },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Formats an error with its whole `source()` chain: `ort` hides the real
+/// dlopen reason (a missing `libcublas.so.13`, say) behind a generic message.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,232 @@
+//! The KV cache a generation loop talks to: the pool, a policy, the keep
+//! ratio and the count of processed tokens. It decides *when* to compress
+//! (and to what length); the policy decides *what* goes.
+//!
+//! One step of the loop, prompt or answer:
+//!
+//! ```text
+//! let t = cache.begin_prompt_chunk(remaining)?;   // or begin_token()? (t = 1)
+//! // run the decoder: it reads pool.step_views(t).past_*, writes new_*
+//! cache.commit(t)?;                               // entries become live
+//! cache.add_scores(layer, colsum)?;               // if cache.wants_scores()
+//! cache.end_prompt()? / cache.end_token()?;       // stage 1 / stage 2
+//! ```
+
+use crate::error::{Error, Result};
+use crate::kv::budget::KeepRatio;
+use crate::kv::policy::{build_policy, CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
+use crate::kv::pool::KvPool;
+
+/// Running totals for one sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Entries folded into others, summed over layers.
+    pub merged: u64,
+    /// Entries dropped, summed over layers.
+    pub evicted: u64,
+    /// Compressions that removed something.
+    pub compressions: u64,
+    /// The most live entries at any time.
+    pub peak_len: usize,
+}
+
+pub struct KvCache {
+    pool: KvPool,
+    policy: Box<dyn CachePolicy>,
+    keep: KeepRatio,
+    processed: usize,
+    phase: Phase,
+    stats: CacheStats,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("pool", &self.pool)
+            .field("policy", &self.policy.kind())
+            .field("keep", &self.keep)
+            .field("processed", &self.processed)
+            .finish()
+    }
+}
+
+impl KvCache {
+    /// A cache over `pool`. The `full` policy ignores `keep`.
+    pub fn new(pool: KvPool, kind: PolicyKind, config: &PolicyConfig, keep: KeepRatio) -> Result<Self> {
+        let policy = build_policy(kind, config, pool.shape().layers, pool.capacity())?;
+        // The protected entries plus room for one new token.
+        let min_slots = policy.min_entries() + 1;
+        if pool.capacity() < min_slots {
+            let per_slot = pool.shape().bytes_per_slot();
+            return Err(Error::BudgetTooSmall {
+                budget_bytes: pool.bytes(),
+                bytes_per_slot: per_slot,
+                slots: pool.capacity(),
+                min_slots,
+                min_bytes: min_slots as u64 * per_slot,
+                why: "the policy's protected entries plus one new token",
+            });
+        }
+        let keep = if kind == PolicyKind::Full {
+            KeepRatio::FULL
+        } else {
+            keep
+        };
+        Ok(KvCache {
+            pool,
+            policy,
+            keep,
+            processed: 0,
+            phase: Phase::Prompt,
+            stats: CacheStats::default(),
+        })
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// The pool, for the decoder to read and write through `step_views`.
+    pub fn pool_mut(&mut self) -> &mut KvPool {
+        &mut self.pool
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.policy.kind()
+    }
+
+    pub fn keep(&self) -> KeepRatio {
+        self.keep
+    }
+
+    /// Tokens processed in this sequence, removed ones included.
+    pub fn processed(&self) -> usize {
+        self.processed
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Starts a new sequence: the pool empties, the mapping stays.
+    pub fn reset(&mut self) {
+        self.pool.clear();
+        self.policy.reset();
+        self.processed = 0;
+        self.phase = Phase::Prompt;
+        self.stats = CacheStats::default();
+    }
+
+    /// Refuses, before any work, a request that cannot finish: with the
+    /// `full` policy the prompt and the answer must fit the pool.
+    pub fn admit(&self, prompt_tokens: usize, max_new_tokens: usize) -> Result<()> {
+        if self.policy.kind() == PolicyKind::Full && prompt_tokens + max_new_tokens > self.pool.capacity() {
+            return Err(Error::CapacityExceeded {
+                needed: prompt_tokens + max_new_tokens,
+                capacity: self.pool.capacity(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the step just committed should report attention column sums.
+    pub fn wants_scores(&self) -> bool {
+        self.policy.wants_scores(self.phase)
+    }
+
+    /// The rotary position of the `i`-th of the next tokens.
+    pub fn rope_position(&self, i: usize) -> usize {
+        self.policy.rope_position(self.processed + i, self.pool.len() + i)
+    }
+
+    /// How many of the `remaining` prompt tokens the next prefill step takes.
+    /// All of them when they fit; otherwise a chunk of up to half the pool,
+    /// after compressing the entries so far to make room (the hard budget
+    /// holds during prefill too).
+    pub fn begin_prompt_chunk(&mut self, remaining: usize) -> Result<usize> {
+        if remaining <= self.pool.free() {
+            return Ok(remaining);
+        }
+        let capacity = self.pool.capacity();
+        let floor = self.policy.min_entries();
+        let chunk = remaining
+            .min(self.pool.free().max(capacity / 2))
+            .min(capacity - floor)
+            .max(1);
+        if chunk > self.pool.free() {
+            self.compress_prompt(capacity - chunk, false)?;
+        }
+        Ok(chunk)
+    }
+
+    /// Makes room for one generated token when the pool is full.
+    pub fn begin_token(&mut self) -> Result<()> {
+        if self.pool.free() == 0 {
+            self.evict_generated(1)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the `t` entries the decoder wrote live, at the next positions.
+    pub fn commit(&mut self, t: usize) -> Result<()> {
+        self.pool.append(t, self.processed)?;
+        self.processed += t;
+        self.stats.peak_len = self.stats.peak_len.max(self.pool.len());
+        Ok(())
+    }
+
+    /// Adds a layer's attention column sums (`[len]`, slot order) of the step
+    /// just committed to that layer's importance.
+    pub fn add_scores(&mut self, layer: usize, colsum: &[f32]) -> Result<()> {
+        self.pool.add_scores(layer, colsum)
+    }
+
+    /// Stage 1: the prompt is encoded; compress to the keep ratio, leaving at
+    /// least one free slot for the first generated token.
+    pub fn end_prompt(&mut self) -> Result<()> {
+        let len = self.pool.len();
+        let target = (len - self.keep.excess(len, self.processed))
+            .max(self.policy.min_entries())
+            .min(self.pool.capacity() - 1);
+        self.compress_prompt(target, true)?;
+        self.phase = Phase::Generation;
+        Ok(())
+    }
+
+    /// Stage 2: after a generated token, drop what is over the keep ratio.
+    pub fn end_token(&mut self) -> Result<()> {
+        let len = self.pool.len();
+        let floor = self.policy.min_entries().min(len);
+        let count = self.keep.excess(len, self.processed).min(len - floor);
+        if count > 0 {
+            self.evict_generated(count)?;
+        }
+        Ok(())
+    }
+
+    fn compress_prompt(&mut self, target: usize, last: bool) -> Result<()> {
+        let before = self.pool.len();
+        let done = self.policy.compress_prompt(&mut self.pool, target, last)?;
+        self.record(before, done);
+        Ok(())
+    }
+
+    fn evict_generated(&mut self, count: usize) -> Result<()> {
+        let before = self.pool.len();
+        let done = self.policy.evict_generated(&mut self.pool, count)?;
+        self.record(before, done);
+        Ok(())
+    }
+
+    fn record(&mut self, before: usize, done: Compression) {
+        if self.pool.len() < before {
+            self.stats.compressions += 1;
+        }
+        self.stats.merged += done.merged;
+        self.stats.evicted += done.evicted;
+    }
+}

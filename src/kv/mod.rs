@@ -1,0 +1,13 @@
+//! The KV cache: a fixed memory-mapped pool ([`pool`]), the budget that
+//! sizes it ([`budget`]), the policies that compress it ([`policy`]) and the
+//! cache that ties them to a generation loop ([`cache`]).
+
+pub mod budget;
+pub mod cache;
+pub mod policy;
+pub mod pool;
+
+pub use budget::{KeepRatio, KvBudget};
+pub use cache::{CacheStats, KvCache};
+pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
+pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking};

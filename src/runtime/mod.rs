@@ -1,0 +1,146 @@
+//! ONNX Runtime, loaded at run time (`ort` with `load-dynamic`).
+//!
+//! The library is looked for, in order: a path given on the command line,
+//! `ORT_DYLIB_PATH`, next to the executable, in a checkout's
+//! `.cache/onnxruntime/lib/` above the executable (where `scripts/setup.sh`
+//! puts it), then the system's library search path (`LD_LIBRARY_PATH`,
+//! ldconfig: where JetPack's ONNX Runtime lives). A path the user named is
+//! never skipped: if it fails, that failure is the error.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::error::{error_chain, Error, Result};
+
+/// The oldest ONNX Runtime this build accepts (the crate's `api-20` floor).
+pub const MIN_ORT_MINOR: u32 = 20;
+
+/// The ONNX Runtime this process loaded.
+pub struct OrtLibrary {
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// How it was found.
+    pub found_by: &'static str,
+    /// ONNX Runtime's build information (version and commit).
+    pub build_info: String,
+    /// The process-wide environment; sessions attach to it.
+    _environment: ort::environment::Environment,
+}
+
+impl std::fmt::Debug for OrtLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtLibrary")
+            .field("path", &self.path)
+            .field("found_by", &self.found_by)
+            .field("build_info", &self.build_info)
+            .finish()
+    }
+}
+
+static LOADED: OnceLock<OrtLibrary> = OnceLock::new();
+
+/// Loads ONNX Runtime once per process; later calls return the first result.
+pub fn load(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
+    if let Some(loaded) = LOADED.get() {
+        return Ok(loaded);
+    }
+    let library = locate_and_load(explicit)?;
+    Ok(LOADED.get_or_init(|| library))
+}
+
+/// The loaded library, if `load` succeeded.
+pub fn loaded() -> Option<&'static OrtLibrary> {
+    LOADED.get()
+}
+
+fn locate_and_load(explicit: Option<&Path>) -> Result<OrtLibrary> {
+    if let Some(path) = explicit {
+        return load_from(path, "--onnxruntime");
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return load_from(Path::new(&path), "ORT_DYLIB_PATH");
+    }
+    let mut tried = Vec::new();
+    for (path, found_by) in installed_candidates() {
+        if path.exists() {
+            return load_from(&path, found_by);
+        }
+        tried.push(path.display().to_string());
+    }
+    // Bare names: the dynamic loader searches LD_LIBRARY_PATH and ldconfig.
+    let mut last_reason = None;
+    for name in ["libonnxruntime.so.1", "libonnxruntime.so"] {
+        match load_from(Path::new(name), "the system library path") {
+            Ok(library) => return Ok(library),
+            Err(err) => last_reason = Some(err.to_string()),
+        }
+        tried.push(format!("{name} on the system library path"));
+    }
+    log::debug!("last system-path failure: {last_reason:?}");
+    Err(Error::RuntimeMissing {
+        tried: tried.join(", "),
+    })
+}
+
+/// Files an installed or developer setup places: beside the executable, and
+/// in `.cache/onnxruntime/lib` of a checkout the executable was built in.
+fn installed_candidates() -> Vec<(PathBuf, &'static str)> {
+    let Ok(exe) = std::env::current_exe() else {
+        return Vec::new();
+    };
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push((dir.join("libonnxruntime.so"), "the executable's folder"));
+        candidates.push((dir.join("libonnxruntime.so.1"), "the executable's folder"));
+    }
+    // target/release/elastic-edge and target/debug/deps/test-binary both sit
+    // at most three folders below the checkout.
+    for dir in exe.ancestors().skip(2).take(3) {
+        candidates.push((
+            dir.join(".cache/onnxruntime/lib/libonnxruntime.so"),
+            "the checkout's .cache (scripts/setup.sh)",
+        ));
+    }
+    candidates
+}
+
+fn load_from(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
+    let hint = "Run scripts/setup.sh to fetch ONNX Runtime, or point ORT_DYLIB_PATH at a libonnxruntime.so of version 1.20 or newer";
+    if path.components().count() > 1 && !path.exists() {
+        return Err(Error::RuntimeLoad {
+            path: path.to_path_buf(),
+            found_by,
+            reason: "no such file".into(),
+            hint,
+        });
+    }
+    match ort::init_from(path) {
+        Ok(builder) => {
+            let environment = builder
+                .with_name("elastic-edge")
+                .build()
+                .map_err(|err| Error::Runtime {
+                    context: format!("creating the environment from {}", path.display()),
+                    reason: error_chain(&err),
+                })?;
+            Ok(OrtLibrary {
+                path: path.to_path_buf(),
+                found_by,
+                build_info: ort::info().to_string(),
+                _environment: environment,
+            })
+        }
+        Err(err) => Err(Error::RuntimeLoad {
+            path: path.to_path_buf(),
+            found_by,
+            reason: match &err {
+                // `ort` prints "dlopen failed"; the reason (a missing
+                // libcublas.so.13, a wrong ELF class) is in libloading's
+                // source chain.
+                ort::LoadDynamicError::Dlopen { error, .. } => error_chain(error),
+                other => other.to_string(),
+            },
+            hint,
+        }),
+    }
+}
