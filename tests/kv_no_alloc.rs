@@ -1,0 +1,86 @@
+//! The decode loop's cache work allocates nothing: making room, committing
+//! a token, adding its attention, and evicting at the keep ratio, for every
+//! compressing policy.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::prefill;
+use elastic_edge::kv::{KvDtype, PolicyConfig, PolicyKind};
+
+/// Counts allocations while `COUNTING` is set.
+struct CountingAllocator;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+#[test]
+fn decode_steps_do_not_allocate() {
+    // The counter counts.
+    COUNTING.store(true, Ordering::Relaxed);
+    let probe = std::hint::black_box(Box::new(1u64));
+    COUNTING.store(false, Ordering::Relaxed);
+    drop(probe);
+    assert_eq!(ALLOCATIONS.swap(0, Ordering::Relaxed), 1);
+
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        for (kind, merge_on_evict) in [
+            (PolicyKind::Local, false),
+            (PolicyKind::H2o, false),
+            (PolicyKind::Elastic, false),
+            (PolicyKind::Elastic, true),
+            (PolicyKind::ElasticRef, false),
+        ] {
+            let config = PolicyConfig {
+                merge_on_evict,
+                ..PolicyConfig::default()
+            };
+            // A small pool so both the keep ratio and the capacity evict.
+            let mut cache = common::cache(common::shape(4, dtype), 48, kind, &config, 0.3);
+            let mut attention = |_: usize, p: u32| (p % 5) as f32;
+            prefill(&mut cache, 100, &mut attention);
+            let layers = cache.pool().shape().layers;
+            let colsum = vec![0.25f32; cache.pool().capacity()];
+            for _ in 0..200 {
+                COUNTING.store(true, Ordering::Relaxed);
+                cache.begin_token().unwrap();
+                // The decoder would write the new K/V through step_views here.
+                drop(cache.pool_mut().step_views::<f32>(1));
+                cache.commit(1).unwrap();
+                if cache.wants_scores() {
+                    let len = cache.pool().len();
+                    for layer in 0..layers {
+                        cache.add_scores(layer, &colsum[..len]).unwrap();
+                    }
+                }
+                cache.end_token().unwrap();
+                COUNTING.store(false, Ordering::Relaxed);
+            }
+            assert!(cache.stats().evicted + cache.stats().merged > 0);
+            assert_eq!(
+                ALLOCATIONS.load(Ordering::Relaxed),
+                0,
+                "{kind} ({dtype:?}) allocated in the decode loop"
+            );
+        }
+    }
+}
