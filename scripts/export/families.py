@@ -1,0 +1,327 @@
+"""Export real LVLM families from a Hugging Face checkpoint folder to the graph contract.
+
+    python -m export.families CHECKPOINT_DIR OUT_DIR [--dtype fp32|fp16] [--name NAME]
+
+Supported (by config.json "architectures"/"model_type"):
+  LlavaForConditionalGeneration   (LLaVA-1.5: CLIP vision tower, MLP projector, Llama decoder)
+  Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration
+                                  (SmolVLM / Idefics3: SigLIP-style encoder, pixel-shuffle connector,
+                                   Llama decoder; one global image, no image splitting)
+The decoder is re-implemented by export.decoder.ContractDecoder from the checkpoint's
+weights; the vision graph wraps the checkpoint's own vision tower + projector.
+
+`python -m export.families --selftest` builds tiny randomly initialised configurations
+of both classes, exports them and checks ONNX Runtime against PyTorch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import AtomicDir, die, log, write_json
+from .decoder import DecoderConfig, build_from_state_dict, export_decoder, set_output_shapes, state_dict_from_hf_llama
+from .manifest import write_manifest
+
+KNOWN = {
+    "LlavaForConditionalGeneration": "llava",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
+}
+
+
+class LlavaVision(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, pixel_values):
+        f = self.m.model.get_image_features(pixel_values=pixel_values)
+        if isinstance(f, (list, tuple)):  # one entry per image in recent transformers
+            f = f[0]
+        return f if f.dim() == 3 else f[None]
+
+
+class Idefics3Vision(nn.Module):
+    """One global image (no splitting, no padding): vision encoder + pixel-shuffle connector."""
+
+    def __init__(self, model, image_size: int, patch: int):
+        super().__init__()
+        self.m = model
+        self.grid = image_size // patch
+        # position ids exactly as Idefics3VisionEmbeddings computes them for a full image
+        # (bucketize of fractional coordinates), precomputed so the graph needs no bucketize
+        emb = model.model.vision_model.embeddings
+        n = emb.num_patches_per_side
+        boundaries = torch.arange(1 / n, 1.0, 1 / n)
+        idx = torch.arange(self.grid, dtype=torch.float32)
+        b = torch.bucketize(idx / self.grid * (1 - 1e-6), boundaries, right=True)
+        self.register_buffer("pos_ids", (b[:, None] * n + b[None, :]).flatten(), persistent=False)
+
+    def forward(self, pixel_values):
+        # The checkpoint's embeddings compute position ids with a data-dependent loop (ragged images)
+        # that does not export; for one full image they are the constant pos_ids.
+        vm = self.m.model.vision_model
+        emb = vm.embeddings
+        x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = x + emb.position_embedding(self.pos_ids)[None]
+        h = vm.encoder(inputs_embeds=x, attention_mask=None).last_hidden_state
+        h = vm.post_layernorm(h)
+        return self.m.model.connector(h)
+
+
+def detect(ckpt: str) -> str:
+    cp = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(cp):
+        die(f"{ckpt} has no config.json: pass a Hugging Face checkpoint folder (config.json, *.safetensors, "
+            "tokenizer files, preprocessor_config.json)")
+    cfg = json.load(open(cp))
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in KNOWN:
+            return KNOWN[a]
+    mt = cfg.get("model_type")
+    if mt in ("llava", "idefics3", "smolvlm"):
+        return "llava" if mt == "llava" else "idefics3"
+    die(f"{ckpt}: architecture {archs or mt!r} is not supported by the exporter; supported: "
+        f"{', '.join(KNOWN)}")
+
+
+def check_files(ckpt: str) -> None:
+    weights = [f for f in os.listdir(ckpt) if f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        die(f"{ckpt} has no weights (*.safetensors or pytorch_model*.bin): copy the whole checkpoint folder")
+    if not (os.path.isfile(os.path.join(ckpt, "tokenizer.json"))):
+        die(f"{ckpt} has no tokenizer.json (the fast tokenizer file): copy it from the checkpoint")
+    if not os.path.isfile(os.path.join(ckpt, "preprocessor_config.json")):
+        die(f"{ckpt} has no preprocessor_config.json (image size, mean, std): copy it from the checkpoint")
+
+
+def load(ckpt: str, family: str):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(ckpt)
+    if family == "llava":
+        from transformers import LlavaForConditionalGeneration as C
+    else:
+        from transformers import Idefics3ForConditionalGeneration as C
+    try:
+        model = C.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    except Exception as e:  # missing shards, wrong shapes, ...
+        die(f"could not load {ckpt} as {C.__name__}: {e}")
+    return cfg, model
+
+
+def family_parts(ckpt: str, family: str, cfg, model):
+    pp = json.load(open(os.path.join(ckpt, "preprocessor_config.json")))
+    tok = json.load(open(os.path.join(ckpt, "tokenizer.json")))
+    vocab_ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    text_cfg = cfg.text_config
+    dcfg = DecoderConfig.from_hf(text_cfg)
+    sd = model.state_dict()
+    if family == "llava":
+        prefix = "model.language_model."
+        vc = cfg.vision_config
+        size = vc.image_size
+        n_img = (size // vc.patch_size) ** 2 + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+        vision = LlavaVision(model)
+        crop = pp.get("crop_size", {}) or {}
+        resize = "bicubic_shortest_edge_center_crop" if crop else "bilinear_squash"
+        tpl = {"system_prefix": "", "system_prompt": "", "system_suffix": "", "user_prefix": "USER: ",
+               "image_prefix": "", "image_suffix": "\n", "default_user_prompt": "Describe the image briefly.",
+               "user_suffix": " ", "assistant_prefix": "ASSISTANT:", "image_position": "user_before_text",
+               "tokenize_pieces_separately": True}
+        bos = vocab_ids.get("<s>", getattr(text_cfg, "bos_token_id", 1))
+        stops = [getattr(text_cfg, "eos_token_id", 2) or 2]
+        add_bos = True
+    else:
+        prefix = "model.text_model."
+        vc = cfg.vision_config
+        size = vc.image_size
+        grid = size // vc.patch_size
+        n_img = (grid // cfg.scale_factor) ** 2
+        vision = Idefics3Vision(model, size, vc.patch_size)
+        resize = "bilinear_squash"
+        tpl = {"system_prefix": "", "system_prompt": "", "system_suffix": "", "user_prefix": "<|im_start|>User:",
+               "image_prefix": "<fake_token_around_image><global-img>", "image_suffix": "<fake_token_around_image>",
+               "default_user_prompt": "Can you describe this image?", "user_suffix": "<end_of_utterance>\n",
+               "assistant_prefix": "Assistant:", "image_position": "user_before_text",
+               "tokenize_pieces_separately": True}
+        bos = vocab_ids.get("<|im_start|>", getattr(text_cfg, "bos_token_id", 1))
+        stops = [i for i in (vocab_ids.get("<end_of_utterance>"), getattr(text_cfg, "eos_token_id", None))
+                 if i is not None]
+        add_bos = False
+    dec_sd = state_dict_from_hf_llama(sd, prefix, "lm_head.weight", prefix + "embed_tokens.weight")
+    embed = sd[prefix + "embed_tokens.weight"].float()
+    mean = pp.get("image_mean", [0.5, 0.5, 0.5])
+    std = pp.get("image_std", [0.5, 0.5, 0.5])
+    vis_meta = {"image_size": size, "height": size, "width": size, "mean": mean, "std": std, "resize": resize,
+                "rescale": pp.get("rescale_factor", 1 / 255), "channel_order": "RGB", "layout": "NCHW",
+                "input_dtype": "float32", "image_tokens": n_img, "projector": {"kind": family}}
+    tokens = {"bos_token_id": bos, "add_bos": add_bos, "eos_token_id": stops[0], "pad_token_id": stops[0],
+              "stop_token_ids": stops}
+    return dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens
+
+
+def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None) -> str:
+    check_files(ckpt)
+    family = detect(ckpt)
+    cfg, model = load(ckpt, family)
+    dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens = family_parts(ckpt, family, cfg, model)
+    dtype = torch.float16 if dtype_name == "fp16" else torch.float32
+    size = vis_meta["image_size"]
+    with AtomicDir(out) as tmp:
+        log(f"{family}: exporting decoder.onnx ({dcfg.layers} layers)")
+        export_decoder(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype)
+        log(f"{family}: exporting vision.onnx ({size}x{size} -> {vis_meta['image_tokens']} tokens)")
+
+        class Cast(nn.Module):
+            def __init__(s, v):
+                super().__init__()
+                s.v = v
+
+            def forward(s, px):
+                return s.v(px.float()).to(dtype)
+
+        with torch.no_grad():
+            torch.onnx.export(Cast(vision), (torch.zeros(1, 3, size, size),), os.path.join(tmp, "vision.onnx"),
+                              input_names=["pixel_values"], output_names=["image_embeds"], opset_version=17,
+                              do_constant_folding=True, dynamo=False)
+        set_output_shapes(os.path.join(tmp, "vision.onnx"),
+                          {"image_embeds": [1, vis_meta["image_tokens"], dcfg.hidden]})
+        embed.numpy().astype("<f2" if dtype == torch.float16 else "<f4").tofile(os.path.join(tmp, "embed_tokens.bin"))
+        js = json.load(open(os.path.join(ckpt, "tokenizer.json")))
+        js["post_processor"] = None  # the client adds BOS itself when add_bos is true
+        write_json(os.path.join(tmp, "tokenizer.json"), js)
+        write_manifest(tmp, name=name or os.path.basename(os.path.abspath(ckpt)),
+                       description=f"{family} checkpoint exported from {ckpt}",
+                       dtype="float16" if dtype == torch.float16 else "float32", cfg=dcfg, tokens=tokens,
+                       vision=vis_meta, chat_template=tpl,
+                       build={"key": "", "exporter": "scripts/export/families.py", "family": family,
+                              "torch": torch.__version__})
+    return out
+
+
+# ------------------------------------------------------------------ self-test
+
+def _tiny_tokenizer(d: str, extra):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=extra, show_progress=False,
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["USER: describe the image briefly. ASSISTANT: a cat on a mat"] * 4, trainer=tr)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
+    return tok.get_vocab_size()
+
+
+def selftest() -> Dict:
+    from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration)
+    from .ortrun import OrtModel
+    torch.manual_seed(0)
+    results = {}
+    root = tempfile.mkdtemp(prefix="ee-families-")
+    try:
+        for family in ("llava", "idefics3"):
+            ck = os.path.join(root, family)
+            os.makedirs(ck)
+            if family == "llava":
+                V = _tiny_tokenizer(ck, ["<unk>", "<s>", "</s>", "<image>"])
+                text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+                cfg = LlavaConfig(vision_config=vis, text_config=text, image_token_index=3,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+                model = LlavaForConditionalGeneration(cfg)
+                pp = {"image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276],
+                      "crop_size": {"height": 32, "width": 32}, "rescale_factor": 1 / 255}
+            else:
+                V = _tiny_tokenizer(ck, ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
+                                         "<fake_token_around_image>", "<global-img>"])
+                text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+                cfg = Idefics3Config(text_config=text.to_dict(),
+                                     vision_config={"hidden_size": 32, "intermediate_size": 64,
+                                                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                    "image_size": 32, "patch_size": 4},
+                                     scale_factor=2, image_token_id=3)
+                model = Idefics3ForConditionalGeneration(cfg)
+                pp = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+            with torch.no_grad():  # random weights: widen the logits so greedy is decisive
+                for n, p in model.named_parameters():
+                    if "norm" not in n and "embed" not in n and p.dim() == 2:
+                        p.mul_(3.0)
+            model.save_pretrained(ck)
+            write_json(os.path.join(ck, "preprocessor_config.json"), pp)
+            out = os.path.join(root, family + "-onnx")
+            export(ck, out)
+            ref = load(ck, family)[1]
+            om = OrtModel(out)
+            # vision
+            px = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+            with torch.no_grad():
+                if family == "llava":
+                    t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px))
+                    t_ie = t_ie[0] if isinstance(t_ie, (list, tuple)) else t_ie
+                else:
+                    t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px)[:, None])
+                t_ie = t_ie.reshape(1, -1, t_ie.shape[-1])
+            o_ie = om.image_embeds(px)
+            verr = float(np.abs(o_ie - t_ie.numpy()).max())
+            # decoder + greedy on a prompt with the image
+            pieces = ["USER: ", None, "\ndescribe the image briefly. ASSISTANT:"]
+            embs = []
+            for p in pieces:
+                embs.append(o_ie[0] if p is None else np.asarray(om.embed[om.encode(p)]))
+            emb = np.concatenate(embs, 0)[None]
+            from .verify import decoder_vs_hf
+            dv = decoder_vs_hf(ref, om, emb)
+            e = torch.from_numpy(emb)
+            with torch.no_grad():
+                g = ref.generate(inputs_embeds=e, attention_mask=torch.ones(e.shape[:2], dtype=torch.long),
+                                 max_new_tokens=12, do_sample=False, eos_token_id=om.m["stop_token_ids"],
+                                 pad_token_id=om.m["stop_token_ids"][0])[0].tolist()
+            got = om.generate(emb, 12)
+            ok = got == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
+            results[family] = {"vision_max_abs_err": verr, **dv, "greedy_transformers": g, "greedy_onnxruntime": got,
+                               "ok": ok}
+            log(f"selftest {family}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, greedy match {got == g}")
+            if not ok:
+                die(f"selftest {family} failed: {results[family]}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", nargs="?")
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--name")
+    ap.add_argument("--selftest", action="store_true")
+    a = ap.parse_args()
+    if a.selftest:
+        r = selftest()
+        print(json.dumps(r, indent=1))
+        return
+    if not a.checkpoint or not a.out:
+        ap.error("CHECKPOINT_DIR and OUT_DIR are required (or --selftest)")
+    export(a.checkpoint, a.out, a.dtype, a.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Verification of exported graphs against PyTorch / transformers.
+
+- decoder vs transformers' LlamaForCausalLM (eager attention, output_attentions) on a
+  real image prompt, prefilled in two chunks (first with S=0) plus one decode step:
+  max abs diff of last-position logits, new K/V (post-RoPE) and attn_colsum;
+- slot-order invariance: the second chunk with its past slots shuffled;
+- vision graph vs the torch projector;
+- greedy generation through ONNX Runtime (full cache, whole and chunked prefill)
+  token-exact against transformers `generate` for the sample images.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .common import REPO, asset, die, load_image_rgb, log, write_json
+from .ortrun import OrtModel
+
+MAX_NEW = 32
+FIXTURE = os.path.join(REPO, "models", "fixtures", "demo_expected.json")
+
+
+def _hf_chunks(hf, emb: torch.Tensor, cuts: List[int]):
+    """Run HF over emb split at cuts, returning per chunk (logits_last, keys[l], values[l], colsum[l])."""
+    past = None
+    res = []
+    start = 0
+    for end in cuts + [emb.shape[1]]:
+        with torch.no_grad():
+            o = hf(inputs_embeds=emb[:, start:end], past_key_values=past, use_cache=True, output_attentions=True)
+        past = o.past_key_values
+        L = len(o.attentions)
+        ks = [past.layers[l].keys[:, :, start:end].transpose(1, 2).float().numpy() for l in range(L)]
+        vs = [past.layers[l].values[:, :, start:end].transpose(1, 2).float().numpy() for l in range(L)]
+        cs = [o.attentions[l].float().sum(2).mean(1).numpy() for l in range(L)]
+        res.append((o.logits[:, -1].float().numpy(), ks, vs, cs))
+        start = end
+    return res
+
+
+def decoder_vs_hf(hf, om: OrtModel, emb: np.ndarray) -> Dict:
+    P = emb.shape[1]
+    cut = P // 2
+    L = om.L
+    # one more (decode) token: the greedy next token after the prompt
+    cache = om.empty_cache()
+    o1 = om.step(cache, emb[:, :cut], list(range(cut)))
+    past_k = [k.copy() for k in cache["k"]]
+    past_v = [v.copy() for v in cache["v"]]
+    o2 = om.step(cache, emb[:, cut:], list(range(cut, P)))
+    nxt = int(np.argmax(o2["logits"][0]))
+    e3 = np.asarray(om.embed[[nxt]])[None]
+    o3 = om.step(cache, e3, [P])
+    full = np.concatenate([emb, e3], 1)
+    ref = _hf_chunks(hf, torch.from_numpy(full.astype(np.float32)), [cut, P])
+    err = {"logits": 0.0, "new_key": 0.0, "new_value": 0.0, "attn_colsum": 0.0}
+    for o, (lg, ks, vs, cs) in zip([o1, o2, o3], ref):
+        err["logits"] = max(err["logits"], float(np.abs(o["logits"] - lg).max()))
+        for l in range(L):
+            err["new_key"] = max(err["new_key"], float(np.abs(o[f"new_key_{l}"].astype(np.float32) - ks[l]).max()))
+            err["new_value"] = max(err["new_value"], float(np.abs(o[f"new_value_{l}"].astype(np.float32) - vs[l]).max()))
+            err["attn_colsum"] = max(err["attn_colsum"], float(np.abs(o[f"attn_colsum_{l}"] - cs[l]).max()))
+    # slot-order invariance: chunk 2 with its past slots shuffled
+    perm = np.random.default_rng(0).permutation(cut)
+    c2 = om.empty_cache()
+    c2["k"] = [k[:, perm] for k in past_k]
+    c2["v"] = [v[:, perm] for v in past_v]
+    c2["bias"] = np.zeros((1, cut), om.np_dtype)
+    o2p = om.step(c2, emb[:, cut:], list(range(cut, P)))
+    inv = {"logits": float(np.abs(o2p["logits"] - o2["logits"]).max()),
+           "attn_colsum": max(float(np.abs(o2p[f"attn_colsum_{l}"][:, :cut] - o2[f"attn_colsum_{l}"][:, perm]).max())
+                              for l in range(L))}
+    err = {k: float(v) for k, v in err.items()}
+    return {"prompt_tokens": P, "chunks": [cut, P - cut, 1], "max_abs_err": err, "shuffled_past_max_abs_diff": inv}
+
+
+def hf_generate(hf, emb: np.ndarray, stops: List[int]) -> List[int]:
+    e = torch.from_numpy(emb.astype(np.float32))
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=e, attention_mask=torch.ones(e.shape[:2], dtype=torch.long),
+                          max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+    return out[0].tolist()
+
+
+def verify_demo(parts, d: str, variant: str, out_dir: str) -> Dict:
+    from .demo import SAMPLE_IMAGES, VARIANTS
+    om = OrtModel(d)
+    stops = om.m["stop_token_ids"]
+    dtype = VARIANTS[variant]
+    report: Dict = {"variant": variant}
+    imgs = {n: load_image_rgb(asset("skimage", "data", n)) for n in SAMPLE_IMAGES}
+    # vision graph vs torch
+    vis = parts.vision(dtype)
+    verr = 0.0
+    for img in imgs.values():
+        px = om.pixel_values(img)
+        with torch.no_grad():
+            t = vis(torch.from_numpy(px)).float().numpy()
+        verr = max(verr, float(np.abs(om.image_embeds(px).astype(np.float32) - t).max()))
+    report["vision_max_abs_err"] = verr
+    log(f"  vision vs torch: max abs err {verr:.3g}")
+    fixture = json.load(open(FIXTURE)) if os.path.exists(FIXTURE) else None
+    if variant == "fp32":
+        emb, _, _ = om.prompt(None, imgs[SAMPLE_IMAGES[0]])
+        report["decoder_vs_transformers"] = decoder_vs_hf(parts.hf, om, emb)
+        log(f"  decoder vs transformers: {report['decoder_vs_transformers']}")
+        cases = []
+        for n, img in imgs.items():
+            emb, ids, ie = om.prompt(None, img)
+            ref = hf_generate(parts.hf, emb, stops)
+            got = om.generate(emb, MAX_NEW)
+            got_chunked = om.generate(emb, MAX_NEW, chunk=16)
+            text = om.tok.decode(got, skip_special_tokens=True)
+            log(f"  {n}: {text!r}  (transformers match: {got == ref}, chunked prefill match: {got_chunked == ref})")
+            if got != ref or got_chunked != ref:
+                die(f"greedy ids for {n} differ from transformers generate:\n  transformers {ref}\n  "
+                    f"onnxruntime  {got}\n  chunked      {got_chunked}")
+            px = om.pixel_values(img)
+            # the image already resized to the model's input size, so a client's resize is the identity
+            size = om.m["vision"]["image_size"]
+            rel = f"models/fixtures/images/{os.path.splitext(n)[0]}-{size}.png"
+            os.makedirs(os.path.join(REPO, os.path.dirname(rel)), exist_ok=True)
+            from PIL import Image
+            img.resize((size, size), Image.BILINEAR).save(os.path.join(REPO, rel))
+            cases.append({"image": f"skimage/data/{n}", "image_resized": rel, "pixel_values_sum": float(px.astype(np.float64).sum()),
+                          "prompt_ids": ids, "image_embeds_sum": float(ie.astype(np.float64).sum()),
+                          "image_embeds_first": [float(x) for x in ie[0, 0, :8]],
+                          "expected_ids": {"fp32": got}, "text": {"fp32": text}})
+        report["greedy"] = {c["image"]: {"ids": c["expected_ids"]["fp32"], "text": c["text"]["fp32"],
+                                         "token_exact_vs_transformers": True} for c in cases}
+        fixture = {
+            "comment": "Written by scripts/build-demo-model.sh (scripts/export/verify.py). Greedy ids, full cache, "
+                       "default prompt, max 32 new tokens, stop ids included; prompt_ids has -1 where the image "
+                       "tokens go. fp32 ids are token-exact against transformers generate (whole and chunked "
+                       "prefill). Images come from the scikit-image==0.26.0 wheel (.cache/assets/skimage/data); "
+                       "image_resized is the same image already resized (PIL bilinear) to the input size: "
+                       "preprocessing it gives exactly pixel_values_sum.",
+            "model": "demo", "max_new_tokens": MAX_NEW, "user_prompt": om.m["chat_template"]["default_user_prompt"],
+            "image_size": om.m["vision"]["image_size"], "stop_token_ids": stops, "cases": cases,
+        }
+        write_json(FIXTURE, fixture)
+    else:
+        if fixture is None:
+            die(f"{variant} is checked against the fp32 fixture: build fp32 first")
+        agree = {}
+        for c in fixture["cases"]:
+            n = os.path.basename(c["image"])
+            emb, _, _ = om.prompt(None, imgs[n])
+            got = om.generate(emb, MAX_NEW)
+            ref = c["expected_ids"]["fp32"]
+            same = 0
+            while same < min(len(got), len(ref)) and got[same] == ref[same]:
+                same += 1
+            c["expected_ids"][variant] = got
+            c["text"][variant] = om.tok.decode(got, skip_special_tokens=True)
+            agree[c["image"]] = {"ids": got, "text": c["text"][variant], "same_prefix_as_fp32": same,
+                                 "exact": got == ref}
+            log(f"  {n}: {c['text'][variant]!r}  (first {same} tokens as fp32, exact {got == ref})")
+        report["greedy_vs_fp32"] = agree
+        write_json(FIXTURE, fixture)
+    return report
