@@ -1,0 +1,639 @@
+//! The prompt: chat template, tokenizer, and streaming detokenization.
+//!
+//! Mirrors the exporter's reference (`prompt_pieces` in
+//! `scripts/export/common.py` and `OrtModel.prompt` in `ortrun.py`): the
+//! prompt is a list of text pieces around the image; each piece is tokenized
+//! on its own with `add_special_tokens = false` and the ids concatenated. Added
+//! tokens written in the text (`<|im_start|>`) are recognised as such, as in
+//! the reference, so user text can contain them too. With an image:
+//!
+//! ```text
+//! [system_prefix system_prompt system_suffix user_prefix image_prefix] <image tokens>
+//! [image_suffix USER_TEXT user_suffix assistant_prefix]
+//! ```
+//!
+//! and without one the single piece `system_prefix system_prompt
+//! system_suffix user_prefix USER_TEXT user_suffix assistant_prefix` (no
+//! `image_prefix` / `image_suffix`). `bos_token_id` is prepended only when
+//! `add_bos` is true. Decoding skips special tokens, as the fixtures'
+//! `tokenizer.decode(ids, skip_special_tokens=True)` does.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+/// The manifest's `chat_template` object (every field required, no others).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatTemplate {
+    pub system_prefix: String,
+    pub system_prompt: String,
+    pub system_suffix: String,
+    pub user_prefix: String,
+    pub image_prefix: String,
+    pub image_suffix: String,
+    /// Used when no user text is given.
+    pub default_user_prompt: String,
+    pub user_suffix: String,
+    pub assistant_prefix: String,
+    /// Where the image goes; only `user_before_text` exists.
+    pub image_position: String,
+    /// Must be true: each piece is tokenized on its own.
+    pub tokenize_pieces_separately: bool,
+}
+
+/// The only `image_position` the format defines.
+pub const IMAGE_POSITION_USER_BEFORE_TEXT: &str = "user_before_text";
+
+impl ChatTemplate {
+    /// Rejects values this code would not reproduce faithfully.
+    pub fn validate(&self) -> Result<(), PromptError> {
+        if self.image_position != IMAGE_POSITION_USER_BEFORE_TEXT {
+            return Err(PromptError::Template(format!(
+                "unknown image_position {:?} (the only one supported is {IMAGE_POSITION_USER_BEFORE_TEXT:?})",
+                self.image_position
+            )));
+        }
+        if !self.tokenize_pieces_separately {
+            return Err(PromptError::Template(
+                "tokenize_pieces_separately = false is not supported: the format tokenizes each text piece on its own"
+                    .into(),
+            ));
+        }
+        if self.default_user_prompt.trim().is_empty() {
+            return Err(PromptError::Template("default_user_prompt is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong building or decoding a prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    /// `tokenizer.json` cannot be read or parsed.
+    #[error("cannot load tokenizer {path}: {reason}")]
+    TokenizerLoad { path: String, reason: String },
+
+    /// A chat template value we do not support.
+    #[error("invalid chat_template: {0}")]
+    Template(String),
+
+    /// `add_bos` is true but no usable `bos_token_id` was given.
+    #[error("add_bos is true but bos_token_id is {bos:?} (the tokenizer has {vocab} tokens)")]
+    Bos { bos: Option<u32>, vocab: usize },
+
+    /// The user gave an empty or whitespace-only prompt.
+    #[error("empty prompt: give some text, or no prompt at all for the model's default ({default:?})")]
+    EmptyPrompt { default: String },
+
+    /// An image that stands for no tokens.
+    #[error("an image must take at least one token position (got image_tokens = 0)")]
+    ZeroImageTokens,
+
+    /// The tokenizer failed on a piece of text.
+    #[error("cannot tokenize {piece:?}: {reason}")]
+    Encode { piece: String, reason: String },
+
+    /// An id the tokenizer does not know.
+    #[error("token id {id} is outside the tokenizer's vocabulary of {vocab}")]
+    UnknownToken { id: u32, vocab: usize },
+
+    /// The tokenizer failed to decode.
+    #[error("cannot decode token ids: {0}")]
+    Decode(String),
+}
+
+/// A prompt's token ids with the image's place.
+///
+/// The sequence is `before_image`, then `image_tokens` image-embedding rows,
+/// then `after_image`. Without an image, `before_image` holds the whole
+/// prompt, `image_tokens` is 0 and `after_image` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub before_image: Vec<u32>,
+    pub image_tokens: usize,
+    pub after_image: Vec<u32>,
+}
+
+impl Prompt {
+    /// Positions the prompt takes: text tokens plus image rows.
+    pub fn len(&self) -> usize {
+        self.before_image.len() + self.image_tokens + self.after_image.len()
+    }
+
+    /// True for a prompt of no positions (never built by [`PromptTokenizer::build`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids with `placeholder` at each image position (the fixtures' form, with -1).
+    pub fn ids_with_placeholder(&self, placeholder: i64) -> Vec<i64> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend(self.before_image.iter().map(|&i| i64::from(i)));
+        v.extend(std::iter::repeat_n(placeholder, self.image_tokens));
+        v.extend(self.after_image.iter().map(|&i| i64::from(i)));
+        v
+    }
+}
+
+/// A Hugging Face tokenizer with the model's chat template and BOS rule.
+pub struct PromptTokenizer {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    bos: Option<u32>,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for PromptTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptTokenizer")
+            .field("vocab", &self.vocab)
+            .field("bos", &self.bos)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptTokenizer {
+    /// Loads `tokenizer.json`. `bos` is prepended to every prompt when
+    /// `add_bos` is true (it must then be a known id); otherwise it is unused.
+    pub fn from_file(
+        tokenizer_json: &Path,
+        template: ChatTemplate,
+        bos: Option<u32>,
+        add_bos: bool,
+    ) -> Result<Self, PromptError> {
+        let tokenizer = Tokenizer::from_file(tokenizer_json).map_err(|e| PromptError::TokenizerLoad {
+            path: tokenizer_json.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::new(tokenizer, template, bos, add_bos)
+    }
+
+    /// As [`Self::from_file`], from the JSON text in memory.
+    pub fn from_bytes(
+        json: &[u8],
+        template: ChatTemplate,
+        bos: Option<u32>,
+        add_bos: bool,
+    ) -> Result<Self, PromptError> {
+        let tokenizer = Tokenizer::from_bytes(json).map_err(|e| PromptError::TokenizerLoad {
+            path: "(in-memory tokenizer.json)".into(),
+            reason: e.to_string(),
+        })?;
+        Self::new(tokenizer, template, bos, add_bos)
+    }
+
+    fn new(tokenizer: Tokenizer, template: ChatTemplate, bos: Option<u32>, add_bos: bool) -> Result<Self, PromptError> {
+        template.validate()?;
+        let vocab = tokenizer.get_vocab_size(true);
+        let bos = if add_bos {
+            match bos {
+                Some(id) if (id as usize) < vocab => Some(id),
+                _ => return Err(PromptError::Bos { bos, vocab }),
+            }
+        } else {
+            None
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+            bos,
+            vocab,
+        })
+    }
+
+    /// The chat template in use.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Tokens in the tokenizer, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// The prompt's token ids, with the image's place (if any) as a range of
+    /// `image_tokens` slots. `user_text` `None` uses the template's default
+    /// prompt; an empty or whitespace-only text is an error. The text is used
+    /// as given (not trimmed), as in the reference.
+    pub fn build(&self, user_text: Option<&str>, image_tokens: Option<usize>) -> Result<Prompt, PromptError> {
+        let t = &self.template;
+        let user = match user_text {
+            None => t.default_user_prompt.as_str(),
+            Some(s) if s.trim().is_empty() => {
+                return Err(PromptError::EmptyPrompt {
+                    default: t.default_user_prompt.clone(),
+                })
+            }
+            Some(s) => s,
+        };
+        let mut head = String::with_capacity(256);
+        for s in [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix] {
+            head.push_str(s);
+        }
+        let mut before_image: Vec<u32> = self.bos.into_iter().collect();
+        match image_tokens {
+            None => {
+                for s in [user, &t.user_suffix, &t.assistant_prefix] {
+                    head.push_str(s);
+                }
+                self.encode_into(&head, &mut before_image)?;
+                Ok(Prompt {
+                    before_image,
+                    image_tokens: 0,
+                    after_image: Vec::new(),
+                })
+            }
+            Some(0) => Err(PromptError::ZeroImageTokens),
+            Some(n) => {
+                head.push_str(&t.image_prefix);
+                self.encode_into(&head, &mut before_image)?;
+                let tail = [&t.image_suffix, user, &t.user_suffix, &t.assistant_prefix].concat();
+                let mut after_image = Vec::new();
+                self.encode_into(&tail, &mut after_image)?;
+                Ok(Prompt {
+                    before_image,
+                    image_tokens: n,
+                    after_image,
+                })
+            }
+        }
+    }
+
+    /// Token ids of one piece of text, no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        let mut v = Vec::new();
+        self.encode_into(text, &mut v)?;
+        Ok(v)
+    }
+
+    fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), PromptError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let enc = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| PromptError::Encode {
+                piece: text.chars().take(80).collect(),
+                reason: e.to_string(),
+            })?;
+        out.extend_from_slice(enc.get_ids());
+        Ok(())
+    }
+
+    /// The text of `ids`, special tokens skipped. Invalid UTF-8 (a byte-level
+    /// token sequence cut inside a character) becomes U+FFFD, as in Python.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(PromptError::UnknownToken { id, vocab: self.vocab });
+        }
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PromptError::Decode(e.to_string()))
+    }
+
+    /// An incremental decoder for streaming generated ids.
+    pub fn decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tok: self,
+            ids: Vec::with_capacity(16),
+            prefix_text: String::new(),
+            read: 0,
+            text: String::new(),
+        }
+    }
+}
+
+/// Most tokens held back waiting for a UTF-8 character to complete; past
+/// this the replacement character is emitted (only a broken model gets here).
+const MAX_PENDING_TOKENS: usize = 8;
+
+/// Incremental detokenization.
+///
+/// Each [`Self::push`] returns the text that became final with that id.
+/// Text ending in an incomplete UTF-8 sequence (a character split across
+/// byte-level tokens) is held back until the character completes;
+/// [`Self::finish`] returns whatever is still held. The concatenation of all
+/// pieces equals [`PromptTokenizer::decode`] of all ids for byte-level and
+/// SentencePiece-style decoders: only a short window of ids is re-decoded
+/// (the last emitted chunk as context plus the pending ids), so a step costs
+/// O(window), not O(generated). Each step allocates the window's decoded
+/// string inside `tokenizers`; the returned `&str` borrows the decoder.
+#[derive(Debug)]
+pub struct StreamDecoder<'a> {
+    tok: &'a PromptTokenizer,
+    /// The window: the last emitted chunk's ids, then the pending ids.
+    ids: Vec<u32>,
+    /// Decoded text of `ids[..read]`.
+    prefix_text: String,
+    /// Ids in the window already emitted.
+    read: usize,
+    /// Decoded text of the whole window (the returned slice points into it).
+    text: String,
+}
+
+impl StreamDecoder<'_> {
+    /// Feeds one generated id; returns the newly final text (often empty).
+    pub fn push(&mut self, id: u32) -> Result<&str, PromptError> {
+        if id as usize >= self.tok.vocab {
+            return Err(PromptError::UnknownToken {
+                id,
+                vocab: self.tok.vocab,
+            });
+        }
+        self.ids.push(id);
+        self.text = self.tok.decode(&self.ids)?;
+        let pending = self.ids.len() - self.read;
+        let ready = self.text.len() > self.prefix_text.len() && !self.text.ends_with('\u{FFFD}');
+        if ready || pending > MAX_PENDING_TOKENS {
+            self.emit()
+        } else {
+            Ok("")
+        }
+    }
+
+    /// Returns the text still held back (an incomplete character at the end
+    /// comes out as U+FFFD, as a full decode gives it) and resets the decoder.
+    pub fn finish(&mut self) -> Result<&str, PromptError> {
+        if self.ids.len() > self.read {
+            self.text = self.tok.decode(&self.ids)?;
+            let start = common_prefix_len(&self.prefix_text, &self.text);
+            self.ids.clear();
+            self.read = 0;
+            self.prefix_text.clear();
+            return Ok(&self.text[start..]);
+        }
+        self.ids.clear();
+        self.read = 0;
+        self.prefix_text.clear();
+        self.text.clear();
+        Ok("")
+    }
+
+    /// Emits `text` past the prefix; the emitted ids become the next context.
+    fn emit(&mut self) -> Result<&str, PromptError> {
+        let start = common_prefix_len(&self.prefix_text, &self.text);
+        self.ids.drain(..self.read);
+        self.read = self.ids.len();
+        self.prefix_text = self.tok.decode(&self.ids)?;
+        Ok(&self.text[start..])
+    }
+}
+
+/// Byte length of the longest common prefix of `a` and `b` that ends on a
+/// character boundary (usually all of `a`).
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    if b.starts_with(a) {
+        return a.len();
+    }
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, ca), cb)| ca != cb)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::path::PathBuf;
+
+    fn repo(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    fn json(path: &Path) -> Value {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("json")
+    }
+
+    /// The tokenizer of a model folder, built from its manifest.
+    fn model_tokenizer(dir: &Path) -> PromptTokenizer {
+        let m = json(&dir.join("manifest.json"));
+        let template: ChatTemplate = serde_json::from_value(m["chat_template"].clone()).expect("chat_template");
+        let bos = m["bos_token_id"].as_u64().map(|b| b as u32);
+        let add_bos = m["add_bos"].as_bool().expect("add_bos");
+        PromptTokenizer::from_file(&dir.join("tokenizer.json"), template, bos, add_bos).expect("tokenizer")
+    }
+
+    fn ids(v: &Value) -> Vec<u32> {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    }
+
+    /// Streams `ids` one at a time and checks the pieces add up to the full decode.
+    fn streamed(tok: &PromptTokenizer, ids: &[u32]) -> String {
+        let mut d = tok.decoder();
+        let mut s = String::new();
+        for &id in ids {
+            s.push_str(d.push(id).expect("push"));
+        }
+        s.push_str(d.finish().expect("finish"));
+        assert_eq!(s, tok.decode(ids).expect("decode"), "stream != decode for {ids:?}");
+        s
+    }
+
+    fn image_tokens_in(prompt_ids: &[i64]) -> Option<usize> {
+        let n = prompt_ids.iter().filter(|&&i| i == -1).count();
+        (n > 0).then_some(n)
+    }
+
+    #[test]
+    fn tiny_prompts_match_the_fixtures() {
+        let tok = model_tokenizer(&repo("models/tiny"));
+        let fx = json(&repo("models/fixtures/tiny_expected.json"));
+        let cases = fx["cases"].as_array().expect("cases");
+        assert!(cases.len() >= 3);
+        for case in cases {
+            let expected: Vec<i64> = case["prompt_ids"]
+                .as_array()
+                .expect("p")
+                .iter()
+                .map(|x| x.as_i64().expect("i"))
+                .collect();
+            let user = case["user_text"].as_str();
+            let prompt = tok.build(user, image_tokens_in(&expected)).expect("build");
+            assert_eq!(prompt.ids_with_placeholder(-1), expected, "{user:?}");
+            assert_eq!(prompt.len() as u64, case["prompt_len"].as_u64().expect("prompt_len"));
+            let out = ids(&case["expected_ids"]);
+            let text = case["expected_text"].as_str().expect("expected_text");
+            assert_eq!(tok.decode(&out).expect("decode"), text);
+            assert_eq!(streamed(&tok, &out), text);
+        }
+    }
+
+    #[test]
+    fn demo_prompts_match_the_fixtures() {
+        let dir = repo(".cache/models/demo-fp32");
+        if !dir.join("tokenizer.json").exists() {
+            eprintln!(
+                "note: {} absent (scripts/build-demo-model.sh builds it); demo prompt test skipped",
+                dir.display()
+            );
+            return;
+        }
+        let tok = model_tokenizer(&dir);
+        let fx = json(&repo("models/fixtures/demo_expected.json"));
+        let user = fx["user_prompt"].as_str();
+        assert_eq!(user, Some(tok.template().default_user_prompt.as_str()));
+        for case in fx["cases"].as_array().expect("cases") {
+            let expected: Vec<i64> = case["prompt_ids"]
+                .as_array()
+                .expect("p")
+                .iter()
+                .map(|x| x.as_i64().expect("i"))
+                .collect();
+            let n = image_tokens_in(&expected);
+            assert_eq!(n, Some(49));
+            // The fixtures use the default prompt: None and the explicit text give the same ids.
+            assert_eq!(tok.build(None, n).expect("build").ids_with_placeholder(-1), expected);
+            assert_eq!(tok.build(user, n).expect("build").ids_with_placeholder(-1), expected);
+            for (variant, out) in case["expected_ids"].as_object().expect("expected_ids") {
+                let text = case["text"][variant].as_str().expect("text");
+                assert_eq!(streamed(&tok, &ids(out)), text, "{variant}");
+            }
+        }
+    }
+
+    fn tiny_template() -> ChatTemplate {
+        let m = json(&repo("models/tiny/manifest.json"));
+        serde_json::from_value(m["chat_template"].clone()).expect("chat_template")
+    }
+
+    fn tiny(template: ChatTemplate, bos: Option<u32>, add_bos: bool) -> Result<PromptTokenizer, PromptError> {
+        PromptTokenizer::from_file(&repo("models/tiny/tokenizer.json"), template, bos, add_bos)
+    }
+
+    #[test]
+    fn prompt_shapes_and_errors() {
+        let tok = tiny(tiny_template(), Some(1), false).expect("tok");
+        // Text only: one piece, no image prefix/suffix.
+        let p = tok.build(Some("Hi"), None).expect("text only");
+        assert_eq!((p.image_tokens, p.after_image.len()), (0, 0));
+        let t = tok.template();
+        let whole = [
+            t.system_prefix.as_str(),
+            &t.system_prompt,
+            &t.system_suffix,
+            &t.user_prefix,
+            "Hi",
+            &t.user_suffix,
+            &t.assistant_prefix,
+        ]
+        .concat();
+        assert_eq!(p.before_image, tok.encode(&whole).expect("encode"));
+        // With an image: the pieces are tokenized separately.
+        let p = tok.build(None, Some(5)).expect("image");
+        assert_eq!(p.image_tokens, 5);
+        assert_eq!(p.len(), p.before_image.len() + 5 + p.after_image.len());
+        let tail = [
+            t.image_suffix.as_str(),
+            &t.default_user_prompt,
+            &t.user_suffix,
+            &t.assistant_prefix,
+        ]
+        .concat();
+        assert_eq!(p.after_image, tok.encode(&tail).expect("encode"));
+
+        for empty in ["", "   ", "\n\t "] {
+            let e = tok.build(Some(empty), Some(4)).expect_err("empty");
+            assert!(
+                matches!(e, PromptError::EmptyPrompt { .. }) && e.to_string().starts_with("empty prompt"),
+                "{e}"
+            );
+        }
+        assert!(matches!(tok.build(None, Some(0)), Err(PromptError::ZeroImageTokens)));
+
+        // add_bos puts the BOS id first; without a valid id it is an error.
+        let with_bos = tiny(tiny_template(), Some(1), true).expect("bos");
+        let p2 = with_bos.build(None, Some(5)).expect("bos prompt");
+        assert_eq!(p2.before_image[0], 1);
+        assert_eq!(&p2.before_image[1..], &p.before_image[..]);
+        assert!(matches!(
+            tiny(tiny_template(), None, true),
+            Err(PromptError::Bos { bos: None, .. })
+        ));
+        assert!(matches!(
+            tiny(tiny_template(), Some(1_000_000), true),
+            Err(PromptError::Bos { .. })
+        ));
+    }
+
+    #[test]
+    fn template_and_tokenizer_errors() {
+        let mut t = tiny_template();
+        t.image_position = "user_after_text".into();
+        let e = tiny(t, None, false).expect_err("image_position");
+        assert!(
+            e.to_string().contains("unknown image_position \"user_after_text\""),
+            "{e}"
+        );
+        let mut t = tiny_template();
+        t.tokenize_pieces_separately = false;
+        assert!(matches!(tiny(t, None, false), Err(PromptError::Template(_))));
+
+        let mut v = serde_json::to_value(json(&repo("models/tiny/manifest.json"))["chat_template"].clone()).expect("v");
+        v["extra_field"] = Value::from("x");
+        assert!(
+            serde_json::from_value::<ChatTemplate>(v).is_err(),
+            "unknown template fields are refused"
+        );
+
+        let e = PromptTokenizer::from_file(Path::new("/nonexistent/tokenizer.json"), tiny_template(), None, false)
+            .expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
+        let e = PromptTokenizer::from_bytes(b"{not json", tiny_template(), None, false).expect_err("bad json");
+        assert!(matches!(e, PromptError::TokenizerLoad { .. }), "{e}");
+
+        let tok = tiny(tiny_template(), None, false).expect("tok");
+        let vocab = tok.vocab_size() as u32;
+        assert!(matches!(tok.decode(&[5, vocab]), Err(PromptError::UnknownToken { .. })));
+        assert!(matches!(
+            tok.decoder().push(vocab + 7),
+            Err(PromptError::UnknownToken { .. })
+        ));
+    }
+
+    #[test]
+    fn stream_decoding_handles_split_characters() {
+        let tok = tiny(tiny_template(), None, false).expect("tok");
+        // Byte-level tokens for multi-byte characters, split across ids.
+        for text in ["héllo wörld €5 — 日本語 🙂!", "a🙂", "🙂", " x\u{7f}y"] {
+            let ids = tok.encode(text).expect("encode");
+            assert_eq!(tok.decode(&ids).expect("decode"), text);
+            // Fed one id at a time, nothing ending in a broken character is emitted early.
+            let mut d = tok.decoder();
+            let mut s = String::new();
+            for &id in &ids {
+                let piece = d.push(id).expect("push");
+                assert!(!piece.contains('\u{FFFD}'), "{text:?}: premature {piece:?}");
+                s.push_str(piece);
+            }
+            s.push_str(d.finish().expect("finish"));
+            assert_eq!(s, text);
+        }
+        // Special tokens vanish; a dangling lead byte comes out at finish as U+FFFD.
+        let mut ids = tok.encode("<|im_start|>ok<|im_end|>").expect("encode");
+        assert_eq!(streamed(&tok, &ids), "ok");
+        let euro = tok.encode("€").expect("euro");
+        if euro.len() > 1 {
+            ids.push(euro[0]);
+            assert_eq!(streamed(&tok, &ids), "ok\u{FFFD}");
+        }
+        // A decoder can be reused after finish.
+        let mut d = tok.decoder();
+        let _ = d.push(ids[1]).expect("push");
+        let _ = d.finish().expect("finish");
+        let mut s = String::new();
+        for &id in &tok.encode("again").expect("encode") {
+            s.push_str(d.push(id).expect("push"));
+        }
+        s.push_str(d.finish().expect("finish"));
+        assert_eq!(s, "again");
+    }
+}
