@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# The demo model (fp32 and fp16) for the end-to-end tests: a few minutes and
+# a 4 GB torch download the first time, seconds afterwards.
+scripts/build-demo-model.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -80,6 +80,30 @@ pub enum Error {
     #[error("ONNX Runtime library not found; looked in: {tried}. Run scripts/setup.sh, or set ORT_DYLIB_PATH to libonnxruntime.so")]
     RuntimeMissing { tried: String },
 
+    /// No usable model where one was expected.
+    #[error("no model in {dir}: {reason}. Build the demo model with scripts/build-demo-model.sh, or pass --model DIR")]
+    ModelMissing { dir: PathBuf, reason: String },
+
+    /// A manifest field that is missing, malformed, or breaks the graph contract.
+    #[error("{path}: field {field}: {reason}")]
+    Manifest {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+
+    /// A model file that is missing, truncated or altered.
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: PathBuf, reason: String },
+
+    /// A picture that cannot be read, decoded or is too large.
+    #[error(transparent)]
+    Image(#[from] crate::model::image::ImageError),
+
+    /// A prompt, tokenizer or chat template problem.
+    #[error(transparent)]
+    Prompt(#[from] crate::model::prompt::PromptError),
+
     /// Any other ONNX Runtime failure, with what we were doing.
     #[error("ONNX Runtime: {context}: {reason}")]
     Runtime { context: String, reason: String },

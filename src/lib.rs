@@ -7,7 +7,9 @@
 //! with Elastic Cache's importance-driven merging.
 
 pub mod error;
+pub mod generate;
 pub mod kv;
+pub mod model;
 pub mod runtime;
 
 pub use error::{Error, Result};

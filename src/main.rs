@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use std::io::Write;
+
 use elastic_edge::error::error_chain;
+use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
+use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
 
 #[derive(Parser)]
@@ -31,8 +35,107 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Caption images (or answer a question about them) with one model and one KV pool.
+    Caption(CaptionArgs),
     /// Check the set-up: which ONNX Runtime loads, and what a KV budget buys.
     Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct CaptionArgs {
+    /// Image to caption; repeat for several (they share the pool and sessions).
+    #[arg(long = "image", value_name = "FILE", required = true)]
+    images: Vec<PathBuf>,
+
+    /// What to ask (default: the model's captioning prompt).
+    #[arg(long)]
+    prompt: Option<String>,
+
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+
+    #[command(flatten)]
+    sampling: SamplingArgs,
+
+    /// Print one JSON object per image (caption, timings, cache statistics)
+    /// instead of streaming the text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which model, and where it runs.
+#[derive(Args)]
+struct ModelArgs {
+    /// Model folder with manifest.json (default: $ELASTIC_EDGE_MODEL, then
+    /// the demo model built by scripts/build-demo-model.sh).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+
+    /// Execution provider.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+
+    /// Intra-op threads per graph (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+
+    /// TensorRT: cache built engines in this folder.
+    #[arg(long, value_name = "DIR")]
+    tensorrt_cache: Option<PathBuf>,
+
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    tensorrt_fp16: bool,
+}
+
+/// The KV cache: its hard budget and its policy.
+#[derive(Args)]
+struct CacheArgs {
+    /// Cache policy: elastic, h2o, local, full, elastic-ref.
+    #[arg(long, default_value = "elastic", value_parser = parse_policy)]
+    policy: PolicyKind,
+
+    /// Fraction of processed tokens the cache keeps, in (0, 1] (ignored by full).
+    #[arg(long, default_value = "0.5", value_parser = parse_keep)]
+    keep: KeepRatio,
+
+    /// Hard KV budget: bytes (32MiB, 1GB) or slots (4096tokens).
+    #[arg(long, default_value = "32MiB", value_parser = parse_budget)]
+    kv_budget: KvBudget,
+
+    /// Back the pool with this file (e.g. /dev/shm/elastic-edge.kv).
+    #[arg(long, value_name = "PATH")]
+    kv_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+
+    /// Nucleus sampling: smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// Generate through stop tokens, up to --max-new-tokens (for timing long outputs).
+    #[arg(long)]
+    ignore_stop: bool,
 }
 
 #[derive(Args)]
@@ -104,8 +207,114 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Caption(args) => caption(cli.onnxruntime, &args),
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
     }
+}
+
+fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<Model> {
+    let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
+    let options = LoadOptions {
+        providers: ProviderOptions {
+            device: args.device,
+            device_id: args.device_id,
+            tensorrt_cache: args.tensorrt_cache.clone(),
+            tensorrt_fp16: args.tensorrt_fp16,
+        },
+        threads: args.threads,
+        onnxruntime,
+    };
+    Ok(Model::load(&dir, &options)?)
+}
+
+fn build_cache(model: &Model, args: &CacheArgs) -> anyhow::Result<KvCache> {
+    let shape = model.manifest.kv_shape();
+    let backing = match &args.kv_file {
+        Some(path) => PoolBacking::File(path.clone()),
+        None => PoolBacking::Anonymous,
+    };
+    let pool = KvPool::with_budget(shape, args.kv_budget.bytes(shape.bytes_per_slot()), &backing)?;
+    Ok(KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?)
+}
+
+fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<()> {
+    if let Some(prompt) = &args.prompt {
+        anyhow::ensure!(!prompt.trim().is_empty(), "the prompt is empty");
+    }
+    let mut model = load_model(onnxruntime, &args.model)?;
+    let cache = build_cache(&model, &args.cache)?;
+    let mut generator = Generator::new(&mut model, cache)?;
+    let params = GenerateParams {
+        max_new_tokens: args.sampling.max_new_tokens,
+        ignore_stop: args.sampling.ignore_stop,
+        sampling: if args.sampling.temperature > 0.0 {
+            Sampling::TopP {
+                temperature: args.sampling.temperature,
+                top_p: args.sampling.top_p,
+                seed: args.sampling.seed,
+            }
+        } else {
+            Sampling::Greedy
+        },
+    };
+    let several = args.images.len() > 1;
+    let mut failed = 0;
+    for image in &args.images {
+        let mut stdout = std::io::stdout().lock();
+        let mut started = false;
+        let mut stream = |piece: &str| {
+            if args.json {
+                return;
+            }
+            if !started && several {
+                let _ = write!(stdout, "{}: ", image.display());
+            }
+            started = true;
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        };
+        match generator.generate(
+            Some(ImageInput::File(image)),
+            args.prompt.as_deref(),
+            &params,
+            &mut stream,
+        ) {
+            Ok(generation) => {
+                if args.json {
+                    let record = serde_json::json!({
+                        "image": image,
+                        "caption": generation.text.trim(),
+                        "tokens": generation.token_ids.len(),
+                        "prompt_tokens": generation.prompt_tokens,
+                        "stop": generation.stop,
+                        "timings_ms": generation.timings,
+                        "policy": args.cache.policy,
+                        "keep": args.cache.keep.get(),
+                        "pool_bytes": generation.pool_bytes,
+                        "pool_slots": generation.pool_capacity,
+                        "cache_entries": generation.cache_entries,
+                        "merged": generation.cache.merged,
+                        "evicted": generation.cache.evicted,
+                    });
+                    writeln!(stdout, "{record}")?;
+                } else {
+                    writeln!(stdout)?;
+                }
+            }
+            Err(err) => {
+                if started {
+                    writeln!(stdout)?;
+                }
+                if !several {
+                    return Err(anyhow::Error::new(err).context(image.display().to_string()));
+                }
+                failed += 1;
+                eprintln!("elastic-edge: {}: {}", image.display(), error_chain(&err));
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} images failed", args.images.len());
+    Ok(())
 }
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {

@@ -82,3 +82,165 @@ fn an_unmappable_pool_file_is_an_error() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr_line(&output).contains("/nonexistent-dir/pool.kv"));
 }
+
+fn tiny() -> String {
+    format!("{}/models/tiny", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn gradient() -> String {
+    format!("{}/models/tiny/gradient.png", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn caption_prints_the_caption_and_json_has_the_figures() {
+    let output = elastic_edge(&[
+        "caption",
+        "--model",
+        &tiny(),
+        "--image",
+        &gradient(),
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!output.stdout.is_empty());
+
+    let output = elastic_edge(&[
+        "caption",
+        "--model",
+        &tiny(),
+        "--image",
+        &gradient(),
+        "--image",
+        &gradient(),
+        "--json",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        for field in [
+            "caption",
+            "timings_ms",
+            "pool_bytes",
+            "cache_entries",
+            "merged",
+            "evicted",
+        ] {
+            assert!(line.get(field).is_some(), "{field} missing in {line}");
+        }
+        assert!(line["timings_ms"]["prefill_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        lines[0]["caption"], lines[1]["caption"],
+        "the same image, the same greedy caption"
+    );
+}
+
+/// Runs `caption` on the tiny model and expects one error line containing
+/// `needle`, a non-zero exit, and nothing on stdout.
+fn caption_fails(extra: &[&str], needle: &str) {
+    let mut args = vec!["caption", "--model"];
+    let tiny = tiny();
+    args.push(&tiny);
+    args.extend_from_slice(extra);
+    let output = elastic_edge(&args);
+    assert_eq!(output.status.code(), Some(1), "{args:?}");
+    assert!(
+        output.stdout.is_empty(),
+        "nothing that looks like a caption: {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let line = stderr_line(&output);
+    assert!(line.contains(needle), "{args:?}: expected {needle:?} in {line}");
+}
+
+#[test]
+fn bad_images_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.png");
+    caption_fails(&["--image", missing.to_str().unwrap()], "missing.png");
+
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    caption_fails(&["--image", empty.to_str().unwrap()], "empty.png");
+
+    let corrupt = dir.path().join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 this is not really a jpeg").unwrap();
+    caption_fails(&["--image", corrupt.to_str().unwrap()], "corrupt.jpg");
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"plain text, not a picture").unwrap();
+    caption_fails(&["--image", text.to_str().unwrap()], "notes.txt");
+
+    // A PNG whose header claims 30000 x 30000: refused before decoding.
+    let huge = dir.path().join("huge.png");
+    std::fs::write(&huge, png_header_only(30_000, 30_000)).unwrap();
+    caption_fails(&["--image", huge.to_str().unwrap()], "huge.png");
+}
+
+#[test]
+fn bad_prompts_models_and_devices_are_one_line_errors() {
+    caption_fails(&["--image", &gradient(), "--prompt", "  "], "prompt is empty");
+    caption_fails(
+        &["--image", &gradient(), "--policy", "full", "--kv-budget", "30tokens"],
+        "raise --kv-budget",
+    );
+    caption_fails(&["--image", &gradient(), "--device", "cuda"], "CUDA");
+
+    let output = elastic_edge(&["caption", "--model", "/nonexistent/model", "--image", &gradient()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_line(&output).contains("/nonexistent/model"));
+
+    // An altered file: copy the tiny model and flip one byte of its table.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let table = dir.path().join("embed_tokens.bin");
+    let mut bytes = std::fs::read(&table).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&table, bytes).unwrap();
+    let output = elastic_edge(&[
+        "caption",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--image",
+        &gradient(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = stderr_line(&output);
+    assert!(line.contains("embed_tokens.bin") && line.contains("sha256"), "{line}");
+}
+
+/// The signature and IHDR chunk of a PNG of the given size, and no data.
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    png
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

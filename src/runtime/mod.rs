@@ -24,7 +24,13 @@ pub struct OrtLibrary {
     /// ONNX Runtime's build information (version and commit).
     pub build_info: String,
     /// The process-wide environment; sessions attach to it.
-    _environment: ort::environment::Environment,
+    environment: ort::environment::Environment,
+}
+
+impl OrtLibrary {
+    pub fn environment(&self) -> &ort::environment::Environment {
+        &self.environment
+    }
 }
 
 impl std::fmt::Debug for OrtLibrary {
@@ -127,7 +133,7 @@ fn load_from(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
                 path: path.to_path_buf(),
                 found_by,
                 build_info: ort::info().to_string(),
-                _environment: environment,
+                environment,
             })
         }
         Err(err) => Err(Error::RuntimeLoad {

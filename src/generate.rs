@@ -1,0 +1,578 @@
+//! The generation loop: one image and a prompt in, text out.
+//!
+//! ```text
+//! image --vision graph--> image embeds ┐
+//! prompt --tokenizer--> ids --table--> ┴ prompt embeds
+//!   prefill: chunks that fit the pool; the decoder reads past K/V straight
+//!            from the pool, its new K/V go into the pool's next slots;
+//!            the policy compresses (stage 1)
+//!   decode:  one token a step, the policy evicts (stage 2)
+//! logits --sampler--> token --tokenizer--> text, streamed
+//! ```
+
+use std::time::Instant;
+
+use half::f16;
+use ort::memory::Allocator;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{PrimitiveTensorElementType, TensorRef};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{error_chain, Error, Result};
+use crate::kv::{CacheStats, KvCache, KvDtype, KvElement};
+use crate::model::binding::PoolRunBuilder;
+use crate::model::{Manifest, Model};
+
+/// How tokens are chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id, as `argmax` does).
+    Greedy,
+    /// Nucleus sampling at a temperature, from a seeded generator.
+    TopP { temperature: f32, top_p: f32, seed: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Keep generating through stop tokens (for benchmarks of long outputs).
+    pub ignore_stop: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_new_tokens: 64,
+            sampling: Sampling::Greedy,
+            ignore_stop: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StopToken,
+    MaxTokens,
+}
+
+/// Wall-clock times of one generation, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub image_decode_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub time_to_first_token_ms: f64,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
+    /// Time spent inside `session.run` during decode.
+    pub decode_run_ms: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub stop: StopReason,
+    pub timings: Timings,
+    pub cache: CacheStats,
+    /// Entries in the cache at the end.
+    pub cache_entries: usize,
+    pub pool_bytes: u64,
+    pub pool_capacity: usize,
+}
+
+/// The picture to caption.
+#[derive(Clone, Copy)]
+pub enum ImageInput<'a> {
+    File(&'a std::path::Path),
+    Bytes(&'a [u8]),
+    Rgb8(&'a image::RgbImage),
+}
+
+/// Runs generations with one model and one KV pool; buffers are sized once
+/// and reused, so many captions in one process do not grow memory.
+pub struct Generator<'m> {
+    model: &'m mut Model,
+    cache: KvCache,
+    step: StepBuffers,
+    pixels: Vec<f32>,
+    probabilities: Vec<f32>,
+    candidates: Vec<u32>,
+}
+
+/// What a decoder step needs besides the session and the cache.
+struct StepBuffers {
+    names: DecoderNames,
+    /// The additive attention bias of plain entries, for every slot. All-zero
+    /// bits are 0.0 in f16 and f32 alike, so this serves both dtypes.
+    zero_bias: Vec<f32>,
+    /// One step's attention sums, `[layer][slot]`, held from the run until
+    /// the new entries are committed.
+    colsums: Vec<f32>,
+    colsum_stride: usize,
+    /// ONNX Runtime's CPU allocator, for the tensors over pool memory.
+    allocator: Allocator,
+    /// The last position's logits.
+    logits: Vec<f32>,
+}
+
+/// The decoder graph's input and output names, built once.
+struct DecoderNames {
+    past_key: Vec<String>,
+    past_value: Vec<String>,
+    new_key: Vec<String>,
+    new_value: Vec<String>,
+    colsum: Vec<String>,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(model: &'m mut Model, cache: KvCache) -> Result<Self> {
+        if cache.pool().shape() != &model.manifest.kv_shape() {
+            return Err(Error::Shape(format!(
+                "the KV pool is {:?} but the model needs {:?}",
+                cache.pool().shape(),
+                model.manifest.kv_shape()
+            )));
+        }
+        let layers = model.manifest.layers;
+        let names = DecoderNames {
+            past_key: (0..layers).map(|l| format!("past_key_{l}")).collect(),
+            past_value: (0..layers).map(|l| format!("past_value_{l}")).collect(),
+            new_key: (0..layers).map(|l| format!("new_key_{l}")).collect(),
+            new_value: (0..layers).map(|l| format!("new_value_{l}")).collect(),
+            colsum: (0..layers).map(|l| format!("attn_colsum_{l}")).collect(),
+        };
+        let vocab = model.manifest.vocab;
+        let pixels = match &model.manifest.vision {
+            Some(v) => vec![0.0; 3 * v.height as usize * v.width as usize],
+            None => Vec::new(),
+        };
+        let capacity = cache.pool().capacity();
+        Ok(Generator {
+            model,
+            cache,
+            step: StepBuffers {
+                names,
+                zero_bias: vec![0.0; capacity],
+                colsums: vec![0.0; layers * capacity],
+                colsum_stride: capacity,
+                allocator: Allocator::default(),
+                logits: vec![0.0; vocab],
+            },
+            pixels,
+            probabilities: vec![0.0; vocab],
+            candidates: Vec::with_capacity(vocab),
+        })
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// Captions (or answers about) an image; `on_text` receives the text as
+    /// it is generated. Nothing is streamed before the prompt is known to
+    /// fit, and an error mid-way is returned as an error.
+    pub fn generate(
+        &mut self,
+        image: Option<ImageInput<'_>>,
+        user_text: Option<&str>,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.generate_typed::<f32>(image, user_text, params, on_text),
+            KvDtype::F16 => self.generate_typed::<f16>(image, user_text, params, on_text),
+        }
+    }
+
+    fn generate_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        image: Option<ImageInput<'_>>,
+        user_text: Option<&str>,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let mut timings = Timings::default();
+        let hidden = self.model.manifest.hidden;
+
+        // 1. The image, through the vision graph.
+        let image_embeds: Option<Vec<E>> = match image {
+            None => None,
+            Some(image) => Some(self.encode_image::<E>(image, &mut timings)?),
+        };
+        let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
+
+        // 2. The prompt's embeddings: text rows from the table, image rows
+        //    from the vision graph.
+        let prompt = self.model.prompt.build(user_text, image_tokens)?;
+        let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
+        self.cache.reset();
+        self.cache.admit(prompt_tokens, params.max_new_tokens)?;
+        let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
+        let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
+        let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
+        self.model.embeddings.gather(&prompt.before_image, before)?;
+        if let Some(image_embeds) = &image_embeds {
+            image_rows.copy_from_slice(image_embeds);
+        }
+        self.model.embeddings.gather(&prompt.after_image, after)?;
+
+        // 3. Prefill, in chunks the pool can take.
+        let start = Instant::now();
+        let mut done = 0;
+        let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
+        while done < prompt_tokens {
+            let t = self.cache.begin_prompt_chunk(prompt_tokens - done)?;
+            positions.clear();
+            positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
+            let model = &mut *self.model;
+            decoder_step::<E>(
+                &mut model.decoder,
+                &model.manifest,
+                &mut self.cache,
+                &mut self.step,
+                &embeds[done * hidden..(done + t) * hidden],
+                &positions,
+            )?;
+            done += t;
+        }
+        self.cache.end_prompt()?;
+        timings.prefill_ms = ms(start);
+        drop(embeds);
+
+        // 4. Decode.
+        let mut sampler = Sampler::new(params.sampling);
+        let mut token_ids = Vec::with_capacity(params.max_new_tokens);
+        let mut text = String::new();
+        let model = &mut *self.model;
+        let mut detokenizer = model.prompt.decoder();
+        let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
+        let decode_start = Instant::now();
+        let mut run_time = 0.0;
+        let mut stop = StopReason::MaxTokens;
+        let mut first_token_at = None;
+        while token_ids.len() < params.max_new_tokens {
+            let token = sampler.sample(&self.step.logits, &mut self.probabilities, &mut self.candidates);
+            if first_token_at.is_none() {
+                first_token_at = Some(Instant::now());
+                timings.time_to_first_token_ms = ms(start) + timings.image_decode_ms + timings.vision_ms;
+            }
+            if !params.ignore_stop && model.manifest.stop_token_ids.contains(&token) {
+                stop = StopReason::StopToken;
+                break;
+            }
+            token_ids.push(token);
+            let piece = detokenizer.push(token)?;
+            if !piece.is_empty() {
+                text.push_str(piece);
+                on_text(piece);
+            }
+            if token_ids.len() == params.max_new_tokens {
+                break;
+            }
+            self.cache.begin_token()?;
+            model.embeddings.gather(&[token], &mut token_embed)?;
+            let position = [self.cache.rope_position(0) as i64];
+            let run_start = Instant::now();
+            decoder_step::<E>(
+                &mut model.decoder,
+                &model.manifest,
+                &mut self.cache,
+                &mut self.step,
+                &token_embed,
+                &position,
+            )?;
+            run_time += ms(run_start);
+            self.cache.end_token()?;
+        }
+        let tail = detokenizer.finish()?;
+        if !tail.is_empty() {
+            text.push_str(tail);
+            on_text(tail);
+        }
+        timings.decode_ms = ms(decode_start);
+        timings.decode_run_ms = run_time;
+        let decoded = token_ids.len().saturating_sub(1);
+        if decoded > 0 {
+            let since_first = first_token_at.map_or(timings.decode_ms, ms);
+            timings.decode_tokens_per_s = decoded as f64 / (since_first / 1e3);
+        }
+        Ok(Generation {
+            text,
+            token_ids,
+            prompt_tokens,
+            stop,
+            timings,
+            cache: self.cache.stats(),
+            cache_entries: self.cache.pool().len(),
+            pool_bytes: self.cache.pool().bytes(),
+            pool_capacity: self.cache.pool().capacity(),
+        })
+    }
+
+    fn encode_image<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        image: ImageInput<'_>,
+        timings: &mut Timings,
+    ) -> Result<Vec<E>> {
+        let (Some(preprocess), Some(vision), Some(spec)) = (
+            &self.model.preprocess,
+            self.model.vision.as_mut(),
+            &self.model.manifest.vision,
+        ) else {
+            return Err(Error::Shape(format!(
+                "model {} has no vision graph; caption text only",
+                self.model.manifest.name
+            )));
+        };
+        let start = Instant::now();
+        match image {
+            ImageInput::File(path) => preprocess.load_file(path, &mut self.pixels)?,
+            ImageInput::Bytes(bytes) => preprocess.load_bytes(bytes, &mut self.pixels)?,
+            ImageInput::Rgb8(rgb) => preprocess.from_rgb8(rgb, &mut self.pixels)?,
+        };
+        timings.image_decode_ms = ms(start);
+        let start = Instant::now();
+        let shape = [1usize, 3, spec.height as usize, spec.width as usize];
+        let input = TensorRef::from_array_view((shape, &self.pixels[..])).map_err(|e| run_error("pixel_values", &e))?;
+        let outputs = vision
+            .run(ort::inputs!["pixel_values" => input])
+            .map_err(|e| run_error("the vision graph", &e))?;
+        let (_, embeds) = outputs["image_embeds"]
+            .try_extract_tensor::<E>()
+            .map_err(|e| run_error("image_embeds", &e))?;
+        let expected = spec.image_tokens * self.model.manifest.hidden;
+        if embeds.len() != expected {
+            return Err(Error::Shape(format!(
+                "the vision graph gave {} values, expected {expected}",
+                embeds.len()
+            )));
+        }
+        let embeds = embeds.to_vec();
+        timings.vision_ms = ms(start);
+        Ok(embeds)
+    }
+}
+
+/// One decoder step over `positions.len()` new tokens: the graph reads
+/// the past straight from the pool and writes the new K/V straight into
+/// the pool's next slots; then the entries are committed, the attention
+/// sums go to the policy, and the last position's logits are left in
+/// `self.logits`.
+fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    decoder: &mut Session,
+    manifest: &Manifest,
+    cache: &mut KvCache,
+    buffers: &mut StepBuffers,
+    embeds: &[E],
+    positions: &[i64],
+) -> Result<()> {
+    let t = positions.len();
+    let (hidden, layers, kv_heads, head_dim) = (manifest.hidden, manifest.layers, manifest.kv_heads, manifest.head_dim);
+    let past = cache.pool().len();
+    let wants_scores = cache.wants_scores();
+    let StepBuffers {
+        names,
+        zero_bias,
+        colsums,
+        colsum_stride,
+        allocator,
+        logits: last_logits,
+    } = buffers;
+    let zeros: &[E] = &bytemuck::cast_slice(zero_bias)[..past];
+    let tensor_error = |e: ort::Error| run_error("building decoder inputs", &e);
+    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * layers);
+    inputs.push((
+        "inputs_embeds",
+        TensorRef::from_array_view(([1usize, t, hidden], embeds))
+            .map_err(tensor_error)?
+            .into(),
+    ));
+    inputs.push((
+        "position_ids",
+        TensorRef::from_array_view(([1usize, t], positions))
+            .map_err(tensor_error)?
+            .into(),
+    ));
+    inputs.push((
+        "past_bias",
+        TensorRef::from_array_view(([1usize, past], zeros))
+            .map_err(tensor_error)?
+            .into(),
+    ));
+    let past_shape = [1usize, past, kv_heads, head_dim];
+    let new_shape = [1i64, t as i64, kv_heads as i64, head_dim as i64];
+    let mut run = PoolRunBuilder::new(allocator);
+    for (layer, view) in cache.pool_mut().step_views::<E>(t)?.enumerate() {
+        inputs.push((
+            &names.past_key[layer],
+            TensorRef::from_array_view((past_shape, view.past_key))
+                .map_err(tensor_error)?
+                .into(),
+        ));
+        inputs.push((
+            &names.past_value[layer],
+            TensorRef::from_array_view((past_shape, view.past_value))
+                .map_err(tensor_error)?
+                .into(),
+        ));
+        run = run
+            .write_into(&names.new_key[layer], view.new_key, &new_shape)?
+            .write_into(&names.new_value[layer], view.new_value, &new_shape)?;
+    }
+    let run = run.build()?;
+    let outputs = run
+        .run(decoder, inputs)
+        .map_err(|e| run_error("the decoder graph", &e))?;
+    let (_, logits) = outputs["logits"]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| run_error("logits", &e))?;
+    if logits.len() != last_logits.len() {
+        return Err(Error::Shape(format!(
+            "{} logits, vocabulary {}",
+            logits.len(),
+            last_logits.len()
+        )));
+    }
+    last_logits.copy_from_slice(logits);
+    if wants_scores {
+        for (layer, name) in names.colsum.iter().enumerate() {
+            let (_, colsum) = outputs[name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| run_error("attn_colsum", &e))?;
+            let scores = &mut colsums[layer * *colsum_stride..][..colsum.len()];
+            scores.copy_from_slice(colsum);
+        }
+    }
+    // The outputs and the run options share the tensors over the pool's
+    // slots: both go before the pool is touched again.
+    drop(outputs);
+    drop(run);
+    cache.commit(t)?;
+    if wants_scores {
+        let len = cache.pool().len();
+        for layer in 0..layers {
+            cache.add_scores(layer, &colsums[layer * *colsum_stride..][..len])?;
+        }
+    }
+    Ok(())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn run_error(what: &str, err: &ort::Error) -> Error {
+    Error::Runtime {
+        context: what.to_string(),
+        reason: error_chain(err),
+    }
+}
+
+/// Chooses the next token from logits. Allocation-free: the caller owns the
+/// buffers.
+struct Sampler {
+    sampling: Sampling,
+    rng: StdRng,
+}
+
+impl Sampler {
+    fn new(sampling: Sampling) -> Self {
+        let seed = match sampling {
+            Sampling::TopP { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        };
+        Sampler {
+            sampling,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn sample(&mut self, logits: &[f32], probabilities: &mut [f32], candidates: &mut Vec<u32>) -> u32 {
+        match self.sampling {
+            Sampling::Greedy => argmax(logits),
+            Sampling::TopP { temperature, top_p, .. } => {
+                if temperature <= 0.0 {
+                    return argmax(logits);
+                }
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0.0f64;
+                for (p, &l) in probabilities.iter_mut().zip(logits) {
+                    *p = ((l - max) / temperature).exp();
+                    total += *p as f64;
+                }
+                candidates.clear();
+                candidates.extend(0..logits.len() as u32);
+                candidates.sort_unstable_by(|&a, &b| probabilities[b as usize].total_cmp(&probabilities[a as usize]));
+                let mut kept = 0.0f64;
+                let mut cut = candidates.len();
+                for (i, &c) in candidates.iter().enumerate() {
+                    kept += probabilities[c as usize] as f64 / total;
+                    if kept >= top_p as f64 {
+                        cut = i + 1;
+                        break;
+                    }
+                }
+                let mut draw = self.rng.random::<f64>() * kept;
+                for &c in &candidates[..cut] {
+                    draw -= probabilities[c as usize] as f64 / total;
+                    if draw <= 0.0 {
+                        return c;
+                    }
+                }
+                candidates[cut - 1]
+            }
+        }
+    }
+}
+
+/// The index of the largest logit; the first one on ties.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), 1);
+        assert_eq!(argmax(&[3.0]), 0);
+    }
+
+    #[test]
+    fn top_p_is_seeded_and_stays_in_the_nucleus() {
+        let logits = [0.0, 5.0, 4.9, -3.0, 1.0];
+        let mut probabilities = vec![0.0; 5];
+        let mut candidates = Vec::new();
+        let sampling = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 7,
+        };
+        let draws = |sampler: &mut Sampler, p: &mut Vec<f32>, c: &mut Vec<u32>| -> Vec<u32> {
+            (0..50).map(|_| sampler.sample(&logits, p, c)).collect()
+        };
+        let first = draws(&mut Sampler::new(sampling), &mut probabilities, &mut candidates);
+        let second = draws(&mut Sampler::new(sampling), &mut probabilities, &mut candidates);
+        assert_eq!(first, second, "same seed, same tokens");
+        assert!(first.iter().all(|&t| t == 1 || t == 2), "{first:?}");
+        assert!(first.contains(&1) && first.contains(&2));
+    }
+}

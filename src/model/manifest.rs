@@ -1,0 +1,451 @@
+//! `manifest.json`: what a model folder holds (docs/model-format.md), checked
+//! before anything is loaded: every dimension, the graphs' input and output
+//! names, dtypes and shapes against the graph contract, and each file's
+//! size and sha256.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::kv::{KvDtype, KvShape};
+use crate::model::image::{Preprocess, Resize};
+use crate::model::prompt::ChatTemplate;
+
+/// The manifest format this build reads.
+pub const FORMAT: &str = "elastic-edge-model";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub architecture: String,
+    /// The decoder's float type: `float32` or `float16`.
+    pub dtype: String,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub rope_theta: f64,
+    pub max_positions: usize,
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub add_bos: bool,
+    pub eos_token_id: Option<u32>,
+    pub stop_token_ids: Vec<u32>,
+    pub vision: Option<VisionSpec>,
+    pub chat_template: ChatTemplate,
+    pub embed_tokens: EmbedSpec,
+    pub files: ModelFiles,
+    pub file_hashes: BTreeMap<String, FileHash>,
+    pub graphs: Graphs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionSpec {
+    pub height: u32,
+    pub width: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub resize: Resize,
+    pub rescale: f32,
+    pub input_dtype: String,
+    pub image_tokens: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbedSpec {
+    pub file: String,
+    pub dtype: String,
+    pub shape: [usize; 2],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelFiles {
+    pub decoder: String,
+    pub embed_tokens: String,
+    pub tokenizer: String,
+    pub vision: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileHash {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Graphs {
+    pub decoder: GraphIo,
+    pub vision: Option<GraphIo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphIo {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    /// Fixed sizes as numbers, dynamic ones as names (`"S"`, `"T"`).
+    pub shape: Vec<serde_json::Value>,
+}
+
+fn invalid(path: &Path, field: &str, why: impl std::fmt::Display) -> Error {
+    Error::Manifest {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason: why.to_string(),
+    }
+}
+
+impl Manifest {
+    /// Reads and checks `dir/manifest.json`; file hashes are checked by
+    /// [`Manifest::verify_files`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::ModelMissing {
+            dir: dir.to_path_buf(),
+            reason: format!("cannot read {}: {source}", path.display()),
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&path, "(json)", format!("{e}")))?;
+        manifest.validate(&path)?;
+        Ok(manifest)
+    }
+
+    /// The KV geometry the decoder graph reads and writes.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.kv_dtype(),
+        }
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        // Checked in `validate`.
+        if self.dtype == "float16" {
+            KvDtype::F16
+        } else {
+            KvDtype::F32
+        }
+    }
+
+    /// Image preprocessing, for models with a vision graph.
+    pub fn preprocess(&self) -> Option<Preprocess> {
+        self.vision.as_ref().map(|v| Preprocess {
+            width: v.width,
+            height: v.height,
+            mean: v.mean,
+            std: v.std,
+            rescale: v.rescale,
+            resize: v.resize,
+            max_pixels: crate::model::image::DEFAULT_MAX_PIXELS,
+        })
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if self.format != FORMAT {
+            return Err(invalid(
+                path,
+                "format",
+                format!("{:?}, expected {FORMAT:?}", self.format),
+            ));
+        }
+        if self.format_version != FORMAT_VERSION {
+            return Err(invalid(
+                path,
+                "format_version",
+                format!(
+                    "{} is not supported (this build reads {FORMAT_VERSION})",
+                    self.format_version
+                ),
+            ));
+        }
+        if !matches!(self.dtype.as_str(), "float32" | "float16") {
+            return Err(invalid(
+                path,
+                "dtype",
+                format!("{:?}, expected float32 or float16", self.dtype),
+            ));
+        }
+        if self.embed_tokens.dtype != self.dtype {
+            return Err(invalid(path, "embed_tokens.dtype", "differs from the decoder's dtype"));
+        }
+        for (field, value) in [
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden", self.hidden),
+            ("vocab", self.vocab),
+        ] {
+            if value == 0 {
+                return Err(invalid(path, field, "must be positive"));
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(invalid(path, "kv_heads", "must divide heads"));
+        }
+        if self.embed_tokens.shape != [self.vocab, self.hidden] {
+            return Err(invalid(
+                path,
+                "embed_tokens.shape",
+                format!(
+                    "{:?}, expected [vocab, hidden] = [{}, {}]",
+                    self.embed_tokens.shape, self.vocab, self.hidden
+                ),
+            ));
+        }
+        if let Some(&bad) = self.stop_token_ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(invalid(
+                path,
+                "stop_token_ids",
+                format!("{bad} is outside the vocabulary"),
+            ));
+        }
+        match (&self.vision, &self.files.vision, &self.graphs.vision) {
+            (None, None, None) => {}
+            (Some(vision), Some(_), Some(graph)) => {
+                if vision.input_dtype != "float32" {
+                    return Err(invalid(
+                        path,
+                        "vision.input_dtype",
+                        "only float32 pixel values are supported",
+                    ));
+                }
+                expect_tensor(
+                    path,
+                    "graphs.vision.inputs",
+                    &graph.inputs,
+                    "pixel_values",
+                    "float32",
+                    &[
+                        Dim::Fixed(1),
+                        Dim::Fixed(3),
+                        Dim::Fixed(vision.height as usize),
+                        Dim::Fixed(vision.width as usize),
+                    ],
+                )?;
+                expect_tensor(
+                    path,
+                    "graphs.vision.outputs",
+                    &graph.outputs,
+                    "image_embeds",
+                    &self.dtype,
+                    &[Dim::Fixed(1), Dim::Fixed(vision.image_tokens), Dim::Fixed(self.hidden)],
+                )?;
+            }
+            _ => {
+                return Err(invalid(
+                    path,
+                    "vision",
+                    "vision, files.vision and graphs.vision must come together",
+                ))
+            }
+        }
+        self.validate_decoder(path)
+    }
+
+    /// The decoder graph must follow the contract of DESIGN.md exactly.
+    fn validate_decoder(&self, path: &Path) -> Result<()> {
+        let graph = &self.graphs.decoder;
+        let (inputs, outputs) = (&graph.inputs, &graph.outputs);
+        let dt = self.dtype.as_str();
+        let kv = [
+            Dim::Fixed(1),
+            Dim::Any,
+            Dim::Fixed(self.kv_heads),
+            Dim::Fixed(self.head_dim),
+        ];
+        let field_in = "graphs.decoder.inputs";
+        let field_out = "graphs.decoder.outputs";
+        expect_tensor(
+            path,
+            field_in,
+            inputs,
+            "inputs_embeds",
+            dt,
+            &[Dim::Fixed(1), Dim::Any, Dim::Fixed(self.hidden)],
+        )?;
+        expect_tensor(
+            path,
+            field_in,
+            inputs,
+            "position_ids",
+            "int64",
+            &[Dim::Fixed(1), Dim::Any],
+        )?;
+        expect_tensor(path, field_in, inputs, "past_bias", dt, &[Dim::Fixed(1), Dim::Any])?;
+        expect_tensor(
+            path,
+            field_out,
+            outputs,
+            "logits",
+            "float32",
+            &[Dim::Fixed(1), Dim::Fixed(self.vocab)],
+        )?;
+        for layer in 0..self.layers {
+            for name in [format!("past_key_{layer}"), format!("past_value_{layer}")] {
+                expect_tensor(path, field_in, inputs, &name, dt, &kv)?;
+            }
+            for name in [format!("new_key_{layer}"), format!("new_value_{layer}")] {
+                expect_tensor(path, field_out, outputs, &name, dt, &kv)?;
+            }
+            expect_tensor(
+                path,
+                field_out,
+                outputs,
+                &format!("attn_colsum_{layer}"),
+                "float32",
+                &[Dim::Fixed(1), Dim::Any],
+            )?;
+        }
+        let expected_inputs = 3 + 2 * self.layers;
+        if inputs.len() != expected_inputs {
+            return Err(invalid(
+                path,
+                field_in,
+                format!("{} inputs, the contract has {expected_inputs}", inputs.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks every file the manifest lists: present, of the listed size,
+    /// and of the listed sha256. Hashing a large model takes a second or two,
+    /// so a file whose size and modification time match a previous
+    /// successful check (recorded in `.verified` beside it, when the folder
+    /// is writable) is not hashed again.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        let stamp_path = dir.join(".verified");
+        let stamp = std::fs::read_to_string(&stamp_path).unwrap_or_default();
+        let mut new_stamp = String::new();
+        let mut required: Vec<&str> = vec![&self.files.decoder, &self.files.embed_tokens, &self.files.tokenizer];
+        required.extend(self.files.vision.as_deref());
+        for name in required {
+            if !self.file_hashes.contains_key(name) {
+                return Err(invalid(
+                    &dir.join("manifest.json"),
+                    "file_hashes",
+                    format!("{name} is not listed"),
+                ));
+            }
+        }
+        for (name, expected) in &self.file_hashes {
+            let path = dir.join(name);
+            let meta = std::fs::metadata(&path).map_err(|e| Error::ModelFile {
+                path: path.clone(),
+                reason: format!("cannot read: {e}"),
+            })?;
+            if meta.len() != expected.bytes {
+                return Err(Error::ModelFile {
+                    path,
+                    reason: format!(
+                        "{} bytes, the manifest says {} (file_hashes.{name}.bytes)",
+                        meta.len(),
+                        expected.bytes
+                    ),
+                });
+            }
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let line = format!("{name} {} {modified} {}\n", expected.bytes, expected.sha256);
+            if !stamp.lines().any(|l| format!("{l}\n") == line) {
+                let actual = sha256_file(&path)?;
+                if !actual.eq_ignore_ascii_case(&expected.sha256) {
+                    return Err(Error::ModelFile {
+                        path,
+                        reason: format!(
+                            "sha256 {actual} differs from the manifest's {} (file_hashes.{name}.sha256); \
+                             the file is altered or truncated: rebuild the model",
+                            expected.sha256
+                        ),
+                    });
+                }
+            }
+            new_stamp.push_str(&line);
+        }
+        if new_stamp != stamp {
+            // Best effort: a read-only model folder is hashed every time.
+            let _ = std::fs::write(&stamp_path, new_stamp);
+        }
+        Ok(())
+    }
+}
+
+enum Dim {
+    Fixed(usize),
+    Any,
+}
+
+fn expect_tensor(path: &Path, field: &str, list: &[TensorSpec], name: &str, dtype: &str, dims: &[Dim]) -> Result<()> {
+    let spec = list
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| invalid(path, field, format!("no tensor named {name:?}")))?;
+    if spec.dtype != dtype {
+        return Err(invalid(
+            path,
+            field,
+            format!("{name} is {}, expected {dtype}", spec.dtype),
+        ));
+    }
+    let fits = spec.shape.len() == dims.len()
+        && spec.shape.iter().zip(dims).all(|(got, want)| match want {
+            Dim::Any => true,
+            Dim::Fixed(n) => got.as_u64() == Some(*n as u64),
+        });
+    if !fits {
+        let want: Vec<String> = dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => n.to_string(),
+                Dim::Any => "?".into(),
+            })
+            .collect();
+        return Err(invalid(
+            path,
+            field,
+            format!("{name} has shape {:?}, expected [{}]", spec.shape, want.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot open: {e}"),
+    })?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(|e| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

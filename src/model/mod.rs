@@ -1,0 +1,137 @@
+//! The model: a folder with `manifest.json` (see docs/model-format.md), the
+//! decoder and vision graphs, the token-embedding table and the tokenizer.
+//! Loading checks everything before the first frame: the manifest against
+//! the graph contract, each file's size and sha256, and that the requested
+//! execution provider registers.
+
+pub(crate) mod binding;
+pub mod embeddings;
+pub mod image;
+pub mod manifest;
+pub mod prompt;
+pub mod providers;
+
+use std::path::{Path, PathBuf};
+
+use ort::session::{builder::GraphOptimizationLevel, Session};
+
+use crate::error::{error_chain, Error, Result};
+use crate::runtime;
+pub use embeddings::Embeddings;
+pub use manifest::Manifest;
+pub use providers::{Device, ProviderOptions};
+
+/// How to load a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub providers: ProviderOptions,
+    /// Intra-op threads per session (default: ONNX Runtime's, one per core).
+    pub threads: Option<usize>,
+    /// ONNX Runtime library to load (see `runtime::load`).
+    pub onnxruntime: Option<PathBuf>,
+}
+
+pub struct Model {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub decoder: Session,
+    pub vision: Option<Session>,
+    pub embeddings: Embeddings,
+    pub prompt: prompt::PromptTokenizer,
+    pub preprocess: Option<image::Preprocess>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("dir", &self.dir)
+            .field("name", &self.manifest.name)
+            .finish()
+    }
+}
+
+impl Model {
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::ModelMissing {
+                dir: dir.to_path_buf(),
+                reason: "not a folder".into(),
+            });
+        }
+        let manifest = Manifest::load(dir)?;
+        manifest.verify_files(dir)?;
+        let library = runtime::load(options.onnxruntime.as_deref())?;
+        let session = |file: &str| build_session(library.environment(), &dir.join(file), options);
+        let decoder = session(&manifest.files.decoder)?;
+        let vision = manifest.files.vision.as_deref().map(session).transpose()?;
+        let embeddings = Embeddings::open(
+            &dir.join(&manifest.files.embed_tokens),
+            manifest.vocab,
+            manifest.hidden,
+            manifest.kv_dtype(),
+        )?;
+        let bos = manifest.bos_token_id;
+        let prompt = prompt::PromptTokenizer::from_file(
+            &dir.join(&manifest.files.tokenizer),
+            manifest.chat_template.clone(),
+            bos,
+            manifest.add_bos,
+        )?;
+        let preprocess = manifest.preprocess();
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            manifest,
+            decoder,
+            vision,
+            embeddings,
+            prompt,
+            preprocess,
+        })
+    }
+}
+
+fn build_session(environment: &ort::environment::Environment, path: &Path, options: &LoadOptions) -> Result<Session> {
+    let fail = |what: &str, reason: String| Error::Runtime {
+        context: format!("{what} for {}", path.display()),
+        reason,
+    };
+    let providers = providers::dispatch(&options.providers)?;
+    let mut builder = Session::builder(environment)
+        .map_err(|e| fail("creating a session", error_chain(&e)))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| fail("setting the optimization level", e.to_string()))?;
+    if let Some(threads) = options.threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| fail("setting threads", e.to_string()))?;
+    }
+    builder = builder.with_execution_providers(providers).map_err(|e| {
+        fail(
+            &format!("registering the {} execution provider", options.providers.device),
+            error_chain(&e),
+        )
+    })?;
+    builder
+        .commit_from_file(path)
+        .map_err(|e| fail("loading the graph", error_chain(&e)))
+}
+
+/// Where `caption` looks for a model when `--model` is not given: the
+/// `ELASTIC_EDGE_MODEL` variable, then `.cache/models/demo-fp32` of the
+/// checkout the binary was built in (where scripts/build-demo-model.sh
+/// writes it).
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ELASTIC_EDGE_MODEL").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let fallback = PathBuf::from(".cache/models/demo-fp32");
+    let Ok(exe) = std::env::current_exe() else {
+        return fallback;
+    };
+    exe.ancestors()
+        .skip(2)
+        .take(3)
+        .map(|dir| dir.join(".cache/models/demo-fp32"))
+        .find(|dir| dir.join("manifest.json").is_file())
+        .unwrap_or(fallback)
+}

@@ -1,0 +1,156 @@
+//! End to end on real graphs: the committed tiny model (random weights, the
+//! same graph contract as the demo model) against the ids its PyTorch
+//! reference produced, and the demo model against transformers when it has
+//! been built (scripts/build-demo-model.sh; scripts/test.sh builds it).
+
+use std::path::{Path, PathBuf};
+
+use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling, StopReason};
+use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvPool, PolicyConfig, PolicyKind, PoolBacking};
+use elastic_edge::model::{LoadOptions, Model};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> Value {
+    let path = repo().join("models/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn load(dir: &Path) -> Model {
+    Model::load(
+        dir,
+        &LoadOptions {
+            threads: Some(1),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn cache(model: &Model, kind: PolicyKind, keep: f64, budget: KvBudget) -> KvCache {
+    let shape = model.manifest.kv_shape();
+    let pool = KvPool::with_budget(shape, budget.bytes(shape.bytes_per_slot()), &PoolBacking::Anonymous).unwrap();
+    KvCache::new(pool, kind, &PolicyConfig::default(), KeepRatio::new(keep).unwrap()).unwrap()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Generates greedily and returns the ids with the stop token appended when
+/// one ended generation (the fixtures' convention).
+fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str>, max_new_tokens: usize) -> Vec<u32> {
+    let params = GenerateParams {
+        max_new_tokens,
+        sampling: Sampling::Greedy,
+        ignore_stop: false,
+    };
+    let image = image.map(ImageInput::File);
+    let generation = generator.generate(image, text, &params, &mut |_| {}).unwrap();
+    let mut ids = generation.token_ids.clone();
+    if generation.stop == StopReason::StopToken {
+        ids.push(generator.model().manifest.stop_token_ids[0]);
+    }
+    ids
+}
+
+#[test]
+fn tiny_model_full_cache_matches_pytorch() {
+    let expected = fixture("tiny_expected.json");
+    let mut model = load(&repo().join("models/tiny"));
+    let cache = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
+    let mut generator = Generator::new(&mut model, cache).unwrap();
+    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+    for case in expected["cases"].as_array().unwrap() {
+        let image = case["image"].as_str().map(|p| repo().join(p));
+        let text = case["user_text"].as_str();
+        let got = greedy(&mut generator, image.as_deref(), text, max_new);
+        assert_eq!(got, ids(&case["expected_ids"]), "case {text:?}");
+    }
+}
+
+#[test]
+fn elastic_with_room_and_keep_one_equals_the_full_cache() {
+    // Nothing is over the keep ratio and the pool has room: no compression.
+    let expected = fixture("tiny_expected.json");
+    let mut model = load(&repo().join("models/tiny"));
+    let cache = cache(&model, PolicyKind::Elastic, 1.0, KvBudget::Tokens(90));
+    let mut generator = Generator::new(&mut model, cache).unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let image = case["image"].as_str().map(|p| repo().join(p));
+        let got = greedy(&mut generator, image.as_deref(), case["user_text"].as_str(), 16);
+        assert_eq!(got, ids(&case["expected_ids"]));
+        assert_eq!(generator.cache().stats().merged + generator.cache().stats().evicted, 0);
+    }
+}
+
+#[test]
+fn a_prompt_longer_than_the_pool_is_chunked_and_compressed() {
+    // 24 slots for prompts of 44 to 69 tokens: prefill runs in chunks with
+    // compression in between, and the pool is never exceeded.
+    let expected = fixture("tiny_expected.json");
+    let mut model = load(&repo().join("models/tiny"));
+    for kind in [
+        PolicyKind::Elastic,
+        PolicyKind::H2o,
+        PolicyKind::Local,
+        PolicyKind::ElasticRef,
+    ] {
+        let cache = cache(&model, kind, 1.0, KvBudget::Tokens(24));
+        let mut generator = Generator::new(&mut model, cache).unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let image = case["image"].as_str().map(|p| repo().join(p));
+            let got = greedy(&mut generator, image.as_deref(), case["user_text"].as_str(), 16);
+            assert!(!got.is_empty());
+            let stats = generator.cache().stats();
+            assert!(stats.peak_len <= 24, "{kind}: {stats:?}");
+            assert!(stats.merged + stats.evicted > 0, "{kind}: nothing was compressed");
+        }
+    }
+}
+
+#[test]
+fn full_cache_refuses_a_prompt_the_pool_cannot_hold() {
+    let mut model = load(&repo().join("models/tiny"));
+    let cache = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(30));
+    let mut generator = Generator::new(&mut model, cache).unwrap();
+    let params = GenerateParams::default();
+    let err = generator
+        .generate(None, Some("Hello, who are you?"), &params, &mut |_| panic!("no text"))
+        .unwrap_err();
+    assert!(err.to_string().contains("raise --kv-budget"), "{err}");
+}
+
+/// The demo model, full cache, against transformers' greedy ids; skipped
+/// (with a note) when the demo model has not been built.
+#[test]
+fn demo_model_full_cache_matches_transformers() {
+    let expected = fixture("demo_expected.json");
+    for variant in ["fp32", "fp16"] {
+        let dir = repo().join(".cache/models").join(format!("demo-{variant}"));
+        if !dir.join("manifest.json").is_file() {
+            eprintln!("note: {} not built; run scripts/build-demo-model.sh", dir.display());
+            continue;
+        }
+        let mut model = load(&dir);
+        let cache = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
+        let mut generator = Generator::new(&mut model, cache).unwrap();
+        let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+        for case in expected["cases"].as_array().unwrap() {
+            // The pre-resized copy: PIL's resize is the reference's, ours is
+            // checked bit-exact separately.
+            let image = repo().join(case["image_resized"].as_str().unwrap());
+            let got = greedy(&mut generator, Some(&image), None, max_new);
+            let want = ids(&case["expected_ids"][variant]);
+            assert_eq!(got, want, "{variant} {}", image.display());
+        }
+    }
+}
