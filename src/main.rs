@@ -102,8 +102,9 @@ struct CacheArgs {
     #[arg(long, default_value = "elastic", value_parser = parse_policy)]
     policy: PolicyKind,
 
-    /// Fraction of processed tokens the cache keeps, in (0, 1] (ignored by full).
-    #[arg(long, default_value = "0.5", value_parser = parse_keep)]
+    /// Fraction of processed tokens the cache keeps, in (0, 1] (ignored by
+    /// full). At 1 the policy acts only when the budget is full.
+    #[arg(long, default_value = "1", value_parser = parse_keep)]
     keep: KeepRatio,
 
     /// Hard KV budget: bytes (32MiB, 1GB) or slots (4096tokens).
