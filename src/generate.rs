@@ -68,7 +68,8 @@ pub struct Timings {
     pub time_to_first_token_ms: f64,
     pub decode_ms: f64,
     pub decode_tokens_per_s: f64,
-    /// Time spent inside `session.run` during decode.
+    /// Time spent inside the decoder's `session.run` during decode; the rest
+    /// of `decode_ms` is ours (pool, policy, sampling, tokenizer).
     pub decode_run_ms: f64,
 }
 
@@ -119,6 +120,8 @@ struct StepBuffers {
     allocator: Allocator,
     /// The last position's logits.
     logits: Vec<f32>,
+    /// Time inside `session.run` since the last reset, in milliseconds.
+    run_ms: f64,
 }
 
 /// The decoder graph's input and output names, built once.
@@ -163,6 +166,7 @@ impl<'m> Generator<'m> {
                 colsum_stride: capacity,
                 allocator: Allocator::default(),
                 logits: vec![0.0; vocab],
+                run_ms: 0.0,
             },
             pixels,
             probabilities: vec![0.0; vocab],
@@ -257,7 +261,7 @@ impl<'m> Generator<'m> {
         let mut detokenizer = model.prompt.decoder();
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let decode_start = Instant::now();
-        let mut run_time = 0.0;
+        self.step.run_ms = 0.0;
         let mut stop = StopReason::MaxTokens;
         let mut first_token_at = None;
         while token_ids.len() < params.max_new_tokens {
@@ -282,7 +286,6 @@ impl<'m> Generator<'m> {
             self.cache.begin_token()?;
             model.embeddings.gather(&[token], &mut token_embed)?;
             let position = [self.cache.rope_position(0) as i64];
-            let run_start = Instant::now();
             decoder_step::<E>(
                 &mut model.decoder,
                 &model.manifest,
@@ -291,7 +294,6 @@ impl<'m> Generator<'m> {
                 &token_embed,
                 &position,
             )?;
-            run_time += ms(run_start);
             self.cache.end_token()?;
         }
         let tail = detokenizer.finish()?;
@@ -300,7 +302,7 @@ impl<'m> Generator<'m> {
             on_text(tail);
         }
         timings.decode_ms = ms(decode_start);
-        timings.decode_run_ms = run_time;
+        timings.decode_run_ms = self.step.run_ms;
         let decoded = token_ids.len().saturating_sub(1);
         if decoded > 0 {
             let since_first = first_token_at.map_or(timings.decode_ms, ms);
@@ -387,6 +389,7 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
         colsum_stride,
         allocator,
         logits: last_logits,
+        run_ms,
     } = buffers;
     let zeros: &[E] = &bytemuck::cast_slice(zero_bias)[..past];
     let tensor_error = |e: ort::Error| run_error("building decoder inputs", &e);
@@ -430,9 +433,11 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
             .write_into(&names.new_value[layer], view.new_value, &new_shape)?;
     }
     let run = run.build()?;
+    let run_start = Instant::now();
     let outputs = run
         .run(decoder, inputs)
         .map_err(|e| run_error("the decoder graph", &e))?;
+    *run_ms += ms(run_start);
     let (_, logits) = outputs["logits"]
         .try_extract_tensor::<f32>()
         .map_err(|e| run_error("logits", &e))?;
