@@ -152,7 +152,7 @@ impl<'m> Generator<'m> {
         };
         let vocab = model.manifest.vocab;
         let pixels = match &model.manifest.vision {
-            Some(v) => vec![0.0; 3 * v.height as usize * v.width as usize],
+            Some(v) => vec![0.0; v.preprocess.output_len()],
             None => Vec::new(),
         };
         let capacity = cache.pool().capacity();
@@ -344,7 +344,12 @@ impl<'m> Generator<'m> {
         };
         timings.image_decode_ms = ms(start);
         let start = Instant::now();
-        let shape = [1usize, 3, spec.height as usize, spec.width as usize];
+        let shape = [
+            1usize,
+            3,
+            spec.preprocess.height as usize,
+            spec.preprocess.width as usize,
+        ];
         let input = TensorRef::from_array_view((shape, &self.pixels[..])).map_err(|e| run_error("pixel_values", &e))?;
         let outputs = vision
             .run(ort::inputs!["pixel_values" => input])

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::kv::{KvDtype, KvShape};
-use crate::model::image::{Preprocess, Resize};
+use crate::model::image::Preprocess;
 use crate::model::prompt::ChatTemplate;
 
 /// The manifest format this build reads.
@@ -53,12 +53,9 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct VisionSpec {
-    pub height: u32,
-    pub width: u32,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-    pub resize: Resize,
-    pub rescale: f32,
+    /// Size, resize, rescale, mean and std of `pixel_values`.
+    #[serde(flatten)]
+    pub preprocess: Preprocess,
     pub input_dtype: String,
     pub image_tokens: usize,
 }
@@ -147,15 +144,7 @@ impl Manifest {
 
     /// Image preprocessing, for models with a vision graph.
     pub fn preprocess(&self) -> Option<Preprocess> {
-        self.vision.as_ref().map(|v| Preprocess {
-            width: v.width,
-            height: v.height,
-            mean: v.mean,
-            std: v.std,
-            rescale: v.rescale,
-            resize: v.resize,
-            max_pixels: crate::model::image::DEFAULT_MAX_PIXELS,
-        })
+        self.vision.as_ref().map(|v| v.preprocess.clone())
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
@@ -237,8 +226,8 @@ impl Manifest {
                     &[
                         Dim::Fixed(1),
                         Dim::Fixed(3),
-                        Dim::Fixed(vision.height as usize),
-                        Dim::Fixed(vision.width as usize),
+                        Dim::Fixed(vision.preprocess.height as usize),
+                        Dim::Fixed(vision.preprocess.width as usize),
                     ],
                 )?;
                 expect_tensor(
