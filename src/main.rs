@@ -141,6 +141,10 @@ struct SamplingArgs {
 
 #[derive(Args)]
 struct DoctorArgs {
+    /// Model folder to check (default: as for caption).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+
     #[command(flatten)]
     pool: PoolArgs,
 
@@ -153,8 +157,9 @@ struct DoctorArgs {
     keep: KeepRatio,
 }
 
-/// The KV pool's geometry and budget. The geometry defaults to the demo
-/// model's decoder (SmolLM2-135M: 30 layers, 3 KV heads of 64).
+/// The KV pool's geometry and budget. The geometry is the model's when one
+/// is found, else these flags (default: the demo model's decoder,
+/// SmolLM2-135M: 30 layers, 3 KV heads of 64).
 #[derive(Args)]
 struct PoolArgs {
     /// KV pool budget: bytes (64MiB, 1.5GB, 65536) or slots (4096tokens).
@@ -320,32 +325,66 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {
     let library = runtime::load(onnxruntime)?;
-    println!("onnxruntime: {}", library.path.display());
+    println!("onnxruntime {}: {}", library.version, library.path.display());
     println!("  found by: {}", library.found_by);
     println!("  build: {}", library.build_info);
+    let providers = runtime::available_providers()?;
+    println!("  execution providers in this build: {}", providers.join(", "));
+    for device in [Device::Cuda, Device::Tensorrt] {
+        let options = ProviderOptions {
+            device,
+            ..ProviderOptions::default()
+        };
+        match model::providers::check(library.environment(), &options) {
+            Ok(()) => println!("  --device {device}: available"),
+            Err(err) => println!("  --device {device}: unavailable: {}", error_chain(&err)),
+        }
+    }
 
-    let pool_args = &args.pool;
-    let shape = KvShape {
-        layers: pool_args.layers,
-        kv_heads: pool_args.kv_heads,
-        head_dim: pool_args.head_dim,
-        dtype: pool_args.dtype,
+    // The model, if one is found: its manifest and files, and its geometry.
+    let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
+    let mut weights_bytes = 0;
+    let mut shape = KvShape {
+        layers: args.pool.layers,
+        kv_heads: args.pool.kv_heads,
+        head_dim: args.pool.head_dim,
+        dtype: args.pool.dtype,
     };
+    match model::Manifest::load(&dir).and_then(|m| m.verify_files(&dir).map(|()| m)) {
+        Ok(manifest) => {
+            weights_bytes = manifest.file_hashes.values().map(|f| f.bytes).sum();
+            shape = manifest.kv_shape();
+            println!(
+                "model {}: {} (files check out: sizes and sha256)\n  {} layers, {} KV heads of {}, {}, {} image tokens, {:.0} MB of files",
+                manifest.name,
+                dir.display(),
+                manifest.layers,
+                manifest.kv_heads,
+                manifest.head_dim,
+                manifest.dtype,
+                manifest.vision.as_ref().map_or(0, |v| v.image_tokens),
+                weights_bytes as f64 / 1e6
+            );
+        }
+        Err(err) => println!("model: {}", error_chain(&err)),
+    }
+
     shape.validate()?;
-    let backing = match &pool_args.kv_file {
+    let backing = match &args.pool.kv_file {
         Some(path) => PoolBacking::File(path.clone()),
         None => PoolBacking::Anonymous,
     };
-    let budget = pool_args.kv_budget.bytes(shape.bytes_per_slot());
+    let per_slot = shape.bytes_per_slot();
+    let budget = args.pool.kv_budget.bytes(per_slot);
     let pool = KvPool::with_budget(shape, budget, &backing)
-        .with_context(|| format!("sizing the KV pool from {}", pool_args.kv_budget))?;
+        .with_context(|| format!("sizing the KV pool from {}", args.pool.kv_budget))?;
     let cache = KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?;
     let pool = cache.pool();
     println!(
         "kv pool: {} slots, {} bytes ({} per slot)",
         pool.capacity(),
         pool.bytes(),
-        shape.bytes_per_slot()
+        per_slot
     );
     println!(
         "  shape: {} layers x {} kv heads x {} dims, {}",
@@ -360,5 +399,25 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         cache.keep().get(),
         (pool.capacity() as f64 / cache.keep().get()).floor()
     );
+    if let Some(available) = memory_available() {
+        // Weights are mapped by ONNX Runtime (counted once); keep a margin
+        // for activations, the runtime and this process.
+        let margin: u64 = 150 << 20;
+        let largest = available.saturating_sub(weights_bytes + margin);
+        println!(
+            "memory: {:.1} GiB available; after the model files and a 150 MiB margin the largest --kv-budget is {:.2} GiB ({} slots)",
+            available as f64 / (1u64 << 30) as f64,
+            largest as f64 / (1u64 << 30) as f64,
+            largest / per_slot
+        );
+    }
     Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

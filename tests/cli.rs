@@ -17,11 +17,34 @@ fn stderr_line(output: &Output) -> String {
 }
 
 #[test]
-fn doctor_loads_onnxruntime_and_sizes_the_pool() {
-    let output = elastic_edge(&["doctor", "--kv-budget", "64MiB"]);
+fn doctor_loads_onnxruntime_checks_the_model_and_sizes_the_pool() {
+    let tiny = format!("{}/models/tiny", env!("CARGO_MANIFEST_DIR"));
+    let output = elastic_edge(&["doctor", "--model", &tiny, "--kv-budget", "1MiB"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("onnxruntime:"), "{stdout}");
+    assert!(stdout.contains("onnxruntime 1.31.1:"), "{stdout}");
+    assert!(stdout.contains("CPUExecutionProvider"), "{stdout}");
+    // The CPU-only library from PyPI: the reason is given, not a crash.
+    assert!(
+        stdout.contains("--device cuda: unavailable: ") && stdout.contains("not enabled in this build"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("model tiny:") && stdout.contains("files check out"),
+        "{stdout}"
+    );
+    // 2 layers x 2 (k, v) x 2 heads x 16 x 4 bytes + 2 x 16 metadata = 544 bytes a slot.
+    assert!(
+        stdout.contains("kv pool: 1927 slots, 1048288 bytes (544 per slot)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("the largest --kv-budget is"), "{stdout}");
+
+    // Without a model, the geometry flags (default: the demo decoder, f16).
+    let output = elastic_edge(&["doctor", "--model", "/nonexistent", "--kv-budget", "64MiB"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(stdout.contains("model: no model in /nonexistent"), "{stdout}");
     // 30 layers x 2 x 3 heads x 64 x 2 bytes + 30 x 16 metadata = 23520 bytes a slot.
     assert!(stdout.contains("kv pool: 2853 slots"), "{stdout}");
 }
@@ -55,12 +78,12 @@ fn a_missing_library_from_the_environment_is_an_error() {
 
 #[test]
 fn bad_budgets_and_ratios_are_one_line_errors() {
-    let too_small = elastic_edge(&["doctor", "--kv-budget", "1KiB"]);
+    let too_small = elastic_edge(&["doctor", "--model", "/nonexistent", "--kv-budget", "1KiB"]);
     assert_eq!(too_small.status.code(), Some(1));
     assert!(stderr_line(&too_small).contains("KV budget too small"));
 
     // Room for the protected entries but not for a new token as well.
-    let two_slots = elastic_edge(&["doctor", "--kv-budget", "2tokens"]);
+    let two_slots = elastic_edge(&["doctor", "--model", "/nonexistent", "--kv-budget", "2tokens"]);
     assert_eq!(two_slots.status.code(), Some(1));
     assert!(stderr_line(&two_slots).contains("at least 3 are needed"));
 

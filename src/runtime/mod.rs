@@ -21,7 +21,9 @@ pub struct OrtLibrary {
     pub path: PathBuf,
     /// How it was found.
     pub found_by: &'static str,
-    /// ONNX Runtime's build information (version and commit).
+    /// The library's version, e.g. `1.31.1`.
+    pub version: String,
+    /// ONNX Runtime's build information (commit, build type).
     pub build_info: String,
     /// The process-wide environment; sessions attach to it.
     environment: ort::environment::Environment,
@@ -38,6 +40,7 @@ impl std::fmt::Debug for OrtLibrary {
         f.debug_struct("OrtLibrary")
             .field("path", &self.path)
             .field("found_by", &self.found_by)
+            .field("version", &self.version)
             .field("build_info", &self.build_info)
             .finish()
     }
@@ -132,6 +135,7 @@ fn load_from(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
             Ok(OrtLibrary {
                 path: path.to_path_buf(),
                 found_by,
+                version: version_of(path).unwrap_or_else(|| "unknown".into()),
                 build_info: ort::info().to_string(),
                 environment,
             })
@@ -149,4 +153,61 @@ fn load_from(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
             hint,
         }),
     }
+}
+
+/// Asks the library at `path` (already loaded, so this only takes another
+/// reference) for its version string.
+fn version_of(path: &Path) -> Option<String> {
+    // SAFETY: the library was loaded successfully by `ort` from this path
+    // and exports `OrtGetApiBase`, which returns a static table whose
+    // `GetVersionString` returns a static NUL-terminated string.
+    unsafe {
+        let library = libloading::Library::new(path).ok()?;
+        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+            library.get(b"OrtGetApiBase").ok()?;
+        let base = get_base();
+        if base.is_null() {
+            return None;
+        }
+        let version = ((*base).GetVersionString)();
+        if version.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
+    }
+}
+
+/// The execution providers the loaded library was built with
+/// (`CPUExecutionProvider`, `CUDAExecutionProvider`, ...).
+pub fn available_providers() -> Result<Vec<String>> {
+    let api = ort::api();
+    let mut names: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut count: std::ffi::c_int = 0;
+    // SAFETY: both out-pointers are valid; on success ONNX Runtime fills an
+    // array of `count` NUL-terminated strings that we release below.
+    let status = unsafe { (api.GetAvailableProviders)(&mut names, &mut count) };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is ours to release.
+        unsafe { (api.ReleaseStatus)(status.0) };
+        return Err(Error::Runtime {
+            context: "listing execution providers".into(),
+            reason: "GetAvailableProviders failed".into(),
+        });
+    }
+    if names.is_null() {
+        return Ok(Vec::new());
+    }
+    let mut providers = Vec::with_capacity(count.max(0) as usize);
+    for i in 0..count.max(0) as usize {
+        // SAFETY: `names` holds `count` valid string pointers.
+        let name = unsafe { std::ffi::CStr::from_ptr(*names.add(i)) };
+        providers.push(name.to_string_lossy().into_owned());
+    }
+    // SAFETY: releases exactly what GetAvailableProviders returned.
+    let status = unsafe { (api.ReleaseAvailableProviders)(names, count) };
+    if !status.0.is_null() {
+        // SAFETY: as above.
+        unsafe { (api.ReleaseStatus)(status.0) };
+    }
+    Ok(providers)
 }

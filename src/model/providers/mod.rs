@@ -61,3 +61,21 @@ pub fn dispatch(options: &ProviderOptions) -> Result<Vec<ExecutionProviderDispat
     providers.push(cpu::dispatch());
     Ok(providers)
 }
+
+/// Checks that the providers for `options` register with the loaded ONNX
+/// Runtime, without a model: the error names what is missing (a provider
+/// absent from the build, or a CUDA library that does not load).
+pub fn check(environment: &ort::environment::Environment, options: &ProviderOptions) -> Result<()> {
+    let providers = dispatch(options)?;
+    let builder = ort::session::Session::builder(environment).map_err(|e| crate::error::Error::Runtime {
+        context: "creating a session builder".into(),
+        reason: crate::error::error_chain(&e),
+    })?;
+    builder
+        .with_execution_providers(providers)
+        .map(|_| ())
+        .map_err(|e| crate::error::Error::Runtime {
+            context: format!("registering the {} execution provider", options.device),
+            reason: crate::error::error_chain(&e),
+        })
+}
