@@ -7,6 +7,7 @@
 //! with Elastic Cache's importance-driven merging.
 
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod kv;
 pub mod model;
