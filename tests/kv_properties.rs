@@ -51,7 +51,7 @@ proptest! {
     ) {
         let layers = 2;
         let config = PolicyConfig { sink, protect, ..PolicyConfig::default() };
-        let mut cache = common::cache(common::shape(layers, dtype), len + 1, PolicyKind::Elastic, &config, keep);
+        let mut cache = common::cache(common::shape(layers, dtype), (len + 1).max(sink + protect + 1), PolicyKind::Elastic, &config, keep);
         let mut attention = attention_from(seed);
         prefill(&mut cache, len, &mut attention);
 
