@@ -79,6 +79,8 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub prompt_tokens: usize,
     pub stop: StopReason,
+    /// The stop token that ended generation, if one did (not in `token_ids`).
+    pub stop_token: Option<u32>,
     pub timings: Timings,
     pub cache: CacheStats,
     /// Entries in the cache at the end.
@@ -263,6 +265,7 @@ impl<'m> Generator<'m> {
         let decode_start = Instant::now();
         self.step.run_ms = 0.0;
         let mut stop = StopReason::MaxTokens;
+        let mut stop_token = None;
         let mut first_token_at = None;
         while token_ids.len() < params.max_new_tokens {
             let token = sampler.sample(&self.step.logits, &mut self.probabilities, &mut self.candidates);
@@ -272,6 +275,7 @@ impl<'m> Generator<'m> {
             }
             if !params.ignore_stop && model.manifest.stop_token_ids.contains(&token) {
                 stop = StopReason::StopToken;
+                stop_token = Some(token);
                 break;
             }
             token_ids.push(token);
@@ -313,6 +317,7 @@ impl<'m> Generator<'m> {
             token_ids,
             prompt_tokens,
             stop,
+            stop_token,
             timings,
             cache: self.cache.stats(),
             cache_entries: self.cache.pool().len(),

@@ -56,9 +56,11 @@ fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str
     let image = image.map(ImageInput::File);
     let generation = generator.generate(image, text, &params, &mut |_| {}).unwrap();
     let mut ids = generation.token_ids.clone();
-    if generation.stop == StopReason::StopToken {
-        ids.push(generator.model().manifest.stop_token_ids[0]);
-    }
+    ids.extend(generation.stop_token);
+    assert_eq!(
+        generation.stop == StopReason::StopToken,
+        generation.stop_token.is_some()
+    );
     ids
 }
 
@@ -153,4 +155,46 @@ fn demo_model_full_cache_matches_transformers() {
             assert_eq!(got, want, "{variant} {}", image.display());
         }
     }
+}
+
+/// Every policy at keep 0.5 generates what the independent Python reference
+/// of the policies (scripts/reference, on the PyTorch decoder) generates:
+/// the Rust policies are the algorithms they claim to be. Demo cases are
+/// skipped when the demo model has not been built.
+#[test]
+fn policies_match_the_python_reference() {
+    let expected = fixture("policy_expected.json");
+    let mut checked = 0;
+    for model_name in ["tiny", "demo"] {
+        let dir = match model_name {
+            "tiny" => repo().join("models/tiny"),
+            _ => repo().join(".cache/models/demo-fp32"),
+        };
+        if !dir.join("manifest.json").is_file() {
+            eprintln!("note: {} not built; its policy cases are skipped", dir.display());
+            continue;
+        }
+        let mut model = load(&dir);
+        for case in expected["cases"].as_array().unwrap() {
+            if case["model"] != model_name {
+                continue;
+            }
+            let kind: PolicyKind = case["policy"].as_str().unwrap().parse().unwrap();
+            let keep = case["keep"].as_f64().unwrap();
+            let max_new = if model_name == "tiny" { 16 } else { 32 };
+            let cache = cache(&model, kind, keep, KvBudget::Tokens(512));
+            let mut generator = Generator::new(&mut model, cache).unwrap();
+            let image = case["image"].as_str().map(|p| repo().join(p));
+            let got = greedy(&mut generator, image.as_deref(), case["user_text"].as_str(), max_new);
+            let label = format!("{model_name} case {} {kind}", case["fixture_case"]);
+            assert_eq!(got, ids(&case["expected_ids"]), "{label}");
+            assert_eq!(
+                generator.cache().pool().len() as u64,
+                case["final_len"].as_u64().unwrap(),
+                "{label}: entries at the end"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} cases checked");
 }

@@ -1,0 +1,1 @@
+"""Independent Python reference of the KV cache policies (see README.md)."""
