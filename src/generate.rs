@@ -209,51 +209,7 @@ impl<'m> Generator<'m> {
     ) -> Result<Generation> {
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
-
-        // 1. The image, through the vision graph.
-        let image_embeds: Option<Vec<E>> = match image {
-            None => None,
-            Some(image) => Some(self.encode_image::<E>(image, &mut timings)?),
-        };
-        let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
-
-        // 2. The prompt's embeddings: text rows from the table, image rows
-        //    from the vision graph.
-        let prompt = self.model.prompt.build(user_text, image_tokens)?;
-        let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
-        self.cache.reset();
-        self.cache.admit(prompt_tokens, params.max_new_tokens)?;
-        let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
-        let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
-        let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
-        self.model.embeddings.gather(&prompt.before_image, before)?;
-        if let Some(image_embeds) = &image_embeds {
-            image_rows.copy_from_slice(image_embeds);
-        }
-        self.model.embeddings.gather(&prompt.after_image, after)?;
-
-        // 3. Prefill, in chunks the pool can take.
-        let start = Instant::now();
-        let mut done = 0;
-        let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
-        while done < prompt_tokens {
-            let t = self.cache.begin_prompt_chunk(prompt_tokens - done)?;
-            positions.clear();
-            positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
-            let model = &mut *self.model;
-            decoder_step::<E>(
-                &mut model.decoder,
-                &model.manifest,
-                &mut self.cache,
-                &mut self.step,
-                &embeds[done * hidden..(done + t) * hidden],
-                &positions,
-            )?;
-            done += t;
-        }
-        self.cache.end_prompt()?;
-        timings.prefill_ms = ms(start);
-        drop(embeds);
+        let (prompt_tokens, start) = self.prefill::<E>(image, user_text, params.max_new_tokens, &mut timings)?;
 
         // 4. Decode.
         let mut sampler = Sampler::new(params.sampling);
@@ -324,6 +280,113 @@ impl<'m> Generator<'m> {
             pool_bytes: self.cache.pool().bytes(),
             pool_capacity: self.cache.pool().capacity(),
         })
+    }
+
+    /// Encodes the image and the prompt and prefills the cache with them
+    /// (stage 1 included), leaving the first answer token's logits. Returns
+    /// the prompt's length and when prefill started.
+    fn prefill<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        image: Option<ImageInput<'_>>,
+        user_text: Option<&str>,
+        max_new_tokens: usize,
+        timings: &mut Timings,
+    ) -> Result<(usize, Instant)> {
+        let hidden = self.model.manifest.hidden;
+
+        // 1. The image, through the vision graph.
+        let image_embeds: Option<Vec<E>> = match image {
+            None => None,
+            Some(image) => Some(self.encode_image::<E>(image, timings)?),
+        };
+        let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
+
+        // 2. The prompt's embeddings: text rows from the table, image rows
+        //    from the vision graph.
+        let prompt = self.model.prompt.build(user_text, image_tokens)?;
+        let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
+        self.cache.reset();
+        self.cache.admit(prompt_tokens, max_new_tokens)?;
+        let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
+        let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
+        let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
+        self.model.embeddings.gather(&prompt.before_image, before)?;
+        if let Some(image_embeds) = &image_embeds {
+            image_rows.copy_from_slice(image_embeds);
+        }
+        self.model.embeddings.gather(&prompt.after_image, after)?;
+
+        // 3. Prefill, in chunks the pool can take.
+        let start = Instant::now();
+        let mut done = 0;
+        let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
+        while done < prompt_tokens {
+            let t = self.cache.begin_prompt_chunk(prompt_tokens - done)?;
+            positions.clear();
+            positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
+            let model = &mut *self.model;
+            decoder_step::<E>(
+                &mut model.decoder,
+                &model.manifest,
+                &mut self.cache,
+                &mut self.step,
+                &embeds[done * hidden..(done + t) * hidden],
+                &positions,
+            )?;
+            done += t;
+        }
+        self.cache.end_prompt()?;
+        timings.prefill_ms = ms(start);
+        Ok((prompt_tokens, start))
+    }
+
+    /// Teacher forcing: the negative log-likelihood of `answer` after the
+    /// prompt, feeding the answer's own tokens back and applying the cache
+    /// policy after every step, as generation would. Returns the NLL summed
+    /// over the answer's tokens (natural log) and their count.
+    pub fn score(
+        &mut self,
+        image: Option<ImageInput<'_>>,
+        user_text: Option<&str>,
+        answer: &[u32],
+    ) -> Result<(f64, usize)> {
+        match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.score_typed::<f32>(image, user_text, answer),
+            KvDtype::F16 => self.score_typed::<f16>(image, user_text, answer),
+        }
+    }
+
+    fn score_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        image: Option<ImageInput<'_>>,
+        user_text: Option<&str>,
+        answer: &[u32],
+    ) -> Result<(f64, usize)> {
+        let mut timings = Timings::default();
+        self.prefill::<E>(image, user_text, answer.len(), &mut timings)?;
+        let hidden = self.model.manifest.hidden;
+        let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
+        let mut nll = 0.0;
+        for (i, &token) in answer.iter().enumerate() {
+            nll -= log_softmax_at(&self.step.logits, token as usize)?;
+            if i + 1 == answer.len() {
+                break;
+            }
+            self.cache.begin_token()?;
+            let model = &mut *self.model;
+            model.embeddings.gather(&[token], &mut token_embed)?;
+            let position = [self.cache.rope_position(0) as i64];
+            decoder_step::<E>(
+                &mut model.decoder,
+                &model.manifest,
+                &mut self.cache,
+                &mut self.step,
+                &token_embed,
+                &position,
+            )?;
+            self.cache.end_token()?;
+        }
+        Ok((nll, answer.len()))
     }
 
     fn encode_image<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
@@ -550,6 +613,19 @@ impl Sampler {
     }
 }
 
+/// `log softmax(logits)[index]`, computed stably in f64.
+fn log_softmax_at(logits: &[f32], index: usize) -> Result<f64> {
+    let Some(&chosen) = logits.get(index) else {
+        return Err(Error::Shape(format!(
+            "token {index} is outside the {} logits",
+            logits.len()
+        )));
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    Ok(chosen as f64 - max - sum.ln())
+}
+
 /// The index of the largest logit; the first one on ties.
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -564,6 +640,14 @@ fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_softmax_is_normalised() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let total: f64 = (0..3).map(|i| log_softmax_at(&logits, i).unwrap().exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert!(log_softmax_at(&logits, 3).is_err());
+    }
 
     #[test]
     fn argmax_takes_the_first_maximum() {

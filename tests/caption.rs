@@ -198,3 +198,54 @@ fn policies_match_the_python_reference() {
     }
     assert!(checked >= 15, "only {checked} cases checked");
 }
+
+/// Teacher forcing scores the answer generation would give: the greedy
+/// token is the least surprising at every step, and without compression the
+/// policy does not change the score.
+#[test]
+fn scoring_agrees_with_greedy_generation() {
+    let expected = fixture("tiny_expected.json");
+    let case = &expected["cases"][1];
+    let image = repo().join(case["image"].as_str().unwrap());
+    let text = case["user_text"].as_str();
+    let greedy_ids = ids(&case["expected_ids"]);
+    let mut model = load(&repo().join("models/tiny"));
+
+    let full = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
+    let mut generator = Generator::new(&mut model, full).unwrap();
+    let (nll_full, count) = generator
+        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
+        .unwrap();
+    assert_eq!(count, greedy_ids.len());
+    assert!(nll_full.is_finite() && nll_full > 0.0);
+    // At every position the greedy token beats the same prefix with another
+    // token in its place.
+    for position in [0, 3, 7] {
+        let prefix = &greedy_ids[..=position];
+        let (best, _) = generator.score(Some(ImageInput::File(&image)), text, prefix).unwrap();
+        for other in [5u32, 100, 300] {
+            if other == prefix[position] {
+                continue;
+            }
+            let mut changed = prefix.to_vec();
+            changed[position] = other;
+            let (worse, _) = generator.score(Some(ImageInput::File(&image)), text, &changed).unwrap();
+            assert!(worse > best, "position {position}: {worse} <= {best}");
+        }
+    }
+    drop(generator);
+
+    let roomy = cache(&model, PolicyKind::Elastic, 1.0, KvBudget::Tokens(512));
+    let mut generator = Generator::new(&mut model, roomy).unwrap();
+    let (nll_elastic, _) = generator
+        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
+        .unwrap();
+    assert!((nll_full - nll_elastic).abs() < 1e-9, "{nll_full} vs {nll_elastic}");
+
+    let tight = cache(&model, PolicyKind::Elastic, 0.3, KvBudget::Tokens(512));
+    let mut generator = Generator::new(&mut model, tight).unwrap();
+    let (nll_compressed, _) = generator
+        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
+        .unwrap();
+    assert!(nll_compressed != nll_full, "compression changes the score");
+}
