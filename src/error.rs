@@ -104,6 +104,10 @@ pub enum Error {
     #[error(transparent)]
     Prompt(#[from] crate::model::prompt::PromptError),
 
+    /// A dataset file or line that cannot be used.
+    #[error("{path}: line {line}: {reason}")]
+    Dataset { path: PathBuf, line: usize, reason: String },
+
     /// Any other ONNX Runtime failure, with what we were doing.
     #[error("ONNX Runtime: {context}: {reason}")]
     Runtime { context: String, reason: String },

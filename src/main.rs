@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 
 use elastic_edge::error::error_chain;
+use elastic_edge::eval::dataset;
+use elastic_edge::eval::sweep::{self, SweepConfig};
 use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
@@ -39,6 +41,42 @@ enum Command {
     Caption(CaptionArgs),
     /// Check the set-up: which ONNX Runtime loads, and what a KV budget buys.
     Doctor(DoctorArgs),
+    /// The paper's evaluation: ROUGE-L and perplexity for every policy and keep ratio.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Dataset, JSON Lines: {"id", "image" (relative to the file, optional), "prompt", "reference" (optional)}.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+
+    #[command(flatten)]
+    model: ModelArgs,
+
+    /// Policies to compare (full is always run: it is the reference).
+    #[arg(long, value_delimiter = ',', default_value = "local,h2o,elastic,elastic-ref", value_parser = parse_policy)]
+    policies: Vec<PolicyKind>,
+
+    /// Keep ratios to sweep.
+    #[arg(long = "keep", value_delimiter = ',', default_value = "0.1,0.2,0.3,0.5,0.7,0.9", value_parser = parse_keep)]
+    keeps: Vec<KeepRatio>,
+
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+
+    /// Hard KV budget of every run (large enough that only the keep ratio binds).
+    #[arg(long, default_value = "256MiB", value_parser = parse_budget)]
+    kv_budget: KvBudget,
+
+    /// Where results.csv, results.md, results.svg and the cached full-cache answers go.
+    #[arg(long, value_name = "DIR", default_value = "eval-results")]
+    out: PathBuf,
+
+    /// Stop at the first bad dataset line instead of skipping it.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Args)]
@@ -215,7 +253,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Caption(args) => caption(cli.onnxruntime, &args),
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
+        Command::Eval(args) => eval(cli.onnxruntime, &args),
     }
+}
+
+fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
+    let (samples, skipped) = dataset::load(&args.data, args.strict)?;
+    for skip in &skipped {
+        eprintln!(
+            "elastic-edge: {}: line {}: {} (skipped)",
+            args.data.display(),
+            skip.line,
+            skip.reason
+        );
+    }
+    let mut model = load_model(onnxruntime, &args.model)?;
+    let config = SweepConfig {
+        policies: args.policies.clone(),
+        keeps: args.keeps.clone(),
+        max_new_tokens: args.max_new_tokens,
+        budget: args.kv_budget,
+        policy_config: PolicyConfig::default(),
+        out: args.out.clone(),
+    };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let rows = sweep::run(&mut model, &samples, &config, &mut |done, total, what| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(what.to_string());
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{} samples ({} skipped); results in {}",
+        samples.len(),
+        skipped.len(),
+        args.out.display()
+    );
+    println!("{:<12} {:>5} {:>8} {:>9}", "policy", "keep", "ROUGE-L", "PPL");
+    for row in rows {
+        println!(
+            "{:<12} {:>5} {:>8.3} {:>9.3}",
+            row.policy.name(),
+            row.keep,
+            row.rouge_l,
+            row.ppl
+        );
+    }
+    Ok(())
 }
 
 fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<Model> {

@@ -267,3 +267,58 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn eval_sweeps_policies_and_keeps_and_writes_complete_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"id\": \"g\", \"image\": \"{}\", \"prompt\": \"Describe the picture.\"}}\n\
+             {{\"id\": \"t\", \"prompt\": \"Hello, who are you?\", \"reference\": \"I am a tiny model.\"}}\n\
+             {{\"id\": \"broken\"\n",
+            gradient()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "eval",
+        "--model",
+        &tiny(),
+        "--data",
+        data.to_str().unwrap(),
+        "--policies",
+        "local,elastic",
+        "--keep",
+        "0.3,0.7",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let output = elastic_edge(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("line 3"),
+        "the bad line is reported"
+    );
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 1 + 2 * 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().starts_with("full,1,2,1.000000,"), "{csv}");
+    for name in ["results.md", "results.svg", "references.jsonl"] {
+        assert!(out.join(name).is_file(), "{name}");
+    }
+    assert!(!out.join("results.csv.partial").exists());
+
+    // A rerun reuses the cached full-cache answers; --strict stops at line 3.
+    let before = std::fs::read_to_string(out.join("references.jsonl")).unwrap();
+    assert!(elastic_edge(&args).status.success());
+    assert_eq!(std::fs::read_to_string(out.join("references.jsonl")).unwrap(), before);
+    let mut strict = args.to_vec();
+    strict.push("--strict");
+    let output = elastic_edge(&strict);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_line(&output).contains("line 3"));
+}

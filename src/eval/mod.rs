@@ -2,4 +2,6 @@
 //! answer against the full cache's, perplexity of a reference) over a
 //! dataset, for every policy and keep ratio.
 
+pub mod dataset;
 pub mod rouge;
+pub mod sweep;
