@@ -77,6 +77,16 @@ struct EvalArgs {
     /// Stop at the first bad dataset line instead of skipping it.
     #[arg(long)]
     strict: bool,
+
+    /// Ablation: elastic merges the entry leaving at the fixed point into
+    /// its nearest neighbour instead of evicting it.
+    #[arg(long)]
+    merge_on_evict: bool,
+
+    /// Ablation: elastic gives new tokens the cache length as their rotary
+    /// position (as the authors' code does) instead of the true position.
+    #[arg(long)]
+    cache_length_positions: bool,
 }
 
 #[derive(Args)]
@@ -273,7 +283,11 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         keeps: args.keeps.clone(),
         max_new_tokens: args.max_new_tokens,
         budget: args.kv_budget,
-        policy_config: PolicyConfig::default(),
+        policy_config: PolicyConfig {
+            merge_on_evict: args.merge_on_evict,
+            cache_length_positions: args.cache_length_positions,
+            ..PolicyConfig::default()
+        },
         out: args.out.clone(),
     };
     let bar = indicatif::ProgressBar::new(0).with_style(

@@ -127,3 +127,22 @@ fn paper_variant_on_the_same_prompt() {
     assert!((entries[2].2 - 23.0 / 3.0).abs() < 1e-6); // (2 + 5 + 16) / 3
     assert_eq!(entries[3], (7, 1, 13.0));
 }
+
+#[test]
+fn rotary_positions_are_true_positions_unless_asked_otherwise() {
+    let mut attention = |_: usize, p: u32| 1.0 / (1.0 + p as f32);
+    let shape = common::shape(2, KvDtype::F32);
+    let mut paper = common::cache(shape, 1024, PolicyKind::Elastic, &PolicyConfig::default(), 0.5);
+    prefill(&mut paper, 650, &mut attention);
+    assert_eq!(paper.rope_position(0), 650);
+    let ablation = PolicyConfig {
+        cache_length_positions: true,
+        ..PolicyConfig::default()
+    };
+    let mut by_length = common::cache(shape, 1024, PolicyKind::Elastic, &ablation, 0.5);
+    prefill(&mut by_length, 650, &mut attention);
+    assert_eq!(by_length.rope_position(0), 325);
+    let mut reference = common::cache(shape, 1024, PolicyKind::ElasticRef, &PolicyConfig::default(), 0.5);
+    prefill(&mut reference, 650, &mut attention);
+    assert_eq!(reference.rope_position(0), 324);
+}

@@ -32,6 +32,7 @@ pub struct Elastic {
     protect: usize,
     distance: usize,
     merge_on_evict: bool,
+    cache_length_positions: bool,
     /// The fixed eviction rank `P`, set when the prompt is done.
     fixed_point: Option<usize>,
     scratch: Scratch,
@@ -45,6 +46,7 @@ impl Elastic {
             protect: config.protect,
             distance: config.distance,
             merge_on_evict: config.merge_on_evict,
+            cache_length_positions: config.cache_length_positions,
             fixed_point: None,
             scratch,
         }
@@ -179,9 +181,10 @@ impl CachePolicy for Elastic {
     }
 
     fn rope_position(&self, processed: usize, cache_len: usize) -> usize {
-        match self.variant {
-            ElasticVariant::Paper => processed,
-            ElasticVariant::Reference => cache_len,
+        if self.variant == ElasticVariant::Reference || self.cache_length_positions {
+            cache_len
+        } else {
+            processed
         }
     }
 

@@ -94,6 +94,10 @@ pub struct PolicyConfig {
     pub merge_on_evict: bool,
     /// H2O: share of the budget given to the recent window.
     pub recent_fraction: f64,
+    /// Elastic: give a new token the cache length as its rotary position
+    /// instead of its true position (an ablation; `elastic-ref` always does,
+    /// as the authors' code does).
+    pub cache_length_positions: bool,
 }
 
 impl Default for PolicyConfig {
@@ -104,6 +108,7 @@ impl Default for PolicyConfig {
             distance: 25,
             merge_on_evict: false,
             recent_fraction: 0.5,
+            cache_length_positions: false,
         }
     }
 }
