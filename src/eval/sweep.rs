@@ -39,7 +39,8 @@ pub struct Row {
     /// `exp(total NLL / scored tokens)` over all samples.
     pub ppl: f64,
     pub scored_tokens: usize,
-    /// Mean cache entries at the end of the answers.
+    /// Mean cache entries after the reference answer was scored (prompt
+    /// and answer processed, the policy applied).
     pub mean_entries: f64,
     pub seconds: f64,
 }
@@ -96,9 +97,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     sampling: Sampling::Greedy,
                     ignore_stop: false,
                 };
-                let generation = generator.generate(image, Some(&sample.prompt), &params, &mut |_| {})?;
-                entries += generation.cache_entries;
-                generation.text
+                generator.generate(image, Some(&sample.prompt), &params, &mut |_| {})?.text
             };
             rouge_sum += rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
             done += 1;
@@ -111,6 +110,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                 let (sample_nll, count) = generator.score(image, Some(&sample.prompt), &target)?;
                 nll += sample_nll;
                 tokens += count;
+                entries += generator.cache().pool().len();
             }
             done += 1;
             progress(done, total, &label);
@@ -238,7 +238,7 @@ fn write_reports(dir: &Path, rows: &[Row], partial: bool) -> Result<()> {
     let suffix = if partial { ".partial" } else { "" };
     let mut csv = String::from("policy,keep,samples,rouge_l,ppl,scored_tokens,mean_entries,seconds\n");
     let mut md = String::from(
-        "| policy | keep | ROUGE-L | PPL | samples | scored tokens | entries at end | seconds |\n|---|---|---|---|---|---|---|---|\n",
+        "| policy | keep | ROUGE-L | PPL | samples | scored tokens | cache entries | seconds |\n|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let _ = writeln!(
