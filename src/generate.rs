@@ -243,18 +243,15 @@ impl<'m> Generator<'m> {
             if token_ids.len() == params.max_new_tokens {
                 break;
             }
-            self.cache.begin_token()?;
-            model.embeddings.gather(&[token], &mut token_embed)?;
-            let position = [self.cache.rope_position(0) as i64];
-            decoder_step::<E>(
+            feed_token::<E>(
                 &mut model.decoder,
                 &model.manifest,
+                &model.embeddings,
                 &mut self.cache,
                 &mut self.step,
-                &token_embed,
-                &position,
+                &mut token_embed,
+                token,
             )?;
-            self.cache.end_token()?;
         }
         let tail = detokenizer.finish()?;
         if !tail.is_empty() {
@@ -372,19 +369,16 @@ impl<'m> Generator<'m> {
             if i + 1 == answer.len() {
                 break;
             }
-            self.cache.begin_token()?;
             let model = &mut *self.model;
-            model.embeddings.gather(&[token], &mut token_embed)?;
-            let position = [self.cache.rope_position(0) as i64];
-            decoder_step::<E>(
+            feed_token::<E>(
                 &mut model.decoder,
                 &model.manifest,
+                &model.embeddings,
                 &mut self.cache,
                 &mut self.step,
-                &token_embed,
-                &position,
+                &mut token_embed,
+                token,
             )?;
-            self.cache.end_token()?;
         }
         Ok((nll, answer.len()))
     }
@@ -543,6 +537,25 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
         }
     }
     Ok(())
+}
+
+/// One token fed back (generated or teacher-forced), with the policy around
+/// it: room made before the step, the keep ratio enforced after it.
+#[allow(clippy::too_many_arguments)]
+fn feed_token<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    decoder: &mut Session,
+    manifest: &Manifest,
+    embeddings: &crate::model::Embeddings,
+    cache: &mut KvCache,
+    buffers: &mut StepBuffers,
+    embed: &mut [E],
+    token: u32,
+) -> Result<()> {
+    cache.begin_token()?;
+    embeddings.gather(&[token], embed)?;
+    let position = [cache.rope_position(0) as i64];
+    decoder_step::<E>(decoder, manifest, cache, buffers, embed, &position)?;
+    cache.end_token()
 }
 
 fn ms(since: Instant) -> f64 {

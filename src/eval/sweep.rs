@@ -97,7 +97,9 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     sampling: Sampling::Greedy,
                     ignore_stop: false,
                 };
-                generator.generate(image, Some(&sample.prompt), &params, &mut |_| {})?.text
+                generator
+                    .generate(image, Some(&sample.prompt), &params, &mut |_| {})?
+                    .text
             };
             rouge_sum += rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
             done += 1;
