@@ -48,8 +48,12 @@ enum Command {
 #[derive(Args)]
 struct EvalArgs {
     /// Dataset, JSON Lines: {"id", "image" (relative to the file, optional), "prompt", "reference" (optional)}.
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "replot")]
+    data: Option<PathBuf>,
+
+    /// Only redraw results.md and results.svg from --out's results.csv.
+    #[arg(long)]
+    replot: bool,
 
     #[command(flatten)]
     model: ModelArgs,
@@ -268,11 +272,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
-    let (samples, skipped) = dataset::load(&args.data, args.strict)?;
+    if args.replot {
+        let rows = sweep::replot(&args.out)?;
+        println!("redrew {} rows in {}", rows.len(), args.out.display());
+        return Ok(());
+    }
+    let Some(data) = &args.data else {
+        anyhow::bail!("--data is required");
+    };
+    let (samples, skipped) = dataset::load(data, args.strict)?;
     for skip in &skipped {
         eprintln!(
             "elastic-edge: {}: line {}: {} (skipped)",
-            args.data.display(),
+            data.display(),
             skip.line,
             skip.reason
         );

@@ -234,6 +234,37 @@ fn io_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// Rewrites `results.md` and `results.svg` in `dir` from its `results.csv`.
+pub fn replot(dir: &Path) -> Result<Vec<Row>> {
+    let path = dir.join("results.csv");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
+    let mut rows = Vec::new();
+    for (index, line) in text.lines().enumerate().skip(1) {
+        let bad = |what: &str| Error::Dataset {
+            path: path.clone(),
+            line: index + 1,
+            reason: format!("bad {what}"),
+        };
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != 8 {
+            return Err(bad("number of fields"));
+        }
+        let number = |i: usize| fields[i].parse::<f64>().map_err(|_| bad("number"));
+        rows.push(Row {
+            policy: fields[0].parse().map_err(|_| bad("policy"))?,
+            keep: number(1)?,
+            samples: number(2)? as usize,
+            rouge_l: number(3)?,
+            ppl: number(4)?,
+            scored_tokens: number(5)? as usize,
+            mean_entries: number(6)?,
+            seconds: number(7)?,
+        });
+    }
+    write_reports(dir, &rows, false)?;
+    Ok(rows)
+}
+
 /// Writes the CSV, the markdown table and the plot; `partial` ones go to
 /// `*.partial` names, the final ones replace them.
 fn write_reports(dir: &Path, rows: &[Row], partial: bool) -> Result<()> {
@@ -283,12 +314,14 @@ fn plot(rows: &[Row]) -> String {
         2.0 * W,
         H + 30.0
     );
-    for (panel, (title, value)) in [
+    // PPL on a log scale: the worst policies are orders of magnitude off.
+    for (panel, (title, value, log)) in [
         (
             "ROUGE-L vs full cache (higher is better)",
             (|r: &Row| r.rouge_l) as fn(&Row) -> f64,
+            false,
         ),
-        ("PPL (lower is better)", |r: &Row| r.ppl),
+        ("PPL, log scale (lower is better)", |r: &Row| r.ppl.ln(), true),
     ]
     .into_iter()
     .enumerate()
@@ -325,13 +358,20 @@ fn plot(rows: &[Row]) -> String {
             );
         }
         for v in [lo, (lo + hi) / 2.0, hi] {
+            let shown = if log { v.exp() } else { v };
             let _ = writeln!(
                 svg,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.2}</text>",
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{shown:.2}</text>",
                 px(0.0) - 4.0,
                 py(v) + 4.0
             );
         }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">keep ratio</text>",
+            px(0.5),
+            py(lo) + 28.0
+        );
         if let Some(full) = rows.iter().find(|r| r.policy == PolicyKind::Full) {
             let y = py(value(full));
             let _ = writeln!(
