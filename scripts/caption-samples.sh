@@ -11,7 +11,7 @@ scripts/build-demo-model.sh --variants fp32
 cargo build --release --locked --quiet
 
 args=()
-for name in chelsea coffee astronaut rocket horse motorcycle_left; do
+for name in chelsea coffee astronaut rocket motorcycle_left; do
   for file in .cache/assets/skimage/data/"$name".*; do
     [ -f "$file" ] && args+=(--image "$file")
   done
