@@ -90,14 +90,11 @@ def gradient_image(path: str) -> None:
     Image.fromarray(a, "RGB").save(path, optimize=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(REPO, "models", "tiny"))
-    ap.add_argument("--fixture", default=os.path.join(REPO, "models", "fixtures", "tiny_expected.json"))
-    a = ap.parse_args()
+def seeded_decoder():
+    """The tiny decoder and its embedding table from SEED; the torch RNG is
+    left where the vision module's initialisation continues. The policy
+    reference (scripts/reference) rebuilds the model through this too."""
     torch.manual_seed(SEED)
-    torch.set_num_threads(1)
-    tok = build_tokenizer()
     dec = ContractDecoder(CFG)
     with torch.no_grad():
         for n, p in dec.named_parameters():
@@ -107,6 +104,17 @@ def main():
                 p.copy_(torch.randn_like(p) * (1.5 / p.shape[-1] ** 0.5) * (4.0 if n == "lm_head.weight" else 1.0))
     dec.eval()
     embed = torch.randn(CFG.vocab, CFG.hidden) * 0.5
+    return dec, embed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "models", "tiny"))
+    ap.add_argument("--fixture", default=os.path.join(REPO, "models", "fixtures", "tiny_expected.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    dec, embed = seeded_decoder()
     vis = TinyVision(CFG.hidden).eval()
     with AtomicDir(a.out) as tmp:
         log("tiny: exporting decoder.onnx / vision.onnx")

@@ -41,17 +41,7 @@ def load_tiny():
     """The tiny model's torch decoder, rebuilt exactly as scripts/export/tiny.py seeds it; checked
     against the committed embedding table and the fixture's prefill logits."""
     from export import tiny
-    from export.decoder import ContractDecoder
-    torch.manual_seed(tiny.SEED)
-    dec = ContractDecoder(tiny.CFG)
-    with torch.no_grad():
-        for n, p in dec.named_parameters():
-            if n.endswith("layernorm.weight") or n == "norm.weight":
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (1.5 / p.shape[-1] ** 0.5) * (4.0 if n == "lm_head.weight" else 1.0))
-    dec.eval()
-    embed = torch.randn(tiny.CFG.vocab, tiny.CFG.hidden) * 0.5
+    dec, embed = tiny.seeded_decoder()
     committed = np.fromfile(os.path.join(TINY_DIR, "embed_tokens.bin"), "<f4").reshape(tiny.CFG.vocab, -1)
     if not np.array_equal(committed, embed.numpy()):
         raise SystemExit("error: the reseeded tiny model does not match models/tiny/embed_tokens.bin "

@@ -255,24 +255,7 @@ impl Preprocess {
     pub fn from_rgb8(&self, image: &RgbImage, out: &mut [f32]) -> Result<ImageInfo, ImageError> {
         self.validate()?;
         self.check_out(out)?;
-        let (w, h) = image.dimensions();
-        if w == 0 || h == 0 {
-            return Err(ImageError::ZeroSize {
-                input: "(RGB frame)".into(),
-                width: w,
-                height: h,
-            });
-        }
-        let pixels = u64::from(w) * u64::from(h);
-        if pixels > self.max_pixels {
-            return Err(ImageError::TooLarge {
-                input: "(RGB frame)".into(),
-                width: w,
-                height: h,
-                pixels,
-                max_pixels: self.max_pixels,
-            });
-        }
+        self.check_frame(image)?;
         self.finish(image, None, out)
     }
 
@@ -280,15 +263,32 @@ impl Preprocess {
     /// `resize` returns. Exposed for tests and debugging.
     pub fn resize_rgb8(&self, image: &RgbImage) -> Result<Vec<u8>, ImageError> {
         self.validate()?;
-        let (w, h) = image.dimensions();
-        if w == 0 || h == 0 {
+        self.check_frame(image)?;
+        Ok(self.resize_inner(image))
+    }
+
+    /// A raw frame must have pixels, and no more than `max_pixels`.
+    fn check_frame(&self, image: &RgbImage) -> Result<(), ImageError> {
+        let (width, height) = image.dimensions();
+        let input = || "(RGB frame)".to_string();
+        if width == 0 || height == 0 {
             return Err(ImageError::ZeroSize {
-                input: "(RGB frame)".into(),
-                width: w,
-                height: h,
+                input: input(),
+                width,
+                height,
             });
         }
-        Ok(self.resize_inner(image))
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(ImageError::TooLarge {
+                input: input(),
+                width,
+                height,
+                pixels,
+                max_pixels: self.max_pixels,
+            });
+        }
+        Ok(())
     }
 
     fn check_out(&self, out: &[f32]) -> Result<(), ImageError> {
