@@ -111,9 +111,11 @@ pub struct Generator<'m> {
 /// What a decoder step needs besides the session and the cache.
 struct StepBuffers {
     names: DecoderNames,
-    /// The additive attention bias of plain entries, for every slot. All-zero
-    /// bits are 0.0 in f16 and f32 alike, so this serves both dtypes.
-    zero_bias: Vec<f32>,
+    /// The decoder's `past_bias` `[layer][slot]`, room for every slot. Stored
+    /// as f32 and viewed as the model's dtype; all-zero bits are 0.0 in f16
+    /// and f32 alike, so it stays valid for any length while the merge-count
+    /// bias is off.
+    bias: Vec<f32>,
     /// One step's attention sums, `[layer][slot]`, held from the run until
     /// the new entries are committed.
     colsums: Vec<f32>,
@@ -163,7 +165,7 @@ impl<'m> Generator<'m> {
             cache,
             step: StepBuffers {
                 names,
-                zero_bias: vec![0.0; capacity],
+                bias: vec![0.0; layers * capacity],
                 colsums: vec![0.0; layers * capacity],
                 colsum_stride: capacity,
                 allocator: Allocator::default(),
@@ -451,14 +453,17 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
     let wants_scores = cache.wants_scores();
     let StepBuffers {
         names,
-        zero_bias,
+        bias,
         colsums,
         colsum_stride,
         allocator,
         logits: last_logits,
         run_ms,
     } = buffers;
-    let zeros: &[E] = &bytemuck::cast_slice(zero_bias)[..past];
+    let bias: &mut [E] = &mut bytemuck::cast_slice_mut(bias)[..layers * past];
+    if cache.merge_count_bias() {
+        cache.pool().write_merge_count_bias(bias)?;
+    }
     let tensor_error = |e: ort::Error| run_error("building decoder inputs", &e);
     let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * layers);
     inputs.push((
@@ -475,7 +480,7 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
     ));
     inputs.push((
         "past_bias",
-        TensorRef::from_array_view(([1usize, past], zeros))
+        TensorRef::from_array_view(([layers, past], &*bias))
             .map_err(tensor_error)?
             .into(),
     ));

@@ -91,6 +91,11 @@ struct EvalArgs {
     /// position (as the authors' code does) instead of the true position.
     #[arg(long)]
     cache_length_positions: bool,
+
+    /// Ablation: an entry that stands for m merged ones gets ln(m) added to
+    /// its attention logits, so it weighs like m copies of itself.
+    #[arg(long)]
+    merge_count_bias: bool,
 }
 
 #[derive(Args)]
@@ -298,6 +303,7 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         policy_config: PolicyConfig {
             merge_on_evict: args.merge_on_evict,
             cache_length_positions: args.cache_length_positions,
+            merge_count_bias: args.merge_count_bias,
             ..PolicyConfig::default()
         },
         out: args.out.clone(),

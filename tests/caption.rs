@@ -31,9 +31,13 @@ fn load(dir: &Path) -> Model {
 }
 
 fn cache(model: &Model, kind: PolicyKind, keep: f64, budget: KvBudget) -> KvCache {
+    cache_with(model, kind, keep, budget, &PolicyConfig::default())
+}
+
+fn cache_with(model: &Model, kind: PolicyKind, keep: f64, budget: KvBudget, config: &PolicyConfig) -> KvCache {
     let shape = model.manifest.kv_shape();
     let pool = KvPool::with_budget(shape, budget.bytes(shape.bytes_per_slot()), &PoolBacking::Anonymous).unwrap();
-    KvCache::new(pool, kind, &PolicyConfig::default(), KeepRatio::new(keep).unwrap()).unwrap()
+    KvCache::new(pool, kind, config, KeepRatio::new(keep).unwrap()).unwrap()
 }
 
 fn ids(value: &Value) -> Vec<u32> {
@@ -182,11 +186,17 @@ fn policies_match_the_python_reference() {
             let kind: PolicyKind = case["policy"].as_str().unwrap().parse().unwrap();
             let keep = case["keep"].as_f64().unwrap();
             let max_new = if model_name == "tiny" { 16 } else { 32 };
-            let cache = cache(&model, kind, keep, KvBudget::Tokens(512));
+            let merge_count_bias = case["merged_bias"].as_bool().unwrap();
+            let config = PolicyConfig {
+                merge_count_bias,
+                ..PolicyConfig::default()
+            };
+            let cache = cache_with(&model, kind, keep, KvBudget::Tokens(512), &config);
             let mut generator = Generator::new(&mut model, cache).unwrap();
             let image = case["image"].as_str().map(|p| repo().join(p));
             let got = greedy(&mut generator, image.as_deref(), case["user_text"].as_str(), max_new);
-            let label = format!("{model_name} case {} {kind}", case["fixture_case"]);
+            let bias = if merge_count_bias { " +ln(m) bias" } else { "" };
+            let label = format!("{model_name} case {} {kind}{bias}", case["fixture_case"]);
             assert_eq!(got, ids(&case["expected_ids"]), "{label}");
             assert_eq!(
                 generator.cache().pool().len() as u64,
@@ -196,7 +206,7 @@ fn policies_match_the_python_reference() {
             checked += 1;
         }
     }
-    assert!(checked >= 15, "only {checked} cases checked");
+    assert!(checked >= 21, "only {checked} cases checked");
 }
 
 /// Teacher forcing scores the answer generation would give: the greedy

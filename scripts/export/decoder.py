@@ -8,7 +8,9 @@ inputs
   position_ids   [1, T]                    int64, true RoPE positions
   past_key_{l}   [1, S, kv_heads, head_dim] model dtype, post-RoPE
   past_value_{l} [1, S, kv_heads, head_dim] model dtype
-  past_bias      [1, S]                    model dtype, additive (0 / -inf / ln m)
+  past_bias      [layers, S]               model dtype, additive, one row per layer
+                                           (0 / -inf / ln m: each layer merges its
+                                           own entries, so each has its own counts)
 outputs
   logits         [1, vocab]                float32, last position only
   new_key_{l}    [1, T, kv_heads, head_dim] model dtype, post-RoPE
@@ -167,19 +169,19 @@ class ContractDecoder(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [1,T,1,D]
         cos = emb.cos().to(dt)
         sin = emb.sin().to(dt)
-        # mask [T, S+T]: past entries visible to every new query (+ past_bias), causal among new ones
+        # mask of layer l [T, S+T]: past entries visible to every new query (+ past_bias[l]),
+        # causal among the new ones
         pos0 = position_ids[0]
         zeros_t1 = torch.zeros_like(pos0, dtype=torch.float32)[:, None]  # [T,1]
-        past_part = past_bias[0].float()[None, :] + zeros_t1  # [T,S]
         idx = torch.ones_like(pos0).cumsum(0)  # [T]
         causal = torch.where(idx[None, :] > idx[:, None],
                              torch.tensor(float("-inf")), torch.tensor(0.0))  # [T,T]
-        mask = torch.cat([past_part, causal], dim=1)
         new_k: List[torch.Tensor] = []
         new_v: List[torch.Tensor] = []
         colsums: List[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
+            mask = torch.cat([past_bias[i].float()[None, :] + zeros_t1, causal], dim=1)
             a, k, v, cs = layer.self_attn(h, cos, sin, past[2 * i], past[2 * i + 1], mask)
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -243,7 +245,7 @@ def example_inputs(cfg: DecoderConfig, dtype, S: int, T: int, seed: int = 0):
     for _ in range(cfg.layers):
         past.append(torch.randn(1, S, cfg.kv_heads, cfg.head_dim, generator=g).to(dtype))
         past.append(torch.randn(1, S, cfg.kv_heads, cfg.head_dim, generator=g).to(dtype))
-    bias = torch.zeros(1, S, dtype=dtype)
+    bias = torch.zeros(cfg.layers, S, dtype=dtype)
     return (emb, pos, *past, bias)
 
 

@@ -71,7 +71,7 @@ class OrtModel:
     def empty_cache(self):
         m = self.m
         z = np.zeros((1, 0, m["kv_heads"], m["head_dim"]), self.np_dtype)
-        return {"k": [z] * self.L, "v": [z] * self.L, "bias": np.zeros((1, 0), self.np_dtype), "pos": []}
+        return {"k": [z] * self.L, "v": [z] * self.L, "bias": np.zeros((self.L, 0), self.np_dtype), "pos": []}
 
     def step(self, cache, embeds: np.ndarray, positions: List[int]):
         feed = {"inputs_embeds": embeds.astype(self.np_dtype),
@@ -86,7 +86,7 @@ class OrtModel:
         for l in range(self.L):
             cache["k"][l] = np.concatenate([cache["k"][l], out[f"new_key_{l}"]], 1)
             cache["v"][l] = np.concatenate([cache["v"][l], out[f"new_value_{l}"]], 1)
-        cache["bias"] = np.concatenate([cache["bias"], np.zeros((1, T), self.np_dtype)], 1)
+        cache["bias"] = np.concatenate([cache["bias"], np.zeros((self.L, T), self.np_dtype)], 1)
         cache["pos"] += positions
         return out
 

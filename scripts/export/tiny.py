@@ -152,7 +152,7 @@ def torch_greedy(dec: ContractDecoder, embed: torch.Tensor, emb: torch.Tensor, s
     past = [torch.zeros(1, 0, c.kv_heads, c.head_dim) for _ in range(2 * c.layers)]
     P = emb.shape[1]
     with torch.no_grad():
-        out = dec(emb, torch.arange(P)[None], *past, torch.zeros(1, 0))
+        out = dec(emb, torch.arange(P)[None], *past, torch.zeros(c.layers, 0))
     first = out
     ids, margins = [], []
     pos = P
@@ -166,13 +166,14 @@ def torch_greedy(dec: ContractDecoder, embed: torch.Tensor, emb: torch.Tensor, s
             break
         past = [torch.cat([past[i], out[1 + i]], 1) for i in range(2 * c.layers)]
         with torch.no_grad():
-            out = dec(embed[[nxt]][None], torch.tensor([[pos]]), *past, torch.zeros(1, past[0].shape[1]))
+            out = dec(embed[[nxt]][None], torch.tensor([[pos]]), *past, torch.zeros(c.layers, past[0].shape[1]))
         pos += 1
     return ids, first, min(margins)
 
 
 def reference_fixture(d: str, tok, dec, vis, embed):
     from .ortrun import OrtModel
+    from .verify import merged_bias_equivalence
     om = OrtModel(d)
     stops = om.m["stop_token_ids"]
     img = load_image_rgb(os.path.join(d, "gradient.png"))
@@ -201,6 +202,10 @@ def reference_fixture(d: str, tok, dec, vis, embed):
         if got != out_ids or got_chunked != out_ids:
             raise SystemExit(f"error: tiny model: onnxruntime greedy {got} / chunked {got_chunked} != torch {out_ids}")
         emb_err = float(np.abs(oemb - emb.numpy()).max())
+        cut = len(ids) // 2
+        half = om.empty_cache()
+        om.step(half, oemb[:, :cut], list(range(cut)))
+        merged_diff = merged_bias_equivalence(om, half["k"], half["v"], oemb[:, cut:], list(range(cut, len(ids))))
         L = CFG.layers
         case = {
             "user_text": text,
@@ -219,6 +224,7 @@ def reference_fixture(d: str, tok, dec, vis, embed):
                 f"attn_colsum_{L - 1}_sum": float(first[1 + 2 * L + L - 1].double().sum()),
             },
             "onnxruntime_embeds_max_abs_err": emb_err,
+            "merged_bias_vs_duplicated_entry_max_abs_diff": merged_diff,
         }
         if ie is not None:
             px = preprocess(img, IMAGE_SIZE, MEAN, STD)

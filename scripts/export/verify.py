@@ -69,13 +69,40 @@ def decoder_vs_hf(hf, om: OrtModel, emb: np.ndarray) -> Dict:
     c2 = om.empty_cache()
     c2["k"] = [k[:, perm] for k in past_k]
     c2["v"] = [v[:, perm] for v in past_v]
-    c2["bias"] = np.zeros((1, cut), om.np_dtype)
+    c2["bias"] = np.zeros((L, cut), om.np_dtype)
     o2p = om.step(c2, emb[:, cut:], list(range(cut, P)))
     inv = {"logits": float(np.abs(o2p["logits"] - o2["logits"]).max()),
            "attn_colsum": max(float(np.abs(o2p[f"attn_colsum_{l}"][:, :cut] - o2[f"attn_colsum_{l}"][:, perm]).max())
                               for l in range(L))}
     err = {k: float(v) for k, v in err.items()}
-    return {"prompt_tokens": P, "chunks": [cut, P - cut, 1], "max_abs_err": err, "shuffled_past_max_abs_diff": inv}
+    merged = merged_bias_equivalence(om, past_k, past_v, emb[:, cut:], list(range(cut, P)))
+    return {"prompt_tokens": P, "chunks": [cut, P - cut, 1], "max_abs_err": err, "shuffled_past_max_abs_diff": inv,
+            "merged_bias_vs_duplicated_entry_max_abs_diff": merged}
+
+
+def merged_bias_equivalence(om: OrtModel, past_k, past_v, emb: np.ndarray, positions: List[int]) -> float:
+    """An entry with past_bias ln(2) must attend exactly like two copies of it. Each layer
+    doubles a different entry, so a graph that applied one row to every layer fails."""
+    L = om.L
+    S = past_k[0].shape[1]
+    dup = [(7 * l + 1) % S for l in range(L)]
+    copies = om.empty_cache()
+    copies["k"] = [np.concatenate([k, k[:, [j]]], 1) for k, j in zip(past_k, dup)]
+    copies["v"] = [np.concatenate([v, v[:, [j]]], 1) for v, j in zip(past_v, dup)]
+    copies["bias"] = np.zeros((L, S + 1), om.np_dtype)
+    biased = om.empty_cache()
+    biased["k"] = [k.copy() for k in past_k]
+    biased["v"] = [v.copy() for v in past_v]
+    biased["bias"] = np.zeros((L, S), om.np_dtype)
+    for l, j in enumerate(dup):
+        biased["bias"][l, j] = np.log(2.0)
+    a = om.step(copies, emb, positions)
+    b = om.step(biased, emb, positions)
+    diff = float(np.abs(a["logits"] - b["logits"]).max())
+    if diff > 1e-3:
+        die(f"past_bias ln(2) does not act as a duplicated entry (logits differ by {diff:.3g}): "
+            "the decoder does not apply past_bias per layer")
+    return diff
 
 
 def hf_generate(hf, emb: np.ndarray, stops: List[int]) -> List[int]:

@@ -131,10 +131,10 @@ def split(out, layers: int):
 
 
 def run_policy(dec, embed_table, prefill_out, L: int, policy: str, keep: float, max_new: int, stops,
-               detail: bool = False) -> Dict:
+               detail: bool = False, merged_bias: bool = False) -> Dict:
     layers = dec.cfg.layers
     logits, ks, vs, cs = split(prefill_out, layers)
-    cache = PolicyCache(policy, keep, SINK, PROTECT, DISTANCE, H2O_RECENT)
+    cache = PolicyCache(policy, keep, SINK, PROTECT, DISTANCE, H2O_RECENT, merged_bias)
     cache.prefill(ks, vs, cs)
     len_after_prompt = len(cache)
     extra = {}
@@ -167,7 +167,8 @@ def run_policy(dec, embed_table, prefill_out, L: int, policy: str, keep: float, 
             **({"decode_removed_positions": cache.removed_positions} if detail and policy != "full" else {})}
 
 
-def run_model(model: str, keeps: List[float], policies: List[str], ort_check: bool, threads: int):
+def run_model(model: str, keeps: List[float], policies: List[str], ort_check: bool, threads: int,
+              merged_bias_policies: List[str]):
     t = time.time()
     dec = load_tiny() if model == "tiny" else load_demo()
     odec = OrtDecoder(TINY_DIR if model == "tiny" else DEMO_DIR, dec.cfg, threads) if ort_check else None
@@ -183,7 +184,7 @@ def run_model(model: str, keeps: List[float], policies: List[str], ort_check: bo
         L = emb.shape[1]
         empty = [torch.zeros(1, 0, c.kv_heads, c.head_dim) for _ in range(2 * c.layers)]
         with torch.inference_mode():
-            pre = dec(torch.from_numpy(emb).float(), torch.arange(L)[None], *empty, torch.zeros(1, 0))
+            pre = dec(torch.from_numpy(emb).float(), torch.arange(L)[None], *empty, torch.zeros(c.layers, 0))
         if model == "tiny":
             got = [float(x) for x in pre[0][0, :8]]
             err = max(abs(a - b) for a, b in zip(got, fx_case["prefill"]["logits_first8"]))
@@ -191,22 +192,25 @@ def run_model(model: str, keeps: List[float], policies: List[str], ort_check: bo
         opre = None
         if odec is not None:
             with torch.inference_mode():
-                opre = odec(torch.from_numpy(emb).float(), torch.arange(L)[None], *empty, torch.zeros(1, 0))
+                opre = odec(torch.from_numpy(emb).float(), torch.arange(L)[None], *empty,
+                            torch.zeros(c.layers, 0))
             ort_err = {"logits": float((opre[0] - pre[0]).abs().max()),
                        "attn_colsum": max(float((opre[1 + 2 * c.layers + l] - pre[1 + 2 * c.layers + l]).abs().max())
                                           for l in range(c.layers))}
         for keep in keeps:
-            for policy in policies:
-                r = run_policy(dec, table, pre, L, policy, keep, max_new, stops, detail=model == "tiny")
-                r = {"model": model, **meta, "policy": policy, "keep": keep, **r,
+            runs = [(p, False) for p in policies] + [(p, True) for p in merged_bias_policies]
+            for policy, merged_bias in runs:
+                r = run_policy(dec, table, pre, L, policy, keep, max_new, stops, detail=model == "tiny",
+                               merged_bias=merged_bias)
+                r = {"model": model, **meta, "policy": policy, "keep": keep, "merged_bias": merged_bias, **r,
                      "full_cache_fixture_ids": fixture_ids}
                 if odec is not None:
-                    o = run_policy(odec, table, opre, L, policy, keep, max_new, stops)
+                    o = run_policy(odec, table, opre, L, policy, keep, max_new, stops, merged_bias=merged_bias)
                     r["onnxruntime_prefill_max_abs_err"] = ort_err
                     r["onnxruntime_ids"] = o["expected_ids"]
                     r["onnxruntime_agrees"] = o["expected_ids"] == r["expected_ids"]
                 results.append(r)
-                log(f"{model} case {meta['fixture_case']} keep {keep} {policy:11s}: L={L} "
+                log(f"{model} case {meta['fixture_case']} keep {keep} {policy + ('+bias' if merged_bias else ''):11s}: L={L} "
                     f"after prompt {r['len_after_prompt']} final {r['final_len']} "
                     f"removals {r['prompt_removed']}+{r['decode_removals']} margin {r['min_top2_logit_margin']:.4f} "
                     f"ids {r['expected_ids']}")
@@ -218,7 +222,8 @@ COMMENT = (
     "Python model of the KV cache policies on the PyTorch reference decoder (scripts/export/decoder.py, "
     "float32, eager attention, attn_colsum), not derived from the Rust code. Greedy (argmax, first index on "
     "ties), the whole prompt prefilled in ONE step from an empty cache, then one token per step; past_bias 0 "
-    "for every entry; sink 1, protect 1, distance 25, h2o recent ratio 0.5. Prompts are exactly those of "
+    "for every entry, except in cases with merged_bias true, where each layer's row holds ln(m) of each entry "
+    "(m = its merge count); sink 1, protect 1, distance 25, h2o recent ratio 0.5. Prompts are exactly those of "
     "tiny_expected.json (all cases, max 16 new tokens) and demo_expected.json (fp32, image_resized, max 32 "
     "new tokens), embedded the way the Rust client does (embedding table + vision.onnx). cases[]: one per "
     "(model, fixture_case, keep, policy). expected_ids: the greedy ids, a stop id included as in the other "
@@ -248,6 +253,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,demo")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--merged-bias-policies", default="elastic,elastic-ref",
+                    help="policies also run with past_bias ln(m) for merged entries (cases with merged_bias true)")
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--sanity", action="store_true", help="also run keep 1.0 and require the fixture's full-cache ids")
     ap.add_argument("--out", default=OUT, help="output JSON ('-' to write nothing)")
@@ -264,7 +271,8 @@ def main():
     keeps = [a.keep] + ([1.0] if a.sanity and a.keep != 1.0 else [])
     everything, meta = [], {}
     for model in [m for m in a.models.split(",") if m]:
-        res, max_new, manifest = run_model(model, keeps, policies, a.ort_check, a.threads)
+        res, max_new, manifest = run_model(model, keeps, policies, a.ort_check, a.threads,
+                                           [p for p in a.merged_bias_policies.split(",") if p])
         meta[model] = {"model_dir": os.path.relpath(TINY_DIR if model == "tiny" else DEMO_DIR, REPO),
                        "source_fixture": os.path.relpath(TINY_FIXTURE if model == "tiny" else DEMO_FIXTURE, REPO),
                        "max_new_tokens": max_new, "stop_token_ids": manifest["stop_token_ids"]}
@@ -272,7 +280,7 @@ def main():
     bad = []
     for r in everything:
         full = [x for x in everything if x["model"] == r["model"] and x["fixture_case"] == r["fixture_case"]
-                and x["keep"] == r["keep"] and x["policy"] == "full"]
+                and x["keep"] == r["keep"] and x["policy"] == "full" and not x["merged_bias"]]
         r["same_as_full"] = (r["expected_ids"] == full[0]["expected_ids"]) if full else None
         if (r["policy"] == "full" or r["keep"] == 1.0) and r["expected_ids"] != r["full_cache_fixture_ids"]:
             bad.append(r)
@@ -280,7 +288,8 @@ def main():
         "min score gap, same as full)")
     for r in everything:
         g = "-" if r["min_score_gap"] is None else f"{r['min_score_gap']:.2e}"
-        print(f"  {r['model']:4s} {r['fixture_case']} {r['keep']:.1f} {r['policy']:11s} L={r['prompt_len']:3d} "
+        label = r["policy"] + ("+bias" if r["merged_bias"] else "")
+        print(f"  {r['model']:4s} {r['fixture_case']} {r['keep']:.1f} {label:11s} L={r['prompt_len']:3d} "
               f"after={r['len_after_prompt']:3d} final={r['final_len']:3d} removed={r['prompt_removed']}+"
               f"{r['decode_removals']} margin={r['min_top2_logit_margin']:.4f} gap={g} "
               f"same_as_full={r['same_as_full']} n_ids={len(r['expected_ids'])}"

@@ -59,11 +59,12 @@ def _top(scores: List[float], positions: List[int], k: int) -> List[int]:
 
 class PolicyCache:
     def __init__(self, policy: str, keep: float, sink: int = 1, protect: int = 1, distance: int = 25,
-                 h2o_recent: float = 0.5):
+                 h2o_recent: float = 0.5, merged_bias: bool = False):
         if policy not in POLICIES:
             raise ValueError(policy)
         self.policy, self.keep, self.sink, self.protect, self.d = policy, keep, sink, protect, distance
         self.h2o_recent = h2o_recent
+        self.merged_bias = merged_bias  # past_bias ln(m) for an entry standing for m merged ones
         self.layers: List[Layer] = []
         self.n = 0  # tokens processed so far
         self.P: Optional[int] = None  # elastic fixed point
@@ -89,11 +90,15 @@ class PolicyCache:
         return {"h2o": "always", "elastic": "prompt", "elastic-ref": "prompt"}.get(self.policy, "never")
 
     def past(self):
-        """Decoder inputs: past_key_l, past_value_l for every layer, then past_bias (all 0)."""
+        """Decoder inputs: past_key_l, past_value_l for every layer, then past_bias [layers, N]:
+        ln(m) of each entry with merged_bias, else 0."""
         out = []
         for l in self.layers:
             out += [l.k[None], l.v[None]]
-        out.append(torch.zeros(1, len(self), dtype=torch.float32))
+        if self.merged_bias:
+            out.append(torch.stack([l.m.double().log().float() for l in self.layers]))
+        else:
+            out.append(torch.zeros(len(self.layers), len(self), dtype=torch.float32))
         return out
 
     def rope_position(self) -> int:

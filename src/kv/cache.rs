@@ -37,6 +37,7 @@ pub struct KvCache {
     processed: usize,
     phase: Phase,
     stats: CacheStats,
+    merge_count_bias: bool,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -79,6 +80,7 @@ impl KvCache {
             processed: 0,
             phase: Phase::Prompt,
             stats: CacheStats::default(),
+            merge_count_bias: config.merge_count_bias,
         })
     }
 
@@ -131,6 +133,12 @@ impl KvCache {
             });
         }
         Ok(())
+    }
+
+    /// Whether the decoder's `past_bias` carries ln(merge count) (see
+    /// [`KvPool::write_merge_count_bias`]) rather than zeros.
+    pub fn merge_count_bias(&self) -> bool {
+        self.merge_count_bias
     }
 
     /// Whether the step just committed should report attention column sums.

@@ -333,6 +333,30 @@ impl KvPool {
         &self.merged[self.meta_range(layer)]
     }
 
+    /// The decoder's `past_bias` for the live entries, `[layer][slot]` into
+    /// `out` (`layers * len` values): ln(m) for an entry that stands for m
+    /// merged ones, so attention weighs it like m copies of itself; 0 for a
+    /// plain entry.
+    pub fn write_merge_count_bias<E: KvElement>(&self, out: &mut [E]) -> Result<()> {
+        if out.len() != self.shape.layers * self.len {
+            return Err(Error::Shape(format!(
+                "attention bias of {} values for {} layers x {} entries",
+                out.len(),
+                self.shape.layers,
+                self.len
+            )));
+        }
+        if self.len == 0 {
+            return Ok(());
+        }
+        for (layer, row) in out.chunks_exact_mut(self.len).enumerate() {
+            for (bias, &count) in row.iter_mut().zip(self.merge_counts(layer)) {
+                *bias = E::from_f32((count as f32).ln());
+            }
+        }
+        Ok(())
+    }
+
     /// Accumulated importance of the live entries, in slot order.
     pub fn scores(&self, layer: usize) -> &[f32] {
         &self.score[self.meta_range(layer)]
@@ -874,6 +898,27 @@ mod tests {
         assert_eq!(pool.values::<f32>(0).unwrap()[0], -1.5);
         // Layer 1 untouched.
         assert_eq!(key_of(&pool, 1, 0), 0.25);
+    }
+
+    #[test]
+    fn merge_count_bias_is_ln_m_per_layer_and_slot() {
+        let mut pool = KvPool::with_capacity(shape(KvDtype::F16), 8, &PoolBacking::Anonymous).unwrap();
+        push::<f16>(&mut pool, 4, 0);
+        pool.merge(0, &mut [(1, 0), (2, 0)]).unwrap();
+        pool.merge(1, &mut [(3, 2)]).unwrap();
+        let mut bias = [f16::from_f32(9.0); 8];
+        pool.write_merge_count_bias(&mut bias).unwrap();
+        let got: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
+        let ln = |m: f32| f16::from_f32(m.ln()).to_f32();
+        // Row of layer 0, then row of layer 1, each `len` long.
+        assert_eq!(got[0], ln(3.0));
+        assert_eq!(got[6], ln(2.0));
+        for (i, value) in got.iter().enumerate() {
+            let count = pool.merge_counts(i / 4)[i % 4] as f32;
+            assert_eq!(*value, ln(count), "value {i}");
+        }
+        let mut short = [0.0f32; 7];
+        assert!(matches!(pool.write_merge_count_bias(&mut short), Err(Error::Shape(_))));
     }
 
     #[test]

@@ -279,7 +279,15 @@ impl Manifest {
             "int64",
             &[Dim::Fixed(1), Dim::Any],
         )?;
-        expect_tensor(path, field_in, inputs, "past_bias", dt, &[Dim::Fixed(1), Dim::Any])?;
+        // One row per layer: each layer merges its own entries.
+        expect_tensor(
+            path,
+            field_in,
+            inputs,
+            "past_bias",
+            dt,
+            &[Dim::Fixed(self.layers), Dim::Any],
+        )?;
         expect_tensor(
             path,
             field_out,

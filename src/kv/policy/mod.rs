@@ -98,6 +98,10 @@ pub struct PolicyConfig {
     /// instead of its true position (an ablation; `elastic-ref` always does,
     /// as the authors' code does).
     pub cache_length_positions: bool,
+    /// Add ln(m) to the attention logits of an entry that stands for m
+    /// merged ones, as if it were m copies (an ablation; the paper's merged
+    /// entries are plain means).
+    pub merge_count_bias: bool,
 }
 
 impl Default for PolicyConfig {
@@ -109,6 +113,7 @@ impl Default for PolicyConfig {
             merge_on_evict: false,
             recent_fraction: 0.5,
             cache_length_positions: false,
+            merge_count_bias: false,
         }
     }
 }
