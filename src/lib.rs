@@ -13,5 +13,6 @@ pub mod kv;
 pub mod model;
 pub mod runtime;
 pub mod source;
+pub mod stream;
 
 pub use error::{Error, Result};
