@@ -377,6 +377,30 @@ fn signal_when(mut child: Child, signal: &str, ready: impl Fn(&str) -> bool) -> 
     (output, seen)
 }
 
+#[test]
+fn sigint_stops_a_stream_blocked_on_an_open_stdin() {
+    let mut child = stream_command(&["--source", "stdin:mjpeg"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The producer stays connected: the grabber is blocked reading stdin.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&jpeg(&picture(1))).unwrap();
+    stdin.flush().unwrap();
+    let started = Instant::now();
+    let (output, stderr) = signal_when(child, "INT", |seen| seen.contains("captioned"));
+    drop(stdin);
+    assert!(output.status.success(), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        stderr.contains("stream done (stopped): 1 captions, 1 frames received"),
+        "{stderr}"
+    );
+    assert_eq!(records(&output).len(), 1);
+}
+
 #[cfg(feature = "gstreamer")]
 mod gstreamer_sources {
     use super::*;
