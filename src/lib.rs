@@ -12,5 +12,7 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod runtime;
+pub mod source;
+pub mod stream;
 
 pub use error::{Error, Result};
