@@ -12,5 +12,6 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod runtime;
+pub mod serve;
 
 pub use error::{Error, Result};
