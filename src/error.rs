@@ -126,6 +126,69 @@ pub enum Error {
     /// Any other ONNX Runtime failure, with what we were doing.
     #[error("ONNX Runtime: {context}: {reason}")]
     Runtime { context: String, reason: String },
+
+    /// A frame source that cannot work as given: a spec that does not parse,
+    /// a pipeline string GStreamer rejects, an empty folder. Fatal: the
+    /// configuration must change.
+    #[error("source {spec}: {reason}")]
+    SourceConfig { spec: String, reason: String },
+
+    /// One frame that cannot be decoded. The source goes on: the frame is
+    /// skipped and counted.
+    #[error("source {spec}: corrupt frame {frame}: {reason}")]
+    FrameCorrupt {
+        spec: String,
+        frame: String,
+        reason: String,
+    },
+
+    /// The source stopped delivering (a camera unplugged, a stream closed
+    /// mid-frame, a pipeline error). It may come back: reconnect.
+    #[error("source {spec} lost: {reason}")]
+    SourceLost { spec: String, reason: String },
+
+    /// An interval (`--every`) that is not a number with a unit.
+    #[error("invalid interval {input:?}: {reason} (examples: 2s, 500ms, 1.5m, 0)")]
+    Interval { input: String, reason: String },
+
+    /// A thread the library needs could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Writing results (a caption record to `--output`, say) failed.
+    #[error("writing {target}: {source}")]
+    Output {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a frame source's error is handled (see [`Error::source_failure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFailure {
+    /// Skip the frame, count it, read the next one.
+    CorruptFrame,
+    /// Reconnect with backoff.
+    Lost,
+    /// Stop: retrying cannot help.
+    Fatal,
+}
+
+impl Error {
+    /// What a frame source's error means for the stream: skip, reconnect or
+    /// stop. Errors that are not a source's own are fatal.
+    pub fn source_failure(&self) -> SourceFailure {
+        match self {
+            Error::FrameCorrupt { .. } => SourceFailure::CorruptFrame,
+            Error::SourceLost { .. } => SourceFailure::Lost,
+            _ => SourceFailure::Fatal,
+        }
+    }
 }
 
 /// The library's result type.

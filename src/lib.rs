@@ -13,5 +13,6 @@ pub mod kv;
 pub mod model;
 pub mod runtime;
 pub mod serve;
+pub mod source;
 
 pub use error::{Error, Result};

@@ -221,20 +221,7 @@ impl Preprocess {
     pub fn load_file(&self, path: &Path, out: &mut [f32]) -> Result<ImageInfo, ImageError> {
         self.validate()?;
         self.check_out(out)?;
-        let name = path.display().to_string();
-        let read_err = |source| ImageError::Read {
-            path: name.clone(),
-            source,
-        };
-        let file = File::open(path).map_err(read_err)?;
-        let meta = file.metadata().map_err(read_err)?;
-        if meta.is_dir() {
-            return Err(read_err(std::io::Error::other("is a directory")));
-        }
-        if meta.len() == 0 {
-            return Err(ImageError::Empty { input: name });
-        }
-        let (rgb, format) = self.decode(BufReader::new(file), &name)?;
+        let (rgb, format) = decode_file_rgb8(path, self.max_pixels)?;
         self.finish(&rgb, Some(format), out)
     }
 
@@ -305,77 +292,7 @@ impl Preprocess {
     }
 
     fn decode<R: BufRead + Seek>(&self, reader: R, name: &str) -> Result<(RgbImage, &'static str), ImageError> {
-        let mut reader = ImageReader::new(reader)
-            .with_guessed_format()
-            .map_err(|source| ImageError::Read {
-                path: name.to_string(),
-                source,
-            })?;
-        let Some(format) = reader.format() else {
-            let mut inner = reader.into_inner();
-            let mut head = [0u8; 8];
-            let n = std::io::Read::read(&mut inner, &mut head).unwrap_or(0);
-            let magic = head[..n]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            return Err(ImageError::UnknownFormat {
-                input: name.to_string(),
-                magic,
-            });
-        };
-        let fmt = format_name(format);
-        let limit_bytes = self
-            .max_pixels
-            .saturating_mul(DECODE_BYTES_PER_PIXEL)
-            .saturating_add(DECODE_SLACK_BYTES);
-        let mut limits = Limits::default();
-        limits.max_alloc = Some(limit_bytes);
-        reader.limits(limits);
-        let map = |e| map_decode_error(e, name, fmt, limit_bytes);
-
-        let mut decoder = reader.into_decoder().map_err(map)?;
-        let (width, height) = decoder.dimensions();
-        if width == 0 || height == 0 {
-            return Err(ImageError::ZeroSize {
-                input: name.to_string(),
-                width,
-                height,
-            });
-        }
-        let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.max_pixels {
-            return Err(ImageError::TooLarge {
-                input: name.to_string(),
-                width,
-                height,
-                pixels,
-                max_pixels: self.max_pixels,
-            });
-        }
-        if decoder.total_bytes() > limit_bytes {
-            return Err(ImageError::MemoryLimit {
-                input: name.to_string(),
-                limit_bytes,
-                reason: format!(
-                    "{width}x{height} {:?} is {} bytes",
-                    decoder.color_type(),
-                    decoder.total_bytes()
-                ),
-            });
-        }
-        let orientation = decoder
-            .orientation()
-            .unwrap_or(image::metadata::Orientation::NoTransforms);
-        let mut img = DynamicImage::from_decoder(decoder).map_err(map)?;
-        img.apply_orientation(orientation);
-        let rgb = to_rgb8(img).ok_or_else(|| ImageError::Corrupt {
-            input: name.to_string(),
-            format: fmt.to_string(),
-            reason: "decoded pixel buffer does not match its size".into(),
-        })?;
-        Ok((rgb, fmt))
+        decode_rgb8(reader, name, self.max_pixels)
     }
 
     fn finish(&self, rgb: &RgbImage, format: Option<&'static str>, out: &mut [f32]) -> Result<ImageInfo, ImageError> {
@@ -434,6 +351,106 @@ impl Preprocess {
 
 /// The size after a shortest-edge resize to `size`, as `transformers`'
 /// `get_resize_output_image_size(default_to_square=False)` computes it.
+/// [`decode_rgb8`] of a file, read through a buffered reader: the whole file
+/// is never held in memory besides the decoded image.
+pub fn decode_file_rgb8(path: &Path, max_pixels: u64) -> Result<(RgbImage, &'static str), ImageError> {
+    let name = path.display().to_string();
+    let read_err = |source| ImageError::Read {
+        path: name.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if meta.is_dir() {
+        return Err(read_err(std::io::Error::other("is a directory")));
+    }
+    if meta.len() == 0 {
+        return Err(ImageError::Empty { input: name });
+    }
+    decode_rgb8(BufReader::new(file), &name, max_pixels)
+}
+
+/// Decodes an encoded picture (any supported format, found from its bytes)
+/// into RGB8, EXIF orientation applied, refusing more than `max_pixels`
+/// before decoding and bounding the decoder's memory. `name` is what errors
+/// call the input. Used by the image preprocessing and the frame sources.
+pub fn decode_rgb8<R: BufRead + Seek>(
+    reader: R,
+    name: &str,
+    max_pixels: u64,
+) -> Result<(RgbImage, &'static str), ImageError> {
+    let mut reader = ImageReader::new(reader)
+        .with_guessed_format()
+        .map_err(|source| ImageError::Read {
+            path: name.to_string(),
+            source,
+        })?;
+    let Some(format) = reader.format() else {
+        let mut inner = reader.into_inner();
+        let mut head = [0u8; 8];
+        let n = std::io::Read::read(&mut inner, &mut head).unwrap_or(0);
+        let magic = head[..n]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        return Err(ImageError::UnknownFormat {
+            input: name.to_string(),
+            magic,
+        });
+    };
+    let fmt = format_name(format);
+    let limit_bytes = max_pixels
+        .saturating_mul(DECODE_BYTES_PER_PIXEL)
+        .saturating_add(DECODE_SLACK_BYTES);
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(limit_bytes);
+    reader.limits(limits);
+    let map = |e| map_decode_error(e, name, fmt, limit_bytes);
+
+    let mut decoder = reader.into_decoder().map_err(map)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(ImageError::ZeroSize {
+            input: name.to_string(),
+            width,
+            height,
+        });
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            input: name.to_string(),
+            width,
+            height,
+            pixels,
+            max_pixels,
+        });
+    }
+    if decoder.total_bytes() > limit_bytes {
+        return Err(ImageError::MemoryLimit {
+            input: name.to_string(),
+            limit_bytes,
+            reason: format!(
+                "{width}x{height} {:?} is {} bytes",
+                decoder.color_type(),
+                decoder.total_bytes()
+            ),
+        });
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(map)?;
+    img.apply_orientation(orientation);
+    let rgb = to_rgb8(img).ok_or_else(|| ImageError::Corrupt {
+        input: name.to_string(),
+        format: fmt.to_string(),
+        reason: "decoded pixel buffer does not match its size".into(),
+    })?;
+    Ok((rgb, fmt))
+}
+
 fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     let new_long = ((size as f64 * long as f64 / short as f64) as usize).max(size);
