@@ -14,5 +14,6 @@ pub mod model;
 pub mod runtime;
 pub mod serve;
 pub mod source;
+pub mod stream;
 
 pub use error::{Error, Result};

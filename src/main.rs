@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -15,6 +16,8 @@ use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
+use elastic_edge::source::{Backoff, Grabber, SourceOptions, SourceSpec, SourceState, StopFlag};
+use elastic_edge::stream::{self, CaptionRecord, CaptionSink, JsonLines, StreamConfig, StreamEnd};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,55 @@ enum Command {
     Doctor(DoctorArgs),
     /// The paper's evaluation: ROUGE-L and perplexity for every policy and keep ratio.
     Eval(EvalArgs),
+    /// Caption a camera or a stream of pictures continuously, as JSON Lines.
+    Stream(StreamArgs),
+}
+
+#[derive(Args)]
+#[command(
+    after_long_help = "Each caption is one JSON line on stdout (or --output): time, unix_ms, frame_id, \
+                       frame_time, caption, timings_ms, cache statistics and counters (frames received, \
+                       dropped, corrupt, source losses, captions, errors). Progress goes to stderr. \
+                       Latest frame wins: a live source's frames that arrive while a caption is being made \
+                       are dropped (counted); file sources are captioned one by one. A lost live source \
+                       reconnects with backoff (0.5 s doubling to 30 s). SIGINT or SIGTERM stops after the \
+                       caption in flight (a second SIGINT exits at once)."
+)]
+struct StreamArgs {
+    /// Where frames come from: file:, dir:, glob:, stdin:mjpeg, stdin:ppm,
+    /// gst:PIPELINE, or a bare path (--help lists the forms).
+    #[arg(long, value_name = "SPEC", long_help = elastic_edge::source::SOURCE_SPEC_HELP, value_parser = parse_source)]
+    source: SourceSpec,
+
+    /// File sources: start again after the last file.
+    #[arg(long = "loop")]
+    looping: bool,
+
+    /// What to ask about each frame (default: the model's captioning prompt).
+    #[arg(long)]
+    prompt: Option<String>,
+
+    /// Time between the starts of two captions (2s, 500ms, 1m); 0 captions
+    /// as fast as the model allows.
+    #[arg(long, default_value = "0", value_parser = parse_every)]
+    every: std::time::Duration,
+
+    /// Append the JSON lines to this file instead of writing them to stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+
+    /// Stop after this many captions.
+    #[arg(long, value_name = "N")]
+    max_frames: Option<u64>,
+
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -250,6 +302,14 @@ fn parse_dtype(s: &str) -> Result<KvDtype, String> {
     s.parse().map_err(|e: elastic_edge::Error| e.to_string())
 }
 
+fn parse_source(s: &str) -> Result<SourceSpec, String> {
+    s.parse().map_err(|e: elastic_edge::Error| e.to_string())
+}
+
+fn parse_every(s: &str) -> Result<std::time::Duration, String> {
+    stream::parse_interval(s).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -268,6 +328,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Caption(args) => caption(cli.onnxruntime, &args),
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
         Command::Eval(args) => eval(cli.onnxruntime, &args),
+        Command::Stream(args) => stream_command(cli.onnxruntime, &args),
     }
 }
 
@@ -356,6 +417,143 @@ fn build_cache(model: &Model, args: &CacheArgs) -> anyhow::Result<KvCache> {
     Ok(KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?)
 }
 
+fn generate_params(args: &SamplingArgs) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        ignore_stop: args.ignore_stop,
+        sampling: if args.temperature > 0.0 {
+            Sampling::TopP {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                seed: args.seed,
+            }
+        } else {
+            Sampling::Greedy
+        },
+    }
+}
+
+/// The stream command's sink: JSON lines out, a progress line on stderr.
+struct StreamOutput<W: Write> {
+    lines: JsonLines<W>,
+}
+
+impl<W: Write> CaptionSink for StreamOutput<W> {
+    fn on_record(&mut self, record: &CaptionRecord) -> elastic_edge::Result<()> {
+        let c = &record.counters;
+        eprintln!(
+            "elastic-edge: frame {} captioned in {:.2} s ({} received, {} dropped, {} corrupt, {} losses): {:?}",
+            record.frame_id,
+            record.caption_ms / 1e3,
+            c.source.frames_received,
+            c.source.frames_dropped,
+            c.source.frames_corrupt,
+            c.source.source_losses,
+            record.caption
+        );
+        self.lines.write(record)
+    }
+}
+
+fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Result<()> {
+    let stop = StopFlag::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping exits at once (a caption can take
+        // seconds); the first only sets the flag.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(stop.atomic()))
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(stop.atomic())).context("installing the signal handlers")?;
+    }
+    let options = SourceOptions {
+        looping: args.looping,
+        ..SourceOptions::default()
+    };
+    // The source first: a bad spec or pipeline fails before the model loads.
+    let source = args.source.open(&options, &stop)?;
+    let mut model = load_model(onnxruntime, &args.model)?;
+    let cache = build_cache(&model, &args.cache)?;
+    let mut generator = Generator::new(&mut model, cache)?;
+    let config = StreamConfig {
+        prompt: args.prompt.clone(),
+        every: args.every,
+        max_captions: args.max_frames,
+        params: generate_params(&args.sampling),
+        ..StreamConfig::default()
+    };
+    stream::check_prompt(&generator, &config)?;
+    let summary = match &args.output {
+        Some(path) => {
+            let mut output = StreamOutput {
+                lines: JsonLines::append_to(path)?,
+            };
+            run_stream(&mut generator, source, &config, &stop, &mut output)?
+        }
+        None => {
+            let mut output = StreamOutput {
+                lines: JsonLines::new(std::io::stdout(), "stdout"),
+            };
+            run_stream(&mut generator, source, &config, &stop, &mut output)?
+        }
+    };
+    let (end, status) = summary;
+    let c = status.counters;
+    let why = match end {
+        StreamEnd::SourceEnded => "the source ended",
+        StreamEnd::Stopped => "stopped",
+        StreamEnd::MaxCaptions => "--max-frames reached",
+    };
+    eprintln!(
+        "elastic-edge: stream done ({why}): {} captions, {} frames received, {} dropped, {} corrupt, \
+         {} source losses, {} reconnection attempts, {} caption errors, {} output errors",
+        c.captions,
+        c.source.frames_received,
+        c.source.frames_dropped,
+        c.source.frames_corrupt,
+        c.source.source_losses,
+        c.source.reconnect_attempts,
+        c.caption_errors,
+        c.output_errors
+    );
+    if let SourceState::Failed { error } = status.state {
+        anyhow::bail!("{error}");
+    }
+    anyhow::ensure!(
+        c.output_errors == 0,
+        "{} of {} captions could not be written",
+        c.output_errors,
+        c.captions
+    );
+    Ok(())
+}
+
+/// Runs the stream loop over a grabber and returns how it ended with the
+/// grabber's final state.
+fn run_stream(
+    generator: &mut Generator<'_>,
+    source: Box<dyn elastic_edge::source::FrameSource>,
+    config: &StreamConfig,
+    stop: &StopFlag,
+    sink: &mut dyn CaptionSink,
+) -> anyhow::Result<(StreamEnd, StreamStatus)> {
+    let grabber = Grabber::start(source, Backoff::default(), stop.clone())?;
+    let summary = stream::run(generator, &grabber, config, stop, sink)?;
+    let source_status = grabber.finish();
+    let mut counters = summary.counters;
+    counters.source = source_status.counters;
+    Ok((
+        summary.end,
+        StreamStatus {
+            state: source_status.state,
+            counters,
+        },
+    ))
+}
+
+struct StreamStatus {
+    state: SourceState,
+    counters: stream::StreamCounters,
+}
+
 fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<()> {
     if let Some(prompt) = &args.prompt {
         anyhow::ensure!(!prompt.trim().is_empty(), "the prompt is empty");
@@ -363,19 +561,7 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     let mut model = load_model(onnxruntime, &args.model)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
-    let params = GenerateParams {
-        max_new_tokens: args.sampling.max_new_tokens,
-        ignore_stop: args.sampling.ignore_stop,
-        sampling: if args.sampling.temperature > 0.0 {
-            Sampling::TopP {
-                temperature: args.sampling.temperature,
-                top_p: args.sampling.top_p,
-                seed: args.sampling.seed,
-            }
-        } else {
-            Sampling::Greedy
-        },
-    };
+    let params = generate_params(&args.sampling);
     let several = args.images.len() > 1;
     let mut failed = 0;
     for image in &args.images {

@@ -1,0 +1,382 @@
+//! Captioning a stream: a [`Grabber`] keeps the newest frame, and every
+//! `every` interval the newest frame is captioned with one [`Generator`]
+//! (one model, one KV pool, one set of sessions for the whole stream); each
+//! caption becomes a [`CaptionRecord`] handed to a [`CaptionSink`]. The
+//! `stream` command's sink writes JSON Lines; a service's sink can publish
+//! records and serve requests between captions ([`CaptionSink::on_idle`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::{error_chain, Error, Result};
+use crate::generate::{GenerateParams, Generator, ImageInput, StopReason, Timings};
+use crate::kv::PolicyKind;
+use crate::source::{Grabber, GrabberCounters, NextFrame, StopFlag};
+
+/// How the stream is captioned.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// What to ask (default: the model's captioning prompt).
+    pub prompt: Option<String>,
+    /// Time from the start of one caption to the start of the next; zero
+    /// captions as fast as frames and the model allow.
+    pub every: Duration,
+    /// Stop after this many captions.
+    pub max_captions: Option<u64>,
+    pub params: GenerateParams,
+    /// Give up (return the error) after this many failed captions in a
+    /// row; `None` keeps going (a service that must stay up).
+    pub max_consecutive_errors: Option<u32>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            prompt: None,
+            every: Duration::ZERO,
+            max_captions: None,
+            params: GenerateParams::default(),
+            max_consecutive_errors: Some(3),
+        }
+    }
+}
+
+/// Everything counted so far: the grabber's counts and the captioner's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StreamCounters {
+    #[serde(flatten)]
+    pub source: GrabberCounters,
+    /// Captions made.
+    pub captions: u64,
+    /// Frames whose captioning failed.
+    pub caption_errors: u64,
+    /// Records the sink failed to take (a full disk, say).
+    pub output_errors: u64,
+}
+
+/// One caption of one frame: what the JSON Lines output holds.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaptionRecord {
+    /// When the caption was finished, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// The same moment in unix milliseconds.
+    pub unix_ms: u64,
+    /// The source's frame number.
+    pub frame_id: u64,
+    /// When the frame was captured, RFC 3339 UTC.
+    pub frame_time: String,
+    /// The file the frame came from (file sources).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_path: Option<PathBuf>,
+    pub frame_width: u32,
+    pub frame_height: u32,
+    /// From capture to the start of captioning.
+    pub frame_age_ms: f64,
+    pub caption: String,
+    pub tokens: usize,
+    pub prompt_tokens: usize,
+    pub stop: StopReason,
+    /// The whole caption, image preprocessing to the last token.
+    pub caption_ms: f64,
+    pub timings_ms: Timings,
+    pub policy: PolicyKind,
+    pub keep: f64,
+    pub pool_bytes: u64,
+    pub pool_slots: usize,
+    pub cache_entries: usize,
+    pub merged: u64,
+    pub evicted: u64,
+    /// Totals at the time of this record.
+    pub counters: StreamCounters,
+}
+
+/// Where captions go.
+pub trait CaptionSink {
+    /// Takes one record. An error is logged and counted as an output error;
+    /// the stream goes on.
+    fn on_record(&mut self, record: &CaptionRecord) -> Result<()>;
+
+    /// A frame could not be captioned (already logged and counted).
+    fn on_caption_error(&mut self, _frame_id: u64, _error: &Error) {}
+
+    /// Called at least every few tens of milliseconds while waiting for the
+    /// next interval or frame, with the stream's generator: work that must
+    /// share the model and pool (a one-off caption request) goes here.
+    fn on_idle(&mut self, _generator: &mut Generator<'_>) {}
+}
+
+impl<F: FnMut(&CaptionRecord) -> Result<()>> CaptionSink for F {
+    fn on_record(&mut self, record: &CaptionRecord) -> Result<()> {
+        self(record)
+    }
+}
+
+/// A sink that writes each record as one JSON line and flushes it, so a
+/// reader (or a crash) never sees half a line of an earlier record.
+pub struct JsonLines<W: Write> {
+    writer: W,
+    /// What the writer is, for errors: `stdout`, a file name.
+    target: String,
+    line: Vec<u8>,
+}
+
+impl<W: Write> JsonLines<W> {
+    pub fn new(writer: W, target: impl Into<String>) -> Self {
+        JsonLines {
+            writer,
+            target: target.into(),
+            line: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Writes one record and flushes.
+    pub fn write(&mut self, record: &CaptionRecord) -> Result<()> {
+        let output_error = |source: std::io::Error| Error::Output {
+            target: self.target.clone(),
+            source,
+        };
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, record).map_err(|e| output_error(e.into()))?;
+        self.line.push(b'\n');
+        self.writer.write_all(&self.line).map_err(output_error)?;
+        self.writer.flush().map_err(output_error)
+    }
+}
+
+impl JsonLines<std::fs::File> {
+    /// Appends to `path` (created if missing): a restarted stream adds to
+    /// what an earlier run wrote.
+    pub fn append_to(path: &std::path::Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::Output {
+                target: path.display().to_string(),
+                source,
+            })?;
+        Ok(JsonLines::new(file, path.display().to_string()))
+    }
+}
+
+impl<W: Write> CaptionSink for JsonLines<W> {
+    fn on_record(&mut self, record: &CaptionRecord) -> Result<()> {
+        self.write(record)
+    }
+}
+
+/// Why the stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamEnd {
+    /// The source ended (a finite source, or one that failed for good:
+    /// see the grabber's state).
+    SourceEnded,
+    /// The stop flag was set.
+    Stopped,
+    /// `max_captions` were made.
+    MaxCaptions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StreamSummary {
+    pub end: StreamEnd,
+    pub counters: StreamCounters,
+}
+
+/// How often waits look at the stop flag and call `on_idle`.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Captions the grabber's newest frame every `config.every` until the
+/// source ends, `stop` is set (after the caption in flight) or
+/// `max_captions` are made. Returns an error only for a configuration that
+/// cannot work (an empty prompt) or `max_consecutive_errors` failed
+/// captions in a row.
+pub fn run(
+    generator: &mut Generator<'_>,
+    grabber: &Grabber,
+    config: &StreamConfig,
+    stop: &StopFlag,
+    sink: &mut dyn CaptionSink,
+) -> Result<StreamSummary> {
+    check_prompt(generator, config)?;
+    let mut counters = StreamCounters::default();
+    let mut consecutive_errors = 0u32;
+    let mut next_due = Instant::now();
+    let summary = |end, mut counters: StreamCounters| {
+        counters.source = grabber.counters();
+        Ok(StreamSummary { end, counters })
+    };
+    loop {
+        // Wait for the interval, then for a frame newer than the last.
+        while Instant::now() < next_due {
+            if stop.is_stopped() {
+                return summary(StreamEnd::Stopped, counters);
+            }
+            sink.on_idle(generator);
+            std::thread::sleep(POLL.min(next_due.saturating_duration_since(Instant::now())));
+        }
+        let frame = loop {
+            if stop.is_stopped() {
+                return summary(StreamEnd::Stopped, counters);
+            }
+            match grabber.next_frame(POLL) {
+                NextFrame::Frame(frame) => break frame,
+                NextFrame::TimedOut => sink.on_idle(generator),
+                NextFrame::Ended => return summary(StreamEnd::SourceEnded, counters),
+                NextFrame::Stopped => return summary(StreamEnd::Stopped, counters),
+            }
+        };
+
+        let started = Instant::now();
+        next_due = started + config.every;
+        let frame_age_ms = started.saturating_duration_since(frame.captured_instant).as_secs_f64() * 1e3;
+        let generated = generator.generate(
+            Some(ImageInput::Rgb8(&frame.image)),
+            config.prompt.as_deref(),
+            &config.params,
+            &mut |_| {},
+        );
+        let generation = match generated {
+            Ok(generation) => generation,
+            Err(err) => {
+                counters.caption_errors += 1;
+                consecutive_errors += 1;
+                log::error!("frame {}: captioning failed: {}", frame.id, error_chain(&err));
+                sink.on_caption_error(frame.id, &err);
+                if config
+                    .max_consecutive_errors
+                    .is_some_and(|max| consecutive_errors >= max)
+                {
+                    return Err(err);
+                }
+                continue;
+            }
+        };
+        consecutive_errors = 0;
+        counters.captions += 1;
+        counters.source = grabber.counters();
+        let finished = SystemTime::now();
+        let cache = generator.cache();
+        let record = CaptionRecord {
+            time: rfc3339(finished),
+            unix_ms: unix_ms(finished),
+            frame_id: frame.id,
+            frame_time: rfc3339(frame.captured_at),
+            frame_path: frame.path,
+            frame_width: frame.image.width(),
+            frame_height: frame.image.height(),
+            frame_age_ms,
+            caption: generation.text.trim().to_string(),
+            tokens: generation.token_ids.len(),
+            prompt_tokens: generation.prompt_tokens,
+            stop: generation.stop,
+            caption_ms: started.elapsed().as_secs_f64() * 1e3,
+            timings_ms: generation.timings,
+            policy: cache.policy(),
+            keep: cache.keep().get(),
+            pool_bytes: generation.pool_bytes,
+            pool_slots: generation.pool_capacity,
+            cache_entries: generation.cache_entries,
+            merged: generation.cache.merged,
+            evicted: generation.cache.evicted,
+            counters,
+        };
+        if let Err(err) = sink.on_record(&record) {
+            counters.output_errors += 1;
+            log::error!(
+                "frame {}: the caption could not be written ({}): {:?}",
+                frame.id,
+                error_chain(&err),
+                record.caption
+            );
+        }
+        if config.max_captions.is_some_and(|max| counters.captions >= max) {
+            return summary(StreamEnd::MaxCaptions, counters);
+        }
+    }
+}
+
+/// Fails now, not at every frame, when the prompt is empty or cannot fit the
+/// pool (the `full` policy).
+pub fn check_prompt(generator: &Generator<'_>, config: &StreamConfig) -> Result<()> {
+    let model = generator.model();
+    let Some(vision) = &model.manifest.vision else {
+        return Err(Error::Shape(format!(
+            "model {} has no vision graph: it cannot caption frames",
+            model.manifest.name
+        )));
+    };
+    let prompt = model
+        .prompt
+        .build(config.prompt.as_deref(), Some(vision.image_tokens))?;
+    generator.cache().admit(prompt.len(), config.params.max_new_tokens)
+}
+
+/// `2024-05-01T12:00:00.123Z`.
+pub fn rfc3339(time: SystemTime) -> String {
+    match jiff::Timestamp::try_from(time) {
+        Ok(timestamp) => format!("{timestamp:.3}"),
+        // Outside jiff's range (years -9999..=9999): not a real clock.
+        Err(_) => format!("@{}ms", unix_ms(time)),
+    }
+}
+
+/// Milliseconds since the unix epoch (0 before it).
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Parses an interval: a number with an optional unit, `ms`, `s` (the
+/// default), `m` or `h`: `2s`, `500ms`, `1.5m`, `0`.
+pub fn parse_interval(text: &str) -> Result<Duration> {
+    let bad = |reason: &str| Error::Interval {
+        input: text.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    if number.is_empty() {
+        return Err(bad("no number"));
+    }
+    let value: f64 = number.parse().map_err(|_| bad("not a number"))?;
+    let seconds_per_unit = match unit.trim() {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad("unknown unit; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|_| bad("out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_parse_with_units() {
+        let ms = |t: &str| parse_interval(t).unwrap().as_millis();
+        assert_eq!(ms("2s"), 2000);
+        assert_eq!(ms("2"), 2000);
+        assert_eq!(ms("0"), 0);
+        assert_eq!(ms("500ms"), 500);
+        assert_eq!(ms("1.5m"), 90_000);
+        assert_eq!(ms(" 1h "), 3_600_000);
+        for bad in ["", "s", "-1s", "2 fortnights", "1.2.3s", "1e400"] {
+            assert!(matches!(parse_interval(bad), Err(Error::Interval { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_with_milliseconds() {
+        let time = UNIX_EPOCH + Duration::from_millis(1_714_564_800_123);
+        assert_eq!(rfc3339(time), "2024-05-01T12:00:00.123Z");
+        assert_eq!(unix_ms(time), 1_714_564_800_123);
+    }
+}
