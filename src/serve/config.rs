@@ -15,6 +15,8 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::kv::{KeepRatio, KvBudget, PolicyKind};
 use crate::model::Device;
+use crate::source::SourceSpec;
+use crate::stream::parse_interval;
 
 /// The most tokens one caption may ask for (a typo guard: the pool is
 /// sized for the prompt plus these).
@@ -28,7 +30,7 @@ pub struct ServeConfig {
     pub model: ModelConfig,
     pub cache: CacheConfig,
     pub caption: CaptionConfig,
-    pub stream: StreamConfig,
+    pub stream: StreamSettings,
     pub http: HttpConfig,
 }
 
@@ -61,10 +63,12 @@ pub struct CaptionConfig {
 }
 
 #[derive(Clone, Debug)]
-pub struct StreamConfig {
-    /// The camera: a source spec (see `elastic-edge stream --help`); none
-    /// means the service only captions what is POSTed.
-    pub source: Option<String>,
+pub struct StreamSettings {
+    /// The camera: a source spec (see [`SourceSpec`]); none means the
+    /// service only captions what is POSTed.
+    pub source: Option<SourceSpec>,
+    /// File sources: start again after the last file.
+    pub looping: bool,
     /// One caption of the latest frame this often (0: back to back).
     pub interval: Duration,
     /// Append each stream caption to this JSON Lines file.
@@ -131,6 +135,8 @@ struct RawCaption {
 #[serde(deny_unknown_fields)]
 struct RawStream {
     source: Option<String>,
+    #[serde(rename = "loop", default)]
+    looping: bool,
     interval: Option<String>,
     jsonl: Option<PathBuf>,
 }
@@ -219,20 +225,23 @@ impl ServeConfig {
             max_new_tokens,
         };
 
-        if let Some(source) = &raw.stream.source {
-            if source.trim().is_empty() {
+        let source = match &raw.stream.source {
+            Some(text) if text.trim().is_empty() => {
                 return Err(bad(
                     "stream.source",
                     "is empty (leave it out to caption only POSTed images)".into(),
-                ));
+                ))
             }
-        }
+            Some(text) => Some(anchor_spec(text, base).map_err(|e| bad("stream.source", e.to_string()))?),
+            None => None,
+        };
         let interval = match &raw.stream.interval {
-            Some(text) => parse_duration(text).map_err(|reason| bad("stream.interval", reason))?,
+            Some(text) => parse_interval(text).map_err(|e| bad("stream.interval", e.to_string()))?,
             None => Duration::from_secs(2),
         };
-        let stream = StreamConfig {
-            source: raw.stream.source,
+        let stream = StreamSettings {
+            source,
+            looping: raw.stream.looping,
             interval,
             jsonl: raw.stream.jsonl.map(anchor),
         };
@@ -299,33 +308,28 @@ fn deserialize(text: &str, path: &Path) -> Result<RawConfig> {
     })
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Parses a source spec with its relative paths taken from `base` (the
+/// config's folder), not from the service's working directory.
+fn anchor_spec(text: &str, base: &Path) -> Result<SourceSpec> {
+    let spec: SourceSpec = text.parse()?;
+    let relative = |p: &Path| p.is_relative();
+    Ok(match spec {
+        // A bare relative path: parse again from the config's folder, where
+        // it may turn out to be a folder.
+        SourceSpec::File(path) if relative(&path) && !text.starts_with("file:") => {
+            base.join(text).to_string_lossy().parse()?
+        }
+        SourceSpec::File(path) if relative(&path) => SourceSpec::File(base.join(path)),
+        SourceSpec::Dir(path) if relative(&path) => SourceSpec::Dir(base.join(path)),
+        SourceSpec::Glob(pattern) if relative(Path::new(&pattern)) => {
+            SourceSpec::Glob(base.join(pattern).to_string_lossy().into_owned())
+        }
+        other => other,
+    })
 }
 
-/// `500ms`, `2s`, `1.5s`, `1min`, `0`: a non-negative duration.
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (like 500ms, 2s, 1min)"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1e3,
-        "s" => value,
-        "min" | "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "" if value == 0.0 => 0.0,
-        "" => return Err(format!("{text:?} has no unit (ms, s, min or h)")),
-        other => return Err(format!("unknown unit {other:?} in {text:?} (ms, s, min or h)")),
-    };
-    if !(0.0..=86_400.0).contains(&seconds) {
-        return Err(format!("{text:?} is outside 0 to 24 hours"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `8MiB`, `512KiB`, `1000000`: a positive byte count.
@@ -349,7 +353,7 @@ mod tests {
     fn key_of(text: &str) -> (String, String) {
         match parse(text) {
             Err(Error::Config { key, reason, .. }) => (key, reason),
-            other => panic!("expected a config error, got {other:?}"),
+            other => panic!("expected a config error for {text:?}, got {other:?}"),
         }
     }
 
@@ -429,9 +433,24 @@ mod tests {
                 "token count",
             ),
             (
-                "[model]\ndir = \"m\"\n[stream]\ninterval = \"2\"\n",
+                "[model]\ndir = \"m\"\n[stream]\ninterval = \"2 days\"\n",
                 "stream.interval",
-                "no unit",
+                "unknown unit",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\ninterval = 2\n",
+                "stream.interval",
+                "invalid type",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\nsource = \"stdin:gif\"\n",
+                "stream.source",
+                "stdin:mjpeg or stdin:ppm",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\nloop = \"yes\"\n",
+                "stream.loop",
+                "invalid type",
             ),
             (
                 "[model]\ndir = \"m\"\n[caption]\nmax_new_tokens = 0\n",
@@ -454,6 +473,29 @@ mod tests {
     }
 
     #[test]
+    fn relative_source_paths_start_at_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("frames")).unwrap();
+        let config_path = dir.path().join("serve.toml");
+        for (spec, expected) in [
+            ("frames", SourceSpec::Dir(dir.path().join("frames"))),
+            ("dir:frames", SourceSpec::Dir(dir.path().join("frames"))),
+            ("file:a.png", SourceSpec::File(dir.path().join("a.png"))),
+            (
+                "frames/*.png",
+                SourceSpec::Glob(format!("{}/frames/*.png", dir.path().display())),
+            ),
+            ("/abs/*.png", SourceSpec::Glob("/abs/*.png".into())),
+            ("stdin:ppm", SourceSpec::Stdin(crate::source::PipeFormat::Ppm)),
+        ] {
+            let text = format!("[model]\ndir = \"m\"\n[stream]\nsource = \"{spec}\"\nloop = true\n");
+            let config = ServeConfig::parse(&text, &config_path).unwrap();
+            assert_eq!(config.stream.source, Some(expected), "{spec}");
+            assert!(config.stream.looping);
+        }
+    }
+
+    #[test]
     fn syntax_errors_give_the_line() {
         let (key, reason) = key_of("[model]\ndir = \"m\"\n\n[cache\n");
         assert_eq!(key, "line 4");
@@ -461,14 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("48h").is_err());
+    fn sizes() {
         assert_eq!(parse_bytes("8MiB").unwrap(), 8 << 20);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("0").is_err());

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::source::GrabberCounters;
+
 /// The last error, of any kind, for the operator.
 #[derive(Clone, Debug, Serialize)]
 pub struct LastError {
@@ -48,6 +50,8 @@ pub struct SourceHealth {
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Frames received, dropped, corrupt; losses and reconnection attempts.
+    pub counters: GrabberCounters,
 }
 
 /// The body of `GET /healthz`.
@@ -154,7 +158,9 @@ impl Health {
             ));
         }
         if let Some(source) = &source {
-            if source.state != "running" {
+            // Starting is not degraded: a camera that is not there yet is
+            // reported lost (reconnecting) by the grabber.
+            if source.state != "running" && source.state != "starting" {
                 reasons.push(match &source.detail {
                     Some(detail) => format!("source {}: {detail}", source.state),
                     None => format!("source {}", source.state),
@@ -205,6 +211,7 @@ mod tests {
             spec: "cam".into(),
             state: "reconnecting",
             detail: Some("device gone".into()),
+            counters: GrabberCounters::default(),
         };
         let report = health.report(Some(source));
         assert_eq!(report.reasons, ["source reconnecting: device gone"]);

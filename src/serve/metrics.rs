@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 
 use crate::generate::Generation;
+use crate::source::GrabberCounters;
+use crate::stream::CaptionRecord;
 
 /// Who asked for a caption.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -26,17 +28,49 @@ impl Origin {
     }
 }
 
-/// What the frame source reports, read at scrape time.
+/// The frame source's states, as `elastic_edge_source_state` labels them.
+pub const SOURCE_STATES: [&str; 6] = ["starting", "running", "reconnecting", "finished", "stopped", "failed"];
+
+/// What one caption adds to the metrics.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SourceFigures {
-    /// Frames the source delivered.
-    pub frames: u64,
-    /// Frames replaced by a newer one before they were captioned.
-    pub dropped: u64,
-    /// Frames that could not be decoded.
-    pub corrupt: u64,
-    /// Times the source was lost (and reconnected, or ended).
-    pub losses: u64,
+pub struct CaptionFigures {
+    /// End to end: image decoding to the last token.
+    pub caption_ms: f64,
+    pub time_to_first_token_ms: f64,
+    pub tokens: usize,
+    pub merged: u64,
+    pub evicted: u64,
+    pub pool_bytes: u64,
+    pub pool_slots: usize,
+    pub cache_entries: usize,
+}
+
+impl CaptionFigures {
+    pub fn of_record(record: &CaptionRecord) -> Self {
+        CaptionFigures {
+            caption_ms: record.caption_ms,
+            time_to_first_token_ms: record.timings_ms.time_to_first_token_ms,
+            tokens: record.tokens,
+            merged: record.merged,
+            evicted: record.evicted,
+            pool_bytes: record.pool_bytes,
+            pool_slots: record.pool_slots,
+            cache_entries: record.cache_entries,
+        }
+    }
+
+    pub fn of_generation(generation: &Generation, caption_ms: f64) -> Self {
+        CaptionFigures {
+            caption_ms,
+            time_to_first_token_ms: generation.timings.time_to_first_token_ms,
+            tokens: generation.token_ids.len(),
+            merged: generation.cache.merged,
+            evicted: generation.cache.evicted,
+            pool_bytes: generation.pool_bytes,
+            pool_slots: generation.pool_capacity,
+            cache_entries: generation.cache_entries,
+        }
+    }
 }
 
 /// Upper bounds of the latency buckets, in seconds: a caption takes tens of
@@ -104,12 +138,9 @@ pub mod kind {
     pub const IMAGE: &str = "image";
     /// The JSON Lines file could not be written.
     pub const OUTPUT: &str = "output";
-    /// The frame source failed or was lost.
-    pub const SOURCE: &str = "source";
-    /// A request that was malformed (400) or too large (413).
+    /// A request that was malformed (400), too large (413) or whose image or
+    /// prompt could not be used.
     pub const REQUEST: &str = "request";
-    /// A reply that could not be sent to an HTTP client.
-    pub const HTTP: &str = "http";
 }
 
 impl Metrics {
@@ -126,18 +157,18 @@ impl Metrics {
         inner.pool_slots = slots as u64;
     }
 
-    /// A caption done: `seconds` end to end (image decode to last token).
-    pub fn caption(&self, origin: Origin, generation: &Generation, seconds: f64) {
+    /// A caption done.
+    pub fn caption(&self, origin: Origin, figures: &CaptionFigures) {
         let mut inner = self.lock();
         *inner.captions.entry(origin.name()).or_default() += 1;
-        inner.latency.observe(seconds);
-        inner.ttft.observe(generation.timings.time_to_first_token_ms / 1e3);
-        inner.generated_tokens += generation.token_ids.len() as u64;
-        inner.merged += generation.cache.merged;
-        inner.evicted += generation.cache.evicted;
-        inner.pool_bytes = generation.pool_bytes;
-        inner.pool_slots = generation.pool_capacity as u64;
-        inner.cache_entries = generation.cache_entries as u64;
+        inner.latency.observe(figures.caption_ms / 1e3);
+        inner.ttft.observe(figures.time_to_first_token_ms / 1e3);
+        inner.generated_tokens += figures.tokens as u64;
+        inner.merged += figures.merged;
+        inner.evicted += figures.evicted;
+        inner.pool_bytes = figures.pool_bytes;
+        inner.pool_slots = figures.pool_slots as u64;
+        inner.cache_entries = figures.cache_entries as u64;
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -157,9 +188,9 @@ impl Metrics {
         self.lock().errors.get(kind).copied().unwrap_or(0)
     }
 
-    /// The exposition text. `source` is `None` when no camera is configured;
-    /// `source_state` is its state's name.
-    pub fn render(&self, source: Option<(SourceFigures, &str)>, sse_clients: usize, uptime_s: f64) -> String {
+    /// The exposition text. `source` is `None` when no camera is configured,
+    /// else its counters and its state's name (one of [`SOURCE_STATES`]).
+    pub fn render(&self, source: Option<(GrabberCounters, &str)>, sse_clients: usize, uptime_s: f64) -> String {
         let inner = self.lock();
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, String)]| {
@@ -175,33 +206,38 @@ impl Metrics {
             "elastic_edge_frames_total",
             "counter",
             "Frames delivered by the source.",
-            &plain(figures.frames),
+            &plain(figures.frames_received),
         );
         metric(
             "elastic_edge_frames_dropped_total",
             "counter",
             "Frames replaced by a newer one before they were captioned (latest frame wins).",
-            &plain(figures.dropped),
+            &plain(figures.frames_dropped),
         );
         metric(
             "elastic_edge_frames_corrupt_total",
             "counter",
             "Frames that could not be decoded.",
-            &plain(figures.corrupt),
+            &plain(figures.frames_corrupt),
         );
         metric(
             "elastic_edge_source_losses_total",
             "counter",
             "Times the frame source was lost.",
-            &plain(figures.losses),
+            &plain(figures.source_losses),
         );
-        let states = ["running", "reconnecting", "ended"];
+        metric(
+            "elastic_edge_source_reconnect_attempts_total",
+            "counter",
+            "Attempts to reconnect a lost source.",
+            &plain(figures.reconnect_attempts),
+        );
         let current = source.map(|(_, s)| s);
         metric(
             "elastic_edge_source_state",
             "gauge",
             "The frame source's state (1 for the current one; all 0 without a source).",
-            &states
+            &SOURCE_STATES
                 .iter()
                 .map(|s| (format!("{{state=\"{s}\"}}"), u64::from(current == Some(*s)).to_string()))
                 .collect::<Vec<_>>(),
@@ -221,26 +257,24 @@ impl Metrics {
             "Captions generated, by origin (stream: the camera; http: POST /caption).",
             &captions,
         );
-        let errors: Vec<_> = [
-            kind::CAPTION,
-            kind::IMAGE,
-            kind::OUTPUT,
-            kind::SOURCE,
-            kind::REQUEST,
-            kind::HTTP,
-        ]
-        .iter()
-        .map(|k| {
-            (
-                format!("{{kind=\"{k}\"}}"),
-                inner.errors.get(k).copied().unwrap_or(0).to_string(),
-            )
-        })
-        .collect();
+        let mut errors: Vec<_> = [kind::CAPTION, kind::IMAGE, kind::OUTPUT, kind::REQUEST]
+            .iter()
+            .map(|k| {
+                (
+                    format!("{{kind=\"{k}\"}}"),
+                    inner.errors.get(k).copied().unwrap_or(0).to_string(),
+                )
+            })
+            .collect();
+        // The grabber's own errors, counted where they happen.
+        errors.push(("{kind=\"corrupt_frame\"}".into(), figures.frames_corrupt.to_string()));
+        errors.push(("{kind=\"source_lost\"}".into(), figures.source_losses.to_string()));
         metric(
             "elastic_edge_errors_total",
             "counter",
-            "Errors, by kind (each is also logged).",
+            "Errors, by kind (each is also logged): caption (the model failed), image (a frame or POSTed \
+             image did not decode), output (the caption file), request (a bad or oversized POST), \
+             corrupt_frame and source_lost (the frame source).",
             &errors,
         );
         metric(
@@ -344,11 +378,12 @@ mod tests {
         metrics.http_request("/healthz", 200);
         let text = metrics.render(
             Some((
-                SourceFigures {
-                    frames: 9,
-                    dropped: 3,
-                    corrupt: 1,
-                    losses: 2,
+                GrabberCounters {
+                    frames_received: 9,
+                    frames_dropped: 3,
+                    frames_corrupt: 1,
+                    source_losses: 2,
+                    reconnect_attempts: 4,
                 },
                 "reconnecting",
             )),
@@ -376,6 +411,7 @@ mod tests {
         assert!(text.contains("elastic_edge_source_state{state=\"reconnecting\"} 1\n"));
         assert!(text.contains("elastic_edge_source_state{state=\"running\"} 0\n"));
         assert!(text.contains("elastic_edge_errors_total{kind=\"output\"} 1\n"));
+        assert!(text.contains("elastic_edge_errors_total{kind=\"source_lost\"} 2\n"));
         assert!(text.contains("elastic_edge_http_requests_total{route=\"/healthz\",status=\"200\"} 1\n"));
     }
 }
