@@ -111,7 +111,6 @@ fn post_caption(
                 &format!("the image is over the limit of {limit} bytes (http.max_body)"),
             )
         }
-        Err(BodyError::LengthRequired) => return bad(411, "send Content-Length (or Transfer-Encoding: chunked)"),
         Err(BodyError::Malformed(reason)) => return bad(400, &reason),
         Err(BodyError::Io(e)) => return bad(400, &format!("reading the body: {e}")),
     };

@@ -59,8 +59,6 @@ impl Request {
 pub enum BodyError {
     /// Over the limit (declared or counted): 413.
     TooLarge { limit: u64 },
-    /// Neither a length nor chunked: 411.
-    LengthRequired,
     /// Bad chunked framing: 400.
     Malformed(String),
     /// The client went away or stalled.
@@ -121,14 +119,16 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Reads the whole body, refusing more than `limit` bytes.
+    /// Reads the whole body, refusing more than `limit` bytes. A request
+    /// with neither a length nor chunked framing has an empty body (RFC 9112).
     pub fn read_body(&mut self, request: &Request, limit: u64) -> std::result::Result<Vec<u8>, BodyError> {
         if let Some(length) = request.content_length {
             if length > limit {
                 return Err(BodyError::TooLarge { limit });
             }
         } else if !request.chunked {
-            return Err(BodyError::LengthRequired);
+            self.body_done = true;
+            return Ok(Vec::new());
         }
         if request.expect_continue {
             self.stream
@@ -621,7 +621,6 @@ mod tests {
             let response = match connection.read_body(&request, limit) {
                 Ok(body) => Response::new(200, "text/plain", body.len().to_string()),
                 Err(BodyError::TooLarge { .. }) => Response::error(413, "too large"),
-                Err(BodyError::LengthRequired) => Response::error(411, "length"),
                 Err(BodyError::Malformed(m)) => Response::error(400, &m),
                 Err(BodyError::Io(e)) => Response::error(400, &e.to_string()),
             };
@@ -664,7 +663,7 @@ mod tests {
         let answer = exchange(&server, b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
         let answer = exchange(&server, b"POST /x HTTP/1.1\r\n\r\n");
-        assert!(answer.starts_with("HTTP/1.1 411 "), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n0"), "no length, no body: {answer}");
         server.stop();
         assert!(!server.is_running());
     }

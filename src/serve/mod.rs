@@ -210,6 +210,15 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
     let notifier = Notifier::from_env()?;
     notify_or_warn(notifier.status("loading the model"));
     let (manifest, cache) = plan_cache(config)?;
+    // The source before the model: a folder without pictures or a pipeline
+    // that does not parse fails in milliseconds.
+    let source = match &config.stream.source {
+        Some(spec) => Some(
+            spec.open(&source_options(config), stop)
+                .map_err(|e| config.error("stream.source", error_chain(&e)))?,
+        ),
+        None => None,
+    };
     let stall_after = notifier
         .watchdog()
         .unwrap_or(Duration::from_secs(120))
@@ -266,13 +275,8 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         Some(path) => Some(JsonLines::append_to(path).map_err(|e| config.error("stream.jsonl", error_chain(&e)))?),
         None => None,
     };
-    let grabber = match &config.stream.source {
-        Some(spec) => {
-            let source = spec
-                .open(&source_options(config), stop)
-                .map_err(|e| config.error("stream.source", error_chain(&e)))?;
-            Some(Grabber::start(source, Backoff::default(), stop.clone())?)
-        }
+    let grabber = match source {
+        Some(source) => Some(Grabber::start(source, Backoff::default(), stop.clone())?),
         None => None,
     };
 
