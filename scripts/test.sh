@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# Debian's GStreamer for the `gstreamer` feature's sources and tests
+# (apt-get only when a package is missing).
+scripts/setup-gstreamer.sh
 # The demo model (fp32 and fp16) for the end-to-end tests: a few minutes and
 # a 4 GB torch download the first time, seconds afterwards.
 scripts/build-demo-model.sh
@@ -13,5 +16,7 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)" >&2
 cargo clippy --locked --all-targets -- -D warnings
-echo "== cargo test" >&2
-cargo test --locked
+echo "== cargo clippy --features gstreamer (warnings are errors)" >&2
+cargo clippy --locked --all-targets --features gstreamer -- -D warnings
+echo "== cargo test --features gstreamer" >&2
+cargo test --locked --features gstreamer

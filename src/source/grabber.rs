@@ -367,9 +367,9 @@ impl Shared {
                     last_error: last_error.clone(),
                     retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 });
+                // The error names the source.
                 log::warn!(
-                    "source {}: {last_error}; reconnecting in {:.1} s (attempt {failures})",
-                    self.spec,
+                    "{last_error}; reconnecting in {:.1} s (attempt {failures})",
                     delay.as_secs_f64()
                 );
                 if self.sleep(delay, stop) {
@@ -409,6 +409,8 @@ impl Shared {
                         return SourceState::Stopped;
                     }
                 }
+                // A source blocked on a live feed returns None when asked to stop.
+                Ok(None) if self.stopping(stop) => return SourceState::Stopped,
                 Ok(None) => return SourceState::Finished,
                 Err(err) => match err.source_failure() {
                     SourceFailure::CorruptFrame => {

@@ -21,6 +21,8 @@
 
 pub mod files;
 pub mod grabber;
+#[cfg(feature = "gstreamer")]
+pub mod gst;
 pub mod pipe;
 
 use std::fmt;
@@ -277,6 +279,9 @@ impl SourceSpec {
                 self.to_string(),
                 options.max_pixels,
             ))),
+            #[cfg(feature = "gstreamer")]
+            SourceSpec::Gst(pipeline) => Ok(Box::new(gst::GstSource::open(pipeline, options, stop.clone())?)),
+            #[cfg(not(feature = "gstreamer"))]
             SourceSpec::Gst(_) => {
                 let _ = stop;
                 Err(Error::SourceConfig {
