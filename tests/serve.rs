@@ -838,3 +838,36 @@ fn soak_500_frames_memory_stays_flat() {
         "RSS grew by {growth} bytes between frame 50 ({rss_50}) and frame 500 ({rss_500})"
     );
 }
+
+/// A live camera (GStreamer's test source at 30 frames a second) captioned
+/// every 300 ms: frames in between are dropped and counted, health is ok.
+#[cfg(feature = "gstreamer")]
+#[test]
+fn a_live_gstreamer_camera_drops_frames_between_captions() {
+    let config = format!(
+        "{}\n[stream]\nsource = \"gst:videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=30/1 \
+         ! videoconvert ! appsink\"\ninterval = \"300ms\"\n",
+        base_config()
+    );
+    let service = start(&config, &Launch::default());
+    let text = wait_for(60, "three stream captions", || {
+        let text = metrics(&service);
+        (metric(&text, "elastic_edge_captions_total{origin=\"stream\"}") >= 3.0).then_some(text)
+    });
+    let frames = metric(&text, "elastic_edge_frames_total");
+    let dropped = metric(&text, "elastic_edge_frames_dropped_total");
+    let captions = metric(&text, "elastic_edge_captions_total{origin=\"stream\"}");
+    assert!(
+        frames > captions && dropped > 0.0,
+        "{frames} frames, {dropped} dropped, {captions} captions"
+    );
+    assert_eq!(metric(&text, "elastic_edge_source_state{state=\"running\"}"), 1.0);
+    let (status, health) = get_json(&service.url("/healthz"));
+    assert_eq!(status, 200, "{health}");
+    assert!(
+        health["source"]["counters"]["frames_dropped"].as_u64().unwrap() > 0,
+        "{health}"
+    );
+    let (status, _, stderr) = service.terminate();
+    assert!(status.success(), "{stderr}");
+}
