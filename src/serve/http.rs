@@ -226,7 +226,7 @@ impl Connection {
                 while !self.read_line(deadline)?.is_empty() {}
                 return Ok(body);
             }
-            if body.len() as u64 + size > limit {
+            if (body.len() as u64).saturating_add(size) > limit {
                 return Err(BodyError::TooLarge { limit });
             }
             self.read_exact_into(&mut body, size as usize, deadline)?;
@@ -658,6 +658,11 @@ mod tests {
         let answer = exchange(
             &server,
             b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nabcdefgh\r\n8\r\nabcdefgh\r\n0\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        let answer = exchange(
+            &server,
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nffffffffffffffff\r\n",
         );
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
         let answer = exchange(&server, b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");

@@ -74,20 +74,16 @@ impl Shared {
     fn source_health(&self) -> Option<SourceHealth> {
         let (spec, monitor) = self.source.as_ref()?;
         let status = monitor.status();
-        let (state, detail) = match status.state {
-            SourceState::Starting => ("starting", None),
-            SourceState::Running => ("running", None),
+        let state = state_name(&status.state);
+        let detail = match &status.state {
             SourceState::Reconnecting {
                 attempt,
                 last_error,
                 retry_in_ms,
-            } => (
-                "reconnecting",
-                Some(format!("{last_error} (attempt {attempt}, next in {retry_in_ms} ms)")),
-            ),
-            SourceState::Finished => ("finished", Some("no more frames".to_string())),
-            SourceState::Stopped => ("stopped", None),
-            SourceState::Failed { error } => ("failed", Some(error)),
+            } => Some(format!("{last_error} (attempt {attempt}, next in {retry_in_ms} ms)")),
+            SourceState::Finished => Some("no more frames".to_string()),
+            SourceState::Failed { error } => Some(error.clone()),
+            SourceState::Starting | SourceState::Running | SourceState::Stopped => None,
         };
         Some(SourceHealth {
             spec: spec.clone(),
