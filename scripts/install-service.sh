@@ -22,9 +22,9 @@
 #   --onnxruntime  default .cache/onnxruntime/lib/libonnxruntime.so (on a Jetson: JetPack's)
 #   --model        default .cache/models/demo-fp16
 #   --config       default scripts/elastic-edge.toml; its [model] dir is set to the installed model
-#   --gpu          jetson: the Jetson iGPU's nodes (and nvargus' socket for CSI cameras);
-#                  nvidia: a discrete GPU's nodes. Turns MemoryDenyWriteExecute off (not
-#                  checked with NVIDIA's closed driver).
+#   --gpu          jetson: the Jetson iGPU's nodes (and nvargus' socket for CSI cameras),
+#                  MemoryDenyWriteExecute off (not checked with Jetson's driver);
+#                  nvidia: a discrete GPU's nodes.
 #   --no-start     install and enable, but do not (re)start
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,7 +130,8 @@ DeviceAllow=/dev/nvgpu/igpu0/power rw
 # A CSI camera (nvarguscamerasrc) talks to nvargus-daemon through a socket
 # in /tmp.
 PrivateTmp=no
-# NVIDIA's closed driver was not checked under it.
+# Jetson's GPU driver and TensorRT were not checked under it (a discrete
+# GPU's CUDA was: see --gpu nvidia).
 MemoryDenyWriteExecute=no
 EOF
   ;;
@@ -142,8 +143,10 @@ DeviceAllow=/dev/nvidiactl rw
 DeviceAllow=/dev/nvidia0 rw
 DeviceAllow=/dev/nvidia-uvm rw
 DeviceAllow=/dev/nvidia-uvm-tools rw
-# NVIDIA's closed driver was not checked under it.
-MemoryDenyWriteExecute=no
+# MemoryDenyWriteExecute stays on: CUDA 13 on driver 580 (cuBLAS, cuDNN,
+# an NVRTC-compiled kernel) ran under PR_SET_MDWE on an H100; ONNX
+# Runtime's CUDA provider itself was not run there. If it fails to
+# register, add MemoryDenyWriteExecute=no here.
 EOF
   ;;
 esac

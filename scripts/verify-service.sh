@@ -68,7 +68,7 @@ grep -q '^dir = "/usr/local/share/elastic-edge/model"$' "$root/etc/elastic-edge/
 say "systemd-analyze verify: ok ($(systemd-analyze --version | head -1))"
 for gpu in jetson nvidia; do
   install "$root" --gpu "$gpu" >/dev/null 2>&1 || { install "$root" --gpu "$gpu"; exit 1; }
-  grep -q '^MemoryDenyWriteExecute=no$' "$root/etc/systemd/system/elastic-edge.service.d/20-gpu.conf"
+  grep -q '^DeviceAllow=/dev/nv' "$root/etc/systemd/system/elastic-edge.service.d/20-gpu.conf"
   say "systemd-analyze verify with --gpu $gpu: ok"
 done
 install "$root" >/dev/null 2>&1
