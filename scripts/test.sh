@@ -20,3 +20,5 @@ echo "== cargo clippy --features gstreamer (warnings are errors)" >&2
 cargo clippy --locked --all-targets --features gstreamer -- -D warnings
 echo "== cargo test --features gstreamer" >&2
 cargo test --locked --features gstreamer
+echo "== systemd unit: install into a scratch root, systemd-analyze verify" >&2
+scripts/verify-service.sh

@@ -108,6 +108,21 @@ pub enum Error {
     #[error("{path}: line {line}: {reason}")]
     Dataset { path: PathBuf, line: usize, reason: String },
 
+    /// A service configuration (`serve --config`) that cannot be used: a
+    /// syntax error, an unknown key, a value of the wrong type or out of
+    /// range. `key` is the dotted path (`cache.keep`).
+    #[error("{path}: {key}: {reason}")]
+    Config { path: PathBuf, key: String, reason: String },
+
+    /// The service's own I/O: binding the HTTP address, writing the caption
+    /// file, the notify socket.
+    #[error("{what}: {source}")]
+    ServiceIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Any other ONNX Runtime failure, with what we were doing.
     #[error("ONNX Runtime: {context}: {reason}")]
     Runtime { context: String, reason: String },

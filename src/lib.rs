@@ -12,6 +12,7 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod runtime;
+pub mod serve;
 pub mod source;
 pub mod stream;
 

@@ -16,6 +16,7 @@ use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
+use elastic_edge::serve::{self, ServeConfig};
 use elastic_edge::source::{Backoff, Grabber, SourceOptions, SourceSpec, SourceState, StopFlag};
 use elastic_edge::stream::{self, CaptionRecord, CaptionSink, JsonLines, StreamConfig, StreamEnd};
 
@@ -48,6 +49,29 @@ enum Command {
     Eval(EvalArgs),
     /// Caption a camera or a stream of pictures continuously, as JSON Lines.
     Stream(StreamArgs),
+    /// The robot service: a camera captioned continuously, HTTP health,
+    /// metrics, captions and POST /caption, systemd notifications.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+#[command(
+    after_long_help = "HTTP (default 127.0.0.1:8080): GET /healthz (200 ok, 503 degraded), GET /metrics \
+                       (Prometheus), GET /caption/latest, GET /captions/stream or /events (server-sent events), \
+                       POST /caption[?prompt=...] with an image as the body. Under systemd (Type=notify): READY=1 \
+                       once the model is loaded and HTTP listens, WATCHDOG=1 while the captioning loop is alive, \
+                       STOPPING=1 on SIGTERM or SIGINT, which stop after the caption in flight. \
+                       scripts/elastic-edge.toml is a commented config; scripts/install-service.sh installs the unit."
+)]
+struct ServeArgs {
+    /// The service's TOML config.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+
+    /// Check the config, the model's files, the KV budget and the source,
+    /// print the memory the service needs (MemoryMax), and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -316,8 +340,14 @@ fn parse_every(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // The service logs what it does (journald keeps it); commands stay quiet.
+    let level = if matches!(cli.command, Command::Serve(_)) {
+        "info,ort=warn"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -334,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
         Command::Eval(args) => eval(cli.onnxruntime, &args),
         Command::Stream(args) => stream_command(cli.onnxruntime, &args),
+        Command::Serve(args) => serve(cli.onnxruntime, &args),
     }
 }
 
@@ -439,6 +470,36 @@ fn generate_params(args: &SamplingArgs) -> GenerateParams {
     }
 }
 
+/// A stop flag that SIGINT and SIGTERM set. A second signal while stopping
+/// exits at once (a caption can take seconds); the first only sets the flag.
+fn stop_on_signals() -> anyhow::Result<StopFlag> {
+    let stop = StopFlag::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(stop.atomic()))
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(stop.atomic())).context("installing the signal handlers")?;
+    }
+    Ok(stop)
+}
+
+fn serve(onnxruntime: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<()> {
+    let mut config = ServeConfig::load(&args.config)?;
+    if onnxruntime.is_some() {
+        config.model.onnxruntime = onnxruntime;
+    }
+    if args.check {
+        let report = serve::check(&config)?;
+        println!("config ok: {}", config.path.display());
+        println!("model {}: {} bytes of files", report.model, report.model_bytes);
+        println!("kv pool: {} bytes, {} slots", report.pool_bytes, report.pool_slots);
+        println!("memory_max_bytes={}", report.memory_max_bytes);
+        return Ok(());
+    }
+    let stop = stop_on_signals()?;
+    serve::run(&config, &stop)?;
+    Ok(())
+}
+
 /// The stream command's sink: JSON lines out, a progress line on stderr.
 struct StreamOutput<W: Write> {
     lines: JsonLines<W>,
@@ -462,14 +523,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
 }
 
 fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Result<()> {
-    let stop = StopFlag::new();
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while stopping exits at once (a caption can take
-        // seconds); the first only sets the flag.
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(stop.atomic()))
-            .context("installing the signal handlers")?;
-        signal_hook::flag::register(signal, Arc::clone(stop.atomic())).context("installing the signal handlers")?;
-    }
+    let stop = stop_on_signals()?;
     let options = SourceOptions {
         looping: args.looping,
         ..SourceOptions::default()

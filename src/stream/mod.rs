@@ -101,9 +101,14 @@ pub trait CaptionSink {
     fn on_caption_error(&mut self, _frame_id: u64, _error: &Error) {}
 
     /// Called at least every few tens of milliseconds while waiting for the
-    /// next interval or frame, with the stream's generator: work that must
-    /// share the model and pool (a one-off caption request) goes here.
+    /// next interval or frame, and once between any two captions, with the
+    /// stream's generator: work that must share the model and pool (a
+    /// one-off caption request) goes here.
     fn on_idle(&mut self, _generator: &mut Generator<'_>) {}
+
+    /// Each piece of a caption's text as it is generated (a service's
+    /// watchdog hears from a long caption through this).
+    fn on_text(&mut self, _piece: &str) {}
 }
 
 impl<F: FnMut(&CaptionRecord) -> Result<()>> CaptionSink for F {
@@ -209,6 +214,9 @@ pub fn run(
         Ok(StreamSummary { end, counters })
     };
     loop {
+        // Between two captions, even when frames come faster than the
+        // model: queued work must not wait for a gap that never comes.
+        sink.on_idle(generator);
         // Wait for the interval, then for a frame newer than the last.
         while Instant::now() < next_due {
             if stop.is_stopped() {
@@ -236,7 +244,7 @@ pub fn run(
             Some(ImageInput::Rgb8(&frame.image)),
             config.prompt.as_deref(),
             &config.params,
-            &mut |_| {},
+            &mut |piece| sink.on_text(piece),
         );
         let generation = match generated {
             Ok(generation) => generation,

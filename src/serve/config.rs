@@ -1,0 +1,511 @@
+//! `serve --config FILE`: the service's TOML configuration.
+//!
+//! Every table and key is known (`deny_unknown_fields`); a bad file is one
+//! [`Error::Config`] naming the dotted key (`cache.keep`) and the reason,
+//! so a unit that will not start says why in one journal line. Values that
+//! need the model (whether the budget holds the policy's entries) are
+//! checked when the service builds its cache, under the same key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::kv::{KeepRatio, KvBudget, PolicyKind};
+use crate::model::Device;
+use crate::source::SourceSpec;
+use crate::stream::parse_interval;
+
+/// The most tokens one caption may ask for (a typo guard: the pool is
+/// sized for the prompt plus these).
+pub const MAX_NEW_TOKENS_LIMIT: usize = 4096;
+
+/// The service's settings, checked.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The file these came from (for messages).
+    pub path: PathBuf,
+    pub model: ModelConfig,
+    pub cache: CacheConfig,
+    pub caption: CaptionConfig,
+    pub stream: StreamSettings,
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// The model folder (relative paths are relative to the config file).
+    pub dir: PathBuf,
+    pub device: Device,
+    pub device_id: i32,
+    pub threads: Option<usize>,
+    pub onnxruntime: Option<PathBuf>,
+    pub tensorrt_cache: Option<PathBuf>,
+    pub tensorrt_fp16: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub kv_budget: KvBudget,
+    pub policy: PolicyKind,
+    pub keep: KeepRatio,
+    pub kv_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptionConfig {
+    /// The question asked of every frame, and of a POST without `?prompt=`
+    /// (default: the model's captioning prompt).
+    pub prompt: Option<String>,
+    pub max_new_tokens: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// The camera: a source spec (see [`SourceSpec`]); none means the
+    /// service only captions what is POSTed.
+    pub source: Option<SourceSpec>,
+    /// File sources: start again after the last file.
+    pub looping: bool,
+    /// One caption of the latest frame this often (0: back to back).
+    pub interval: Duration,
+    /// Append each stream caption to this JSON Lines file.
+    pub jsonl: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// The largest `POST /caption` body, in bytes.
+    pub max_body: u64,
+}
+
+// The file as written: every key optional except the model folder, unknown
+// keys refused. Strings that carry units are parsed after deserializing so
+// the error can name the key.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    model: RawModel,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    caption: RawCaption,
+    #[serde(default)]
+    stream: RawStream,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    dir: PathBuf,
+    #[serde(default)]
+    device: Device,
+    #[serde(default)]
+    device_id: i32,
+    threads: Option<usize>,
+    onnxruntime: Option<PathBuf>,
+    tensorrt_cache: Option<PathBuf>,
+    #[serde(default)]
+    tensorrt_fp16: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    kv_budget: Option<String>,
+    policy: Option<PolicyKind>,
+    keep: Option<f64>,
+    kv_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCaption {
+    prompt: Option<String>,
+    max_new_tokens: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    source: Option<String>,
+    #[serde(rename = "loop", default)]
+    looping: bool,
+    interval: Option<String>,
+    jsonl: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    max_body: Option<String>,
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            key: "(file)".into(),
+            reason: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks a config's text; `path` names it in errors and anchors its
+    /// relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let bad = |key: &str, reason: String| Error::Config {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let raw: RawConfig = deserialize(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let anchor = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        if raw.model.dir.as_os_str().is_empty() {
+            return Err(bad("model.dir", "is empty".into()));
+        }
+        if raw.model.threads == Some(0) {
+            return Err(bad(
+                "model.threads",
+                "must be at least 1 (leave it out for one per core)".into(),
+            ));
+        }
+        let model = ModelConfig {
+            dir: anchor(raw.model.dir),
+            device: raw.model.device,
+            device_id: raw.model.device_id,
+            threads: raw.model.threads,
+            onnxruntime: raw.model.onnxruntime.map(anchor),
+            tensorrt_cache: raw.model.tensorrt_cache.map(anchor),
+            tensorrt_fp16: raw.model.tensorrt_fp16,
+        };
+
+        let kv_budget = match raw.cache.kv_budget {
+            Some(text) => text.parse().map_err(|e: Error| bad("cache.kv_budget", e.to_string()))?,
+            None => KvBudget::Bytes(32 << 20),
+        };
+        let keep = match raw.cache.keep {
+            Some(keep) => KeepRatio::new(keep).map_err(|e| bad("cache.keep", e.to_string()))?,
+            None => KeepRatio::FULL,
+        };
+        let cache = CacheConfig {
+            kv_budget,
+            policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
+            keep,
+            kv_file: raw.cache.kv_file.map(anchor),
+        };
+
+        if let Some(prompt) = &raw.caption.prompt {
+            if prompt.trim().is_empty() {
+                return Err(bad(
+                    "caption.prompt",
+                    "is empty (leave it out for the model's captioning prompt)".into(),
+                ));
+            }
+        }
+        let max_new_tokens = raw.caption.max_new_tokens.unwrap_or(64);
+        if max_new_tokens == 0 || max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(bad(
+                "caption.max_new_tokens",
+                format!("{max_new_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"),
+            ));
+        }
+        let caption = CaptionConfig {
+            prompt: raw.caption.prompt,
+            max_new_tokens,
+        };
+
+        let source = match &raw.stream.source {
+            Some(text) if text.trim().is_empty() => {
+                return Err(bad(
+                    "stream.source",
+                    "is empty (leave it out to caption only POSTed images)".into(),
+                ))
+            }
+            Some(text) => Some(anchor_spec(text, base).map_err(|e| bad("stream.source", e.to_string()))?),
+            None => None,
+        };
+        let interval = match &raw.stream.interval {
+            Some(text) => parse_interval(text).map_err(|e| bad("stream.interval", e.to_string()))?,
+            None => Duration::from_secs(2),
+        };
+        let stream = StreamSettings {
+            source,
+            looping: raw.stream.looping,
+            interval,
+            jsonl: raw.stream.jsonl.map(anchor),
+        };
+
+        let listen = match &raw.http.listen {
+            Some(text) => text.parse().map_err(|_| {
+                bad(
+                    "http.listen",
+                    format!("{text:?} is not an address and port (like 127.0.0.1:8080 or [::1]:8080)"),
+                )
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let max_body = match &raw.http.max_body {
+            Some(text) => parse_bytes(text).map_err(|reason| bad("http.max_body", reason))?,
+            None => 8 << 20,
+        };
+        Ok(ServeConfig {
+            path: path.to_path_buf(),
+            model,
+            cache,
+            caption,
+            stream,
+            http: HttpConfig { listen, max_body },
+        })
+    }
+
+    /// An error about this file's `key`.
+    pub fn error(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::Config {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// TOML into the raw tables, with the dotted path of whatever fails and its
+/// line, on one line.
+fn deserialize(text: &str, path: &Path) -> Result<RawConfig> {
+    let line_of =
+        |span: Option<std::ops::Range<usize>>| span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let syntax = |e: toml::de::Error| Error::Config {
+        path: path.to_path_buf(),
+        key: match line_of(e.span()) {
+            Some(line) => format!("line {line}"),
+            None => "(syntax)".into(),
+        },
+        reason: one_line(e.message()),
+    };
+    let deserializer = toml::Deserializer::parse(text).map_err(syntax)?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = line_of(inner.span())
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        Error::Config {
+            path: path.to_path_buf(),
+            // The root ('.') only for a table missing altogether.
+            key: if key == "." { "(top level)".into() } else { key },
+            reason: format!("{}{line}", one_line(inner.message())),
+        }
+    })
+}
+
+/// Parses a source spec with its relative paths taken from `base` (the
+/// config's folder), not from the service's working directory.
+fn anchor_spec(text: &str, base: &Path) -> Result<SourceSpec> {
+    let spec: SourceSpec = text.parse()?;
+    let relative = |p: &Path| p.is_relative();
+    Ok(match spec {
+        // A bare relative path: parse again from the config's folder, where
+        // it may turn out to be a folder.
+        SourceSpec::File(path) if relative(&path) && !text.starts_with("file:") => {
+            base.join(text).to_string_lossy().parse()?
+        }
+        SourceSpec::File(path) if relative(&path) => SourceSpec::File(base.join(path)),
+        SourceSpec::Dir(path) if relative(&path) => SourceSpec::Dir(base.join(path)),
+        SourceSpec::Glob(pattern) if relative(Path::new(&pattern)) => {
+            SourceSpec::Glob(base.join(pattern).to_string_lossy().into_owned())
+        }
+        other => other,
+    })
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `8MiB`, `512KiB`, `1000000`: a positive byte count.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    match text.parse::<KvBudget>() {
+        Ok(KvBudget::Bytes(bytes)) => Ok(bytes),
+        Ok(KvBudget::Tokens(_)) => Err(format!("{text:?} is a token count; give bytes (like 8MiB)")),
+        Err(Error::BudgetSyntax { reason, .. }) => Err(format!("{text:?}: {reason} (like 8MiB, 512KiB)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServeConfig> {
+        ServeConfig::parse(text, Path::new("/etc/elastic-edge/serve.toml"))
+    }
+
+    fn key_of(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(Error::Config { key, reason, .. }) => (key, reason),
+            other => panic!("expected a config error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_model() {
+        let config = parse("[model]\ndir = \"models/tiny\"\n").unwrap();
+        assert_eq!(config.model.dir, Path::new("/etc/elastic-edge/models/tiny"));
+        assert_eq!(config.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.http.max_body, 8 << 20);
+        assert_eq!(config.cache.policy, PolicyKind::Elastic);
+        assert_eq!(config.cache.keep, KeepRatio::FULL);
+        assert_eq!(config.stream.interval, Duration::from_secs(2));
+        assert!(config.stream.source.is_none() && config.stream.jsonl.is_none());
+        assert_eq!(config.caption.max_new_tokens, 64);
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/elastic-edge.toml");
+        let config = ServeConfig::load(&path).unwrap();
+        assert_eq!(config.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert!(config.stream.source.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_table() {
+        let (key, reason) = key_of("[model]\ndir = \"m\"\n[cache]\nkepp = 0.5\n");
+        assert_eq!(key, "cache.kepp");
+        assert!(reason.contains("unknown field"), "{reason}");
+        let (key, _) = key_of("[model]\ndir = \"m\"\n[camera]\nsource = \"x\"\n");
+        assert_eq!(key, "camera");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_name_the_key() {
+        let cases = [
+            (
+                "[model]\ndir = \"m\"\n[cache]\nkeep = 1.5\n",
+                "cache.keep",
+                "outside (0, 1]",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[cache]\nkeep = 0\n",
+                "cache.keep",
+                "outside (0, 1]",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[cache]\nkeep = \"half\"\n",
+                "cache.keep",
+                "invalid type",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[cache]\nkv_budget = \"lots\"\n",
+                "cache.kv_budget",
+                "invalid KV budget",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[cache]\npolicy = \"lru\"\n",
+                "cache.policy",
+                "unknown variant",
+            ),
+            ("[model]\ndir = \"m\"\nthreads = 0\n", "model.threads", "at least 1"),
+            ("[model]\ndir = \"m\"\nthreads = -2\n", "model.threads", "invalid value"),
+            (
+                "[model]\ndir = \"m\"\ndevice = \"tpu\"\n",
+                "model.device",
+                "unknown variant",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nlisten = \"localhost\"\n",
+                "http.listen",
+                "not an address",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nmax_body = \"10tokens\"\n",
+                "http.max_body",
+                "token count",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\ninterval = \"2 days\"\n",
+                "stream.interval",
+                "unknown unit",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\ninterval = 2\n",
+                "stream.interval",
+                "invalid type",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\nsource = \"stdin:gif\"\n",
+                "stream.source",
+                "stdin:mjpeg or stdin:ppm",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\nloop = \"yes\"\n",
+                "stream.loop",
+                "invalid type",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[caption]\nmax_new_tokens = 0\n",
+                "caption.max_new_tokens",
+                "outside",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[caption]\nprompt = \" \"\n",
+                "caption.prompt",
+                "empty",
+            ),
+            ("[cache]\nkeep = 0.5\n", "(top level)", "missing field `model`"),
+        ];
+        for (text, want_key, want_reason) in cases {
+            let (key, reason) = key_of(text);
+            assert_eq!(key, want_key, "{text}");
+            assert!(reason.contains(want_reason), "{text}: {reason}");
+            assert!(!reason.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn relative_source_paths_start_at_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("frames")).unwrap();
+        let config_path = dir.path().join("serve.toml");
+        for (spec, expected) in [
+            ("frames", SourceSpec::Dir(dir.path().join("frames"))),
+            ("dir:frames", SourceSpec::Dir(dir.path().join("frames"))),
+            ("file:a.png", SourceSpec::File(dir.path().join("a.png"))),
+            (
+                "frames/*.png",
+                SourceSpec::Glob(format!("{}/frames/*.png", dir.path().display())),
+            ),
+            ("/abs/*.png", SourceSpec::Glob("/abs/*.png".into())),
+            ("stdin:ppm", SourceSpec::Stdin(crate::source::PipeFormat::Ppm)),
+        ] {
+            let text = format!("[model]\ndir = \"m\"\n[stream]\nsource = \"{spec}\"\nloop = true\n");
+            let config = ServeConfig::parse(&text, &config_path).unwrap();
+            assert_eq!(config.stream.source, Some(expected), "{spec}");
+            assert!(config.stream.looping);
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let (key, reason) = key_of("[model]\ndir = \"m\"\n\n[cache\n");
+        assert_eq!(key, "line 4");
+        assert!(!reason.is_empty() && !reason.contains('\n'), "{reason}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("0").is_err());
+    }
+}
