@@ -511,12 +511,12 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
         eprintln!(
             "elastic-edge: frame {} captioned in {:.2} s ({} received, {} dropped, {} corrupt, {} losses): {:?}",
             record.frame_id,
-            record.caption_ms / 1e3,
+            record.result.caption_ms / 1e3,
             c.source.frames_received,
             c.source.frames_dropped,
             c.source.frames_corrupt,
             c.source.source_losses,
-            record.caption
+            record.result.caption
         );
         self.lines.write(record)
     }

@@ -192,7 +192,7 @@ fn run_captions_every_interval_through_the_callers_sink_with_one_pool() {
     assert!(sink
         .records
         .iter()
-        .all(|r| r.pool_slots == 512 && r.policy == PolicyKind::Elastic));
+        .all(|r| r.result.pool_slots == 512 && r.result.policy == PolicyKind::Elastic));
     assert_eq!(sink.records[3].counters.captions, 4);
     let json = serde_json::to_value(&sink.records[0]).unwrap();
     for key in [

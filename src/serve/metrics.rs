@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
-use crate::generate::Generation;
 use crate::source::GrabberCounters;
-use crate::stream::CaptionRecord;
+use crate::stream::CaptionResult;
 
 /// Who asked for a caption.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -46,29 +45,16 @@ pub struct CaptionFigures {
 }
 
 impl CaptionFigures {
-    pub fn of_record(record: &CaptionRecord) -> Self {
+    pub fn of(result: &CaptionResult) -> Self {
         CaptionFigures {
-            caption_ms: record.caption_ms,
-            time_to_first_token_ms: record.timings_ms.time_to_first_token_ms,
-            tokens: record.tokens,
-            merged: record.merged,
-            evicted: record.evicted,
-            pool_bytes: record.pool_bytes,
-            pool_slots: record.pool_slots,
-            cache_entries: record.cache_entries,
-        }
-    }
-
-    pub fn of_generation(generation: &Generation, caption_ms: f64) -> Self {
-        CaptionFigures {
-            caption_ms,
-            time_to_first_token_ms: generation.timings.time_to_first_token_ms,
-            tokens: generation.token_ids.len(),
-            merged: generation.cache.merged,
-            evicted: generation.cache.evicted,
-            pool_bytes: generation.pool_bytes,
-            pool_slots: generation.pool_capacity,
-            cache_entries: generation.cache_entries,
+            caption_ms: result.caption_ms,
+            time_to_first_token_ms: result.timings_ms.time_to_first_token_ms,
+            tokens: result.tokens,
+            merged: result.merged,
+            evicted: result.evicted,
+            pool_bytes: result.pool_bytes,
+            pool_slots: result.pool_slots,
+            cache_entries: result.cache_entries,
         }
     }
 }

@@ -14,9 +14,8 @@ use super::events::Event;
 use super::metrics::{kind, CaptionFigures, Origin};
 use super::Shared;
 use crate::error::{error_chain, Error, Result};
-use crate::generate::{GenerateParams, Generator, ImageInput, StopReason, Timings};
-use crate::kv::PolicyKind;
-use crate::stream::{self, CaptionRecord, CaptionSink, JsonLines};
+use crate::generate::{GenerateParams, Generator, ImageInput};
+use crate::stream::{self, CaptionRecord, CaptionResult, CaptionSink, JsonLines};
 
 /// One `POST /caption`: the image's bytes, the question, where to answer.
 pub struct Job {
@@ -42,20 +41,8 @@ pub struct PostCaption {
     /// When the caption was finished, RFC 3339 UTC.
     pub time: String,
     pub unix_ms: u64,
-    pub caption: String,
-    pub tokens: usize,
-    pub prompt_tokens: usize,
-    pub stop: StopReason,
-    /// The whole caption, image decoding to the last token.
-    pub caption_ms: f64,
-    pub timings_ms: Timings,
-    pub policy: PolicyKind,
-    pub keep: f64,
-    pub pool_bytes: u64,
-    pub pool_slots: usize,
-    pub cache_entries: usize,
-    pub merged: u64,
-    pub evicted: u64,
+    #[serde(flatten)]
+    pub result: CaptionResult,
 }
 
 /// The stream loop's sink, and the server of jobs between frames.
@@ -125,26 +112,13 @@ impl Captioner {
         let outcome = match generated {
             Ok(generation) => {
                 let caption_ms = started.elapsed().as_secs_f64() * 1e3;
-                let figures = CaptionFigures::of_generation(&generation, caption_ms);
-                self.shared.metrics.caption(Origin::Http, &figures);
+                let result = CaptionResult::new(&generation, generator.cache(), caption_ms);
+                self.shared.metrics.caption(Origin::Http, &CaptionFigures::of(&result));
                 let finished = SystemTime::now();
-                let cache = generator.cache();
                 Ok(PostCaption {
                     time: stream::rfc3339(finished),
                     unix_ms: stream::unix_ms(finished),
-                    caption: generation.text.trim().to_string(),
-                    tokens: generation.token_ids.len(),
-                    prompt_tokens: generation.prompt_tokens,
-                    stop: generation.stop,
-                    caption_ms,
-                    timings_ms: generation.timings,
-                    policy: cache.policy(),
-                    keep: cache.keep().get(),
-                    pool_bytes: generation.pool_bytes,
-                    pool_slots: generation.pool_capacity,
-                    cache_entries: generation.cache_entries,
-                    merged: generation.cache.merged,
-                    evicted: generation.cache.evicted,
+                    result,
                 })
             }
             Err(err) => {
@@ -173,7 +147,7 @@ impl CaptionSink for Captioner {
         shared.health.beat(true);
         shared
             .metrics
-            .caption(Origin::Stream, &CaptionFigures::of_record(record));
+            .caption(Origin::Stream, &CaptionFigures::of(&record.result));
         shared.health.stream_caption(Ok(()));
         let data: Arc<str> = match serde_json::to_string(record) {
             Ok(json) => json.into(),

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{error_chain, Error, Result};
-use crate::generate::{GenerateParams, Generator, ImageInput, StopReason, Timings};
-use crate::kv::PolicyKind;
+use crate::generate::{GenerateParams, Generation, Generator, ImageInput, StopReason, Timings};
+use crate::kv::{KvCache, PolicyKind};
 use crate::source::{Grabber, GrabberCounters, NextFrame, StopFlag};
 
 /// How the stream is captioned.
@@ -55,6 +55,46 @@ pub struct StreamCounters {
     pub output_errors: u64,
 }
 
+/// One caption and what it cost: a stream record and a `POST /caption`
+/// answer both carry it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaptionResult {
+    pub caption: String,
+    pub tokens: usize,
+    pub prompt_tokens: usize,
+    pub stop: StopReason,
+    /// The whole caption, image preprocessing to the last token.
+    pub caption_ms: f64,
+    pub timings_ms: Timings,
+    pub policy: PolicyKind,
+    pub keep: f64,
+    pub pool_bytes: u64,
+    pub pool_slots: usize,
+    pub cache_entries: usize,
+    pub merged: u64,
+    pub evicted: u64,
+}
+
+impl CaptionResult {
+    pub fn new(generation: &Generation, cache: &KvCache, caption_ms: f64) -> Self {
+        CaptionResult {
+            caption: generation.text.trim().to_string(),
+            tokens: generation.token_ids.len(),
+            prompt_tokens: generation.prompt_tokens,
+            stop: generation.stop,
+            caption_ms,
+            timings_ms: generation.timings,
+            policy: cache.policy(),
+            keep: cache.keep().get(),
+            pool_bytes: generation.pool_bytes,
+            pool_slots: generation.pool_capacity,
+            cache_entries: generation.cache_entries,
+            merged: generation.cache.merged,
+            evicted: generation.cache.evicted,
+        }
+    }
+}
+
 /// One caption of one frame: what the JSON Lines output holds.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CaptionRecord {
@@ -73,20 +113,8 @@ pub struct CaptionRecord {
     pub frame_height: u32,
     /// From capture to the start of captioning.
     pub frame_age_ms: f64,
-    pub caption: String,
-    pub tokens: usize,
-    pub prompt_tokens: usize,
-    pub stop: StopReason,
-    /// The whole caption, image preprocessing to the last token.
-    pub caption_ms: f64,
-    pub timings_ms: Timings,
-    pub policy: PolicyKind,
-    pub keep: f64,
-    pub pool_bytes: u64,
-    pub pool_slots: usize,
-    pub cache_entries: usize,
-    pub merged: u64,
-    pub evicted: u64,
+    #[serde(flatten)]
+    pub result: CaptionResult,
     /// Totals at the time of this record.
     pub counters: StreamCounters,
 }
@@ -266,7 +294,6 @@ pub fn run(
         counters.captions += 1;
         counters.source = grabber.counters();
         let finished = SystemTime::now();
-        let cache = generator.cache();
         let record = CaptionRecord {
             time: rfc3339(finished),
             unix_ms: unix_ms(finished),
@@ -276,19 +303,7 @@ pub fn run(
             frame_width: frame.image.width(),
             frame_height: frame.image.height(),
             frame_age_ms,
-            caption: generation.text.trim().to_string(),
-            tokens: generation.token_ids.len(),
-            prompt_tokens: generation.prompt_tokens,
-            stop: generation.stop,
-            caption_ms: started.elapsed().as_secs_f64() * 1e3,
-            timings_ms: generation.timings,
-            policy: cache.policy(),
-            keep: cache.keep().get(),
-            pool_bytes: generation.pool_bytes,
-            pool_slots: generation.pool_capacity,
-            cache_entries: generation.cache_entries,
-            merged: generation.cache.merged,
-            evicted: generation.cache.evicted,
+            result: CaptionResult::new(&generation, generator.cache(), started.elapsed().as_secs_f64() * 1e3),
             counters,
         };
         if let Err(err) = sink.on_record(&record) {
@@ -297,7 +312,7 @@ pub fn run(
                 "frame {}: the caption could not be written ({}): {:?}",
                 frame.id,
                 error_chain(&err),
-                record.caption
+                record.result.caption
             );
         }
         if config.max_captions.is_some_and(|max| counters.captions >= max) {
