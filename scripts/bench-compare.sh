@@ -8,15 +8,19 @@
 #   (e) onnxruntime-genai (its model builder's export of the same weights)
 #
 #   scripts/bench-compare.sh [--threads N] [--cases 512+512,2048+512] [--variants fp32,fp16,int4]
-#                            [--hf-dtypes float32] [--engines elastic-edge,transformers,llama.cpp,genai]
-#                            [--out DIR] [--skip-setup]
+#                            [--prefill-chunks none,128] [--hf-dtypes float32]
+#                            [--engines elastic-edge,transformers,llama.cpp,genai] [--out DIR] [--skip-setup]
 #
 # Precisions: elastic-edge demo-fp32 / demo-fp16 / demo-int4 (MatMulNBits, 4 bit, block 32);
 # llama.cpp f32 / f16 GGUFs converted from the same weights, and the Q4_1 GGUF they came
 # from (4 bit, block 32, with a minimum: the same family as MatMulNBits asymmetric);
 # onnxruntime-genai fp32 / fp16 / int4. transformers runs float32 by default (its CPU
 # float16 kernels are not a fast path; --hf-dtypes float32,float16 adds it).
-# Every engine warms up once (8 tokens) before its timed run.
+# Every engine warms up once (8 tokens) before its timed run. elastic-edge runs each
+# policy in a process of its own (ONNX Runtime's arena never shrinks, so a second
+# policy in the same process would inherit the first one's peak memory), once with the
+# whole prompt in one decoder run ("none", what caption does) and once per
+# --prefill-chunks size (elastic-edge bench --prefill-chunk).
 #
 # Needs: scripts/setup.sh, scripts/build-demo-model.sh (--variants fp32,fp16,int4 for all
 # three), then this script fetches and builds the rest (scripts/bench-setup.sh).
@@ -29,6 +33,7 @@ cd "$ROOT"
 THREADS="$(nproc)"
 CASES="512+512,2048+512"
 VARIANTS="fp32,fp16,int4"
+CHUNKS="none,128"
 HF_DTYPES="float32"
 ENGINES="elastic-edge,transformers,llama.cpp,genai"
 OUT=""
@@ -38,11 +43,12 @@ while [[ $# -gt 0 ]]; do
     --threads) THREADS="$2"; shift 2 ;;
     --cases) CASES="$2"; shift 2 ;;
     --variants) VARIANTS="$2"; shift 2 ;;
+    --prefill-chunks) CHUNKS="$2"; shift 2 ;;
     --hf-dtypes) HF_DTYPES="$2"; shift 2 ;;
     --engines) ENGINES="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --skip-setup) SETUP=0; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "bench-compare: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +84,7 @@ say "results: $OUT"
 IFS=',' read -r -a CASE_LIST <<<"$CASES"
 IFS=',' read -r -a VARIANT_LIST <<<"$VARIANTS"
 IFS=',' read -r -a HF_LIST <<<"$HF_DTYPES"
+IFS=',' read -r -a CHUNK_LIST <<<"$CHUNKS"
 FIRST_MODEL=""
 for v in "${VARIANT_LIST[@]}"; do
   if [[ -f ".cache/models/demo-$v/manifest.json" ]]; then
@@ -100,9 +107,14 @@ for c in "${CASE_LIST[@]}"; do
     for v in "${VARIANT_LIST[@]}"; do
       m=".cache/models/demo-$v"
       [[ -f "$m/manifest.json" ]] || continue
-      timed "(a)+(b) elastic-edge demo-$v, $P + $G, full and elastic keep 0.2" \
-        sh -c "'$BIN' bench --model '$m' --prompt-tokens $P --gen-tokens $G --policies full,elastic --keep 0.2 \
-               --threads $THREADS --json > '$OUT/elastic-edge-$v-$P.json'" || true
+      for k in "${CHUNK_LIST[@]}"; do
+        chunk=""; [[ "$k" == none ]] || chunk="--prefill-chunk $k"
+        for pol in full elastic; do
+          timed "($([[ $pol == full ]] && echo a || echo b)) elastic-edge demo-$v, $P + $G, $pol, prefill chunk $k" \
+            sh -c "'$BIN' bench --model '$m' --prompt-tokens $P --gen-tokens $G --policies $pol --keep 0.2 $chunk \
+                   --threads $THREADS --json > '$OUT/elastic-edge-$v-$P-$pol-$k.json'" || true
+        done
+      done
     done
   fi
   if has transformers; then

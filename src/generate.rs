@@ -148,6 +148,8 @@ pub struct Generator<'m> {
     probabilities: Vec<f32>,
     candidates: Vec<u32>,
     trace: StepTrace,
+    /// Most prompt tokens per decoder run (`None`: as many as the pool takes).
+    prefill_chunk: Option<usize>,
 }
 
 /// What a decoder step needs besides the session and the cache.
@@ -219,6 +221,7 @@ impl<'m> Generator<'m> {
             probabilities: vec![0.0; vocab],
             candidates: Vec::with_capacity(vocab),
             trace: StepTrace::default(),
+            prefill_chunk: None,
         })
     }
 
@@ -228,6 +231,17 @@ impl<'m> Generator<'m> {
 
     pub fn model(&self) -> &Model {
         self.model
+    }
+
+    /// Caps the prompt tokens of one decoder run. A run over `t` new tokens
+    /// and `s` past ones holds `heads * t * (s + t)` attention probabilities
+    /// per layer, so a long prompt in one run costs memory quadratic in its
+    /// length; chunks bound it. While the pool holds the prompt the policy
+    /// sees the same attention sums (a query's attention does not depend on
+    /// the chunking); a prompt larger than the pool is compressed between
+    /// chunks anyway, and then the chunk size moves those compressions.
+    pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
+        self.prefill_chunk = tokens.map(|t| t.max(1));
     }
 
     /// The decode steps of the last generation.
@@ -408,7 +422,10 @@ impl<'m> Generator<'m> {
         let mut done = 0;
         let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
         while done < prompt_tokens {
-            let t = self.cache.begin_prompt_chunk(prompt_tokens - done)?;
+            let remaining = prompt_tokens - done;
+            let t = self
+                .cache
+                .begin_prompt_chunk(self.prefill_chunk.map_or(remaining, |c| remaining.min(c)))?;
             positions.clear();
             positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
             let model = &mut *self.model;

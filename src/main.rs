@@ -80,6 +80,12 @@ struct BenchArgs {
     #[arg(long, value_parser = parse_budget)]
     kv_budget: Option<KvBudget>,
 
+    /// Most prompt tokens per decoder run (default: the whole prompt when the
+    /// pool holds it). Bounds prefill memory, which grows with the square of
+    /// the chunk.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_chunk: Option<usize>,
+
     /// Tokens of the untimed warm-up generation before each timed run (0: none).
     #[arg(long, default_value_t = 8)]
     warmup_tokens: usize,
@@ -388,6 +394,7 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
         keep: args.keep,
         budget: args.kv_budget,
         warmup_tokens: args.warmup_tokens,
+        prefill_chunk: args.prefill_chunk,
         threads,
     };
     let mut model = load_model(onnxruntime, &args.model)?;

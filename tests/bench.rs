@@ -272,3 +272,24 @@ fn a_prompt_the_budget_cannot_hold_is_one_error_line() {
     let output = elastic_edge(&["bench", "--model", &tiny, "--bandwidth-buffer", "10tokens"]);
     assert_eq!(output.status.code(), Some(2), "a usage error from the parser");
 }
+
+#[test]
+fn prefill_in_chunks_gives_the_same_tokens() {
+    // A pool that holds the prompt: the policy compresses once, after the
+    // prompt, from the same attention sums whatever the chunks.
+    let args = ["--policies", "full,h2o", "--no-bandwidth", "--kv-budget", "200tokens"];
+    let plain = run_json(&args);
+    let chunked = run_json(&[&args[..], &["--prefill-chunk", "7"]].concat());
+    assert!(plain["prefill_chunk"].is_null());
+    assert_eq!(chunked["prefill_chunk"], 7);
+    for (a, b) in plain["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(chunked["cases"].as_array().unwrap())
+    {
+        assert_eq!(a["policy"], b["policy"]);
+        assert_eq!(a["first_tokens"], b["first_tokens"], "{}", a["policy"]);
+        assert_eq!(a["cache_entries"], b["cache_entries"]);
+    }
+}

@@ -1,5 +1,7 @@
 """Tables of one scripts/bench-compare.sh run: every engine against elastic-edge's full cache.
 
+(a) is elastic-edge's full cache with the whole prompt in one decoder run (what caption does).
+
     summarise.py RESULTS_DIR
 
 RESULTS_DIR holds elastic-edge-*.json (reports of `elastic-edge bench --json`) and
@@ -33,8 +35,11 @@ def load(results: str):
         with open(path) as f:
             rep = json.load(f)
         variant = rep["model"].removeprefix("demo-")
+        chunk = rep.get("prefill_chunk")
         for c in rep["cases"]:
             pol = "full" if c["policy"] == "full" else f"{c['policy']} {c['keep']}"
+            if chunk:
+                pol += f", prefill chunk {chunk}"
             rows.append({
                 "engine": "elastic-edge", "variant": variant, "what": pol, "precision": variant,
                 "case": (c["prompt_tokens"], c["gen_tokens"]), "threads": rep["threads"],
@@ -74,7 +79,8 @@ def main() -> None:
         base = {r["precision"]: r for r in here if r["engine"] == "elastic-edge" and r["what"] == "full"}
         order = {"elastic-edge": 0, "transformers": 1, "llama.cpp": 2, "onnxruntime-genai": 3}
         here.sort(key=lambda r: (["fp32", "fp16", "int4"].index(r["precision"]) if r["precision"] in
-                                 ("fp32", "fp16", "int4") else 9, order.get(r["engine"], 9), r["what"] != "full"))
+                                 ("fp32", "fp16", "int4") else 9, order.get(r["engine"], 9),
+                                 "chunk" in r["what"], r["what"] != "full"))
         for r in here:
             a = base.get(r["precision"])
             ratio = (r["decode"] / a["decode"]) if a and r["decode"] else None
