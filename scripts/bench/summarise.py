@@ -29,11 +29,22 @@ def fmt(v, spec=".1f", none="-"):
     return none if v is None else format(v, spec)
 
 
+def read(path: str):
+    """The JSON in path, or None (with a note on stderr) for an empty or broken file: a failed run."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"[summarise] skipping {path}: {e}", file=sys.stderr)
+        return None
+
+
 def load(results: str):
     rows = []
     for path in sorted(glob.glob(os.path.join(results, "elastic-edge-*.json"))):
-        with open(path) as f:
-            rep = json.load(f)
+        rep = read(path)
+        if rep is None:
+            continue
         variant = rep["model"].removeprefix("demo-")
         chunk = rep.get("prefill_chunk")
         for c in rep["cases"]:
@@ -52,8 +63,9 @@ def load(results: str):
                 "outside": c["outside_run_share"],
             })
     for path in sorted(glob.glob(os.path.join(results, "reference-*.json"))):
-        with open(path) as f:
-            r = json.load(f)
+        r = read(path)
+        if r is None:
+            continue
         rows.append({
             "engine": r["engine"], "variant": r["variant"], "what": r["variant"],
             "precision": PRECISION.get(r["variant"], "?"), "case": (r["prompt_tokens"], r["gen_tokens"]),
