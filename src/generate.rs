@@ -772,6 +772,21 @@ mod tests {
     }
 
     #[test]
+    fn the_step_trace_never_grows_past_its_reservation() {
+        let mut trace = StepTrace::default();
+        trace.start(4);
+        let (ms, entries) = (trace.ms.capacity(), trace.entries.capacity());
+        for i in 0..10 {
+            trace.record(i as f64, i);
+        }
+        assert_eq!((trace.ms.capacity(), trace.entries.capacity()), (ms, entries));
+        assert_eq!(trace.ms.len(), ms.min(entries));
+        assert_eq!(trace.entries[..4], [0, 1, 2, 3]);
+        trace.start(2);
+        assert!(trace.ms.is_empty() && trace.entries.is_empty());
+    }
+
+    #[test]
     fn argmax_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), 1);
         assert_eq!(argmax(&[3.0]), 0);
