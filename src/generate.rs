@@ -89,6 +89,47 @@ pub struct Generation {
     pub pool_capacity: usize,
 }
 
+/// The decode steps of the last generation, timed without allocating: the
+/// buffers are reserved before the loop and only pushed to inside it.
+#[derive(Clone, Debug, Default)]
+pub struct StepTrace {
+    /// `ms[i]`: wall time from choosing generated token `i` to choosing
+    /// token `i + 1` (detokenizing and streaming token `i`, the policy, the
+    /// decoder run over it, sampling). Token 0's time is the time to first
+    /// token, not in here, so `ms.len()` is one less than the tokens.
+    pub ms: Vec<f64>,
+    /// `entries[i]`: the cache entries the decoder read in step `i`.
+    pub entries: Vec<u32>,
+}
+
+impl StepTrace {
+    fn start(&mut self, steps: usize) {
+        self.ms.clear();
+        self.entries.clear();
+        self.ms.reserve(steps);
+        self.entries.reserve(steps);
+    }
+
+    /// Within the reserved capacity: never allocates.
+    fn record(&mut self, ms: f64, entries: usize) {
+        if self.ms.len() < self.ms.capacity() && self.entries.len() < self.entries.capacity() {
+            self.ms.push(ms);
+            self.entries.push(u32::try_from(entries).unwrap_or(u32::MAX));
+        }
+    }
+}
+
+/// What the prompt is: a chat turn (image and text through the template)
+/// or token ids as they are.
+#[derive(Clone, Copy)]
+enum PromptInput<'a> {
+    Chat {
+        image: Option<ImageInput<'a>>,
+        user_text: Option<&'a str>,
+    },
+    Ids(&'a [u32]),
+}
+
 /// The picture to caption.
 #[derive(Clone, Copy)]
 pub enum ImageInput<'a> {
@@ -106,6 +147,9 @@ pub struct Generator<'m> {
     pixels: Vec<f32>,
     probabilities: Vec<f32>,
     candidates: Vec<u32>,
+    trace: StepTrace,
+    /// Most prompt tokens per decoder run (`None`: as many as the pool takes).
+    prefill_chunk: Option<usize>,
 }
 
 /// What a decoder step needs besides the session and the cache.
@@ -126,6 +170,8 @@ struct StepBuffers {
     logits: Vec<f32>,
     /// Time inside `session.run` since the last reset, in milliseconds.
     run_ms: f64,
+    /// Entries the last step read.
+    past: usize,
 }
 
 /// The decoder graph's input and output names, built once.
@@ -171,10 +217,13 @@ impl<'m> Generator<'m> {
                 allocator: Allocator::default(),
                 logits: vec![0.0; vocab],
                 run_ms: 0.0,
+                past: 0,
             },
             pixels,
             probabilities: vec![0.0; vocab],
             candidates: Vec::with_capacity(vocab),
+            trace: StepTrace::default(),
+            prefill_chunk: None,
         })
     }
 
@@ -184,6 +233,22 @@ impl<'m> Generator<'m> {
 
     pub fn model(&self) -> &Model {
         self.model
+    }
+
+    /// Caps the prompt tokens of one decoder run. A run over `t` new tokens
+    /// and `s` past ones holds `heads * t * (s + t)` attention probabilities
+    /// per layer, so a long prompt in one run costs memory quadratic in its
+    /// length; chunks bound it. While the pool holds the prompt the policy
+    /// sees the same attention sums (a query's attention does not depend on
+    /// the chunking); a prompt larger than the pool is compressed between
+    /// chunks anyway, and then the chunk size moves those compressions.
+    pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
+        self.prefill_chunk = tokens.map(|t| t.max(1));
+    }
+
+    /// The decode steps of the last generation.
+    pub fn trace(&self) -> &StepTrace {
+        &self.trace
     }
 
     /// Captions (or answers about) an image; `on_text` receives the text as
@@ -196,22 +261,45 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.generate_input(PromptInput::Chat { image, user_text }, params, on_text)
+    }
+
+    /// Continues `prompt_ids` as they are: no chat template, no image (for
+    /// benchmarks with a prompt of an exact length).
+    pub fn generate_ids(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        if prompt_ids.is_empty() {
+            return Err(Error::Shape("the prompt has no tokens".into()));
+        }
+        self.generate_input(PromptInput::Ids(prompt_ids), params, on_text)
+    }
+
+    fn generate_input(
+        &mut self,
+        input: PromptInput<'_>,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
         match self.model.manifest.kv_dtype() {
-            KvDtype::F32 => self.generate_typed::<f32>(image, user_text, params, on_text),
-            KvDtype::F16 => self.generate_typed::<f16>(image, user_text, params, on_text),
+            KvDtype::F32 => self.generate_typed::<f32>(input, params, on_text),
+            KvDtype::F16 => self.generate_typed::<f16>(input, params, on_text),
         }
     }
 
     fn generate_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         &mut self,
-        image: Option<ImageInput<'_>>,
-        user_text: Option<&str>,
+        input: PromptInput<'_>,
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
-        let (prompt_tokens, start) = self.prefill::<E>(image, user_text, params.max_new_tokens, &mut timings)?;
+        self.trace.start(params.max_new_tokens);
+        let (prompt_tokens, start) = self.prefill::<E>(input, params.max_new_tokens, &mut timings)?;
 
         // 4. Decode.
         let mut sampler = Sampler::new(params.sampling);
@@ -225,12 +313,18 @@ impl<'m> Generator<'m> {
         let mut stop = StopReason::MaxTokens;
         let mut stop_token = None;
         let mut first_token_at = None;
+        let mut last_token_at = decode_start;
         while token_ids.len() < params.max_new_tokens {
             let token = sampler.sample(&self.step.logits, &mut self.probabilities, &mut self.candidates);
+            let now = Instant::now();
             if first_token_at.is_none() {
-                first_token_at = Some(Instant::now());
+                first_token_at = Some(now);
                 timings.time_to_first_token_ms = ms(start) + timings.image_decode_ms + timings.vision_ms;
+            } else {
+                let step_ms = now.duration_since(last_token_at).as_secs_f64() * 1e3;
+                self.trace.record(step_ms, self.step.past);
             }
+            last_token_at = now;
             if !params.ignore_stop && model.manifest.stop_token_ids.contains(&token) {
                 stop = StopReason::StopToken;
                 stop_token = Some(token);
@@ -286,41 +380,54 @@ impl<'m> Generator<'m> {
     /// the prompt's length and when prefill started.
     fn prefill<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         &mut self,
-        image: Option<ImageInput<'_>>,
-        user_text: Option<&str>,
+        input: PromptInput<'_>,
         max_new_tokens: usize,
         timings: &mut Timings,
     ) -> Result<(usize, Instant)> {
         let hidden = self.model.manifest.hidden;
+        let (embeds, prompt_tokens) = match input {
+            PromptInput::Chat { image, user_text } => {
+                // 1. The image, through the vision graph.
+                let image_embeds: Option<Vec<E>> = match image {
+                    None => None,
+                    Some(image) => Some(self.encode_image::<E>(image, timings)?),
+                };
+                let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
 
-        // 1. The image, through the vision graph.
-        let image_embeds: Option<Vec<E>> = match image {
-            None => None,
-            Some(image) => Some(self.encode_image::<E>(image, timings)?),
+                // 2. The prompt's embeddings: text rows from the table, image
+                //    rows from the vision graph.
+                let prompt = self.model.prompt.build(user_text, image_tokens)?;
+                let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
+                self.cache.reset();
+                self.cache.admit(prompt_tokens, max_new_tokens)?;
+                let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
+                let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
+                let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
+                self.model.embeddings.gather(&prompt.before_image, before)?;
+                if let Some(image_embeds) = &image_embeds {
+                    image_rows.copy_from_slice(image_embeds);
+                }
+                self.model.embeddings.gather(&prompt.after_image, after)?;
+                (embeds, prompt_tokens)
+            }
+            PromptInput::Ids(ids) => {
+                self.cache.reset();
+                self.cache.admit(ids.len(), max_new_tokens)?;
+                let mut embeds: Vec<E> = vec![E::from_f32(0.0); ids.len() * hidden];
+                self.model.embeddings.gather(ids, &mut embeds)?;
+                (embeds, ids.len())
+            }
         };
-        let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
-
-        // 2. The prompt's embeddings: text rows from the table, image rows
-        //    from the vision graph.
-        let prompt = self.model.prompt.build(user_text, image_tokens)?;
-        let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
-        self.cache.reset();
-        self.cache.admit(prompt_tokens, max_new_tokens)?;
-        let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
-        let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
-        let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
-        self.model.embeddings.gather(&prompt.before_image, before)?;
-        if let Some(image_embeds) = &image_embeds {
-            image_rows.copy_from_slice(image_embeds);
-        }
-        self.model.embeddings.gather(&prompt.after_image, after)?;
 
         // 3. Prefill, in chunks the pool can take.
         let start = Instant::now();
         let mut done = 0;
         let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
         while done < prompt_tokens {
-            let t = self.cache.begin_prompt_chunk(prompt_tokens - done)?;
+            let remaining = prompt_tokens - done;
+            let t = self
+                .cache
+                .begin_prompt_chunk(self.prefill_chunk.map_or(remaining, |c| remaining.min(c)))?;
             positions.clear();
             positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
             let model = &mut *self.model;
@@ -362,7 +469,7 @@ impl<'m> Generator<'m> {
         answer: &[u32],
     ) -> Result<(f64, usize)> {
         let mut timings = Timings::default();
-        self.prefill::<E>(image, user_text, answer.len(), &mut timings)?;
+        self.prefill::<E>(PromptInput::Chat { image, user_text }, answer.len(), &mut timings)?;
         let hidden = self.model.manifest.hidden;
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let mut nll = 0.0;
@@ -459,6 +566,7 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
         allocator,
         logits: last_logits,
         run_ms,
+        past: last_past,
     } = buffers;
     let bias: &mut [E] = &mut bytemuck::cast_slice_mut(bias)[..layers * past];
     if cache.merge_count_bias() {
@@ -510,6 +618,7 @@ fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Deb
         .run(decoder, inputs)
         .map_err(|e| run_error("the decoder graph", &e))?;
     *run_ms += ms(run_start);
+    *last_past = past;
     let (_, logits) = outputs["logits"]
         .try_extract_tensor::<f32>()
         .map_err(|e| run_error("logits", &e))?;
@@ -665,6 +774,21 @@ mod tests {
         let total: f64 = (0..3).map(|i| log_softmax_at(&logits, i).unwrap().exp()).sum();
         assert!((total - 1.0).abs() < 1e-12);
         assert!(log_softmax_at(&logits, 3).is_err());
+    }
+
+    #[test]
+    fn the_step_trace_never_grows_past_its_reservation() {
+        let mut trace = StepTrace::default();
+        trace.start(4);
+        let (ms, entries) = (trace.ms.capacity(), trace.entries.capacity());
+        for i in 0..10 {
+            trace.record(i as f64, i);
+        }
+        assert_eq!((trace.ms.capacity(), trace.entries.capacity()), (ms, entries));
+        assert_eq!(trace.ms.len(), ms.min(entries));
+        assert_eq!(trace.entries[..4], [0, 1, 2, 3]);
+        trace.start(2);
+        assert!(trace.ms.is_empty() && trace.entries.is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! into it; a cache policy ([`kv::policy`]) keeps the pool within its budget
 //! with Elastic Cache's importance-driven merging.
 
+pub mod bench;
 pub mod error;
 pub mod eval;
 pub mod generate;

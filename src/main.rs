@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use std::io::Write;
 
+use elastic_edge::bench::{self, BenchConfig, Case};
 use elastic_edge::error::error_chain;
 use elastic_edge::eval::dataset;
 use elastic_edge::eval::sweep::{self, SweepConfig};
@@ -52,6 +53,9 @@ enum Command {
     /// The robot service: a camera captioned continuously, HTTP health,
     /// metrics, captions and POST /caption, systemd notifications.
     Serve(ServeArgs),
+    /// Speed: time to first token, prefill and decode tokens/s, step time as the
+    /// answer grows, peak RSS and pool bytes per policy, against the memory-bandwidth floor.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -119,6 +123,72 @@ struct StreamArgs {
 
     #[command(flatten)]
     sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    /// Prompt length: the project's own text, tokenised, repeated and cut to exactly this many tokens.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+
+    /// Tokens generated (greedy, through any stop token).
+    #[arg(long, default_value_t = 512)]
+    gen_tokens: usize,
+
+    /// Also run the long-context case: 2048 prompt tokens + 512 generated.
+    #[arg(long)]
+    long_context: bool,
+
+    /// Policies to run, each on a fresh pool.
+    #[arg(long, value_delimiter = ',', default_value = "full,elastic", value_parser = parse_policy)]
+    policies: Vec<PolicyKind>,
+
+    /// Keep ratio of the compressing policies.
+    #[arg(long, default_value = "0.2", value_parser = parse_keep)]
+    keep: KeepRatio,
+
+    /// One KV budget for every run (bytes like 64MiB, or 4096tokens). Default:
+    /// each pool is sized for its run, the whole sequence for full and the
+    /// keep ratio of it (plus one slot) for the others.
+    #[arg(long, value_parser = parse_budget)]
+    kv_budget: Option<KvBudget>,
+
+    /// Most prompt tokens per decoder run (default: the whole prompt when the
+    /// pool holds it). Bounds prefill memory, which grows with the square of
+    /// the chunk.
+    #[arg(long, value_name = "TOKENS")]
+    prefill_chunk: Option<usize>,
+
+    /// Tokens of the untimed warm-up generation before each timed run (0: none).
+    #[arg(long, default_value_t = 8)]
+    warmup_tokens: usize,
+
+    /// Print the report as one JSON object instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+
+    /// Only measure the memory bandwidth (no model is loaded).
+    #[arg(long)]
+    memory_bandwidth: bool,
+
+    /// Skip the memory-bandwidth measurement (no floor is reported).
+    #[arg(long, conflicts_with = "memory_bandwidth")]
+    no_bandwidth: bool,
+
+    /// Buffer of the bandwidth measurement (default: 16x the last-level cache, at least 256MiB).
+    #[arg(long, value_parser = parse_bytes)]
+    bandwidth_buffer: Option<u64>,
+
+    /// Passes over that buffer; the best counts.
+    #[arg(long, default_value_t = 10)]
+    bandwidth_passes: usize,
+
+    /// Write the first case's prompt token ids to FILE as a JSON array (for other engines).
+    #[arg(long, value_name = "FILE")]
+    write_prompt: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -327,6 +397,13 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
     s.parse().map_err(|e: elastic_edge::Error| e.to_string())
 }
 
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    match s.parse::<KvBudget>().map_err(|e| e.to_string())? {
+        KvBudget::Bytes(bytes) => Ok(bytes),
+        KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
+    }
+}
+
 fn parse_dtype(s: &str) -> Result<KvDtype, String> {
     s.parse().map_err(|e: elastic_edge::Error| e.to_string())
 }
@@ -365,7 +442,76 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval(cli.onnxruntime, &args),
         Command::Stream(args) => stream_command(cli.onnxruntime, &args),
         Command::Serve(args) => serve(cli.onnxruntime, &args),
+        Command::Bench(args) => bench(cli.onnxruntime, &args),
     }
+}
+
+fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
+    let threads = args
+        .model
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let measure_bandwidth = || -> anyhow::Result<bench::Bandwidth> {
+        let buffer = args
+            .bandwidth_buffer
+            .unwrap_or_else(bench::bandwidth::default_buffer_bytes);
+        eprintln!(
+            "[bench] memory bandwidth: reading {} MiB with {threads} threads, {} passes",
+            buffer >> 20,
+            args.bandwidth_passes
+        );
+        Ok(bench::bandwidth::measure(buffer, threads, args.bandwidth_passes)?)
+    };
+    if args.memory_bandwidth {
+        let bw = measure_bandwidth()?;
+        if args.json {
+            println!("{}", serde_json::to_string(&bw)?);
+        } else {
+            println!(
+                "memory bandwidth (streaming read, {} threads, {} MiB buffer, best of {}): {:.2} GB/s (median {:.2} GB/s)",
+                bw.threads,
+                bw.buffer_bytes >> 20,
+                bw.passes,
+                bw.bytes_per_s / 1e9,
+                bw.median_bytes_per_s / 1e9
+            );
+        }
+        return Ok(());
+    }
+    let mut cases = vec![Case {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+    }];
+    if args.long_context && !cases.contains(&bench::LONG_CONTEXT) {
+        cases.push(bench::LONG_CONTEXT);
+    }
+    let config = BenchConfig {
+        cases,
+        policies: args.policies.clone(),
+        keep: args.keep,
+        budget: args.kv_budget,
+        warmup_tokens: args.warmup_tokens,
+        prefill_chunk: args.prefill_chunk,
+        threads,
+    };
+    let mut model = load_model(onnxruntime, &args.model)?;
+    bench::check(&model, &config)?;
+    if let Some(path) = &args.write_prompt {
+        let ids = bench::prompt_ids(&model, config.cases[0].prompt_tokens)?;
+        std::fs::write(path, serde_json::to_string(&ids)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let bandwidth = if args.no_bandwidth {
+        None
+    } else {
+        Some(measure_bandwidth()?)
+    };
+    let report = bench::run(&mut model, &config, bandwidth, &mut |line| eprintln!("[bench] {line}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", bench::markdown(&report));
+    }
+    Ok(())
 }
 
 fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
