@@ -126,9 +126,12 @@ impl KvCache {
     /// Refuses, before any work, a request that cannot finish: with the
     /// `full` policy the prompt and the answer must fit the pool.
     pub fn admit(&self, prompt_tokens: usize, max_new_tokens: usize) -> Result<()> {
-        if self.policy.kind() == PolicyKind::Full && prompt_tokens + max_new_tokens > self.pool.capacity() {
+        // The prompt always leaves a slot for the first generated token
+        // (`end_prompt` keeps one free), even when none is asked for.
+        let needed = prompt_tokens + max_new_tokens.max(1);
+        if self.policy.kind() == PolicyKind::Full && needed > self.pool.capacity() {
             return Err(Error::CapacityExceeded {
-                needed: prompt_tokens + max_new_tokens,
+                needed,
                 capacity: self.pool.capacity(),
             });
         }
