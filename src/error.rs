@@ -114,8 +114,8 @@ pub enum Error {
     #[error("{path}: {key}: {reason}")]
     Config { path: PathBuf, key: String, reason: String },
 
-    /// The service's own I/O: binding the HTTP address, writing the caption
-    /// file, the notify socket.
+    /// The service's own I/O: binding the HTTP address, the notify socket.
+    /// (Writing captions is [`Error::Output`].)
     #[error("{what}: {source}")]
     ServiceIo {
         what: String,

@@ -592,10 +592,7 @@ fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<
 
 fn build_cache(model: &Model, args: &CacheArgs) -> anyhow::Result<KvCache> {
     let shape = model.manifest.kv_shape();
-    let backing = match &args.kv_file {
-        Some(path) => PoolBacking::File(path.clone()),
-        None => PoolBacking::Anonymous,
-    };
+    let backing = PoolBacking::from_file(args.kv_file.as_deref());
     let pool = KvPool::with_budget(shape, args.kv_budget.bytes(shape.bytes_per_slot()), &backing)?;
     Ok(KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?)
 }
@@ -875,10 +872,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     }
 
     shape.validate()?;
-    let backing = match &args.pool.kv_file {
-        Some(path) => PoolBacking::File(path.clone()),
-        None => PoolBacking::Anonymous,
-    };
+    let backing = PoolBacking::from_file(args.pool.kv_file.as_deref());
     let per_slot = shape.bytes_per_slot();
     let budget = args.pool.kv_budget.bytes(per_slot);
     let pool = KvPool::with_budget(shape, budget, &backing)

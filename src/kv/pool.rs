@@ -191,6 +191,13 @@ pub enum PoolBacking {
     File(PathBuf),
 }
 
+impl PoolBacking {
+    /// The file when one is given (`--kv-file`), else anonymous memory.
+    pub fn from_file(path: Option<&std::path::Path>) -> Self {
+        path.map_or(PoolBacking::Anonymous, |p| PoolBacking::File(p.to_path_buf()))
+    }
+}
+
 /// One layer's tensors for a decoder step: the live past (read by the graph
 /// in place) and the next `t` free slots (written by the graph in place).
 pub struct LayerStepView<'a, E> {

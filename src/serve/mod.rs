@@ -148,10 +148,7 @@ fn plan_cache(config: &ServeConfig) -> Result<(Manifest, KvCache)> {
         .and_then(|m| m.verify_files(dir).map(|()| m))
         .map_err(|e| config.error("model.dir", error_chain(&e)))?;
     let shape = manifest.kv_shape();
-    let backing = match &config.cache.kv_file {
-        Some(path) => PoolBacking::File(path.clone()),
-        None => PoolBacking::Anonymous,
-    };
+    let backing = PoolBacking::from_file(config.cache.kv_file.as_deref());
     let budget = config.cache.kv_budget.bytes(shape.bytes_per_slot());
     let pool = KvPool::with_budget(shape, budget, &backing).map_err(|e| match e {
         Error::PoolFile { .. } => config.error("cache.kv_file", error_chain(&e)),
