@@ -64,8 +64,16 @@ else
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV" || fail "could not create a virtualenv with $PYTHON (Debian: apt-get install python3-venv)"
   fi
-  say "installing pinned packages from scripts/export/requirements.txt (first time: ~4 GB with torch's CUDA wheels, a few minutes)"
-  if ! "$VENV/bin/pip" install --disable-pip-version-check --progress-bar on -r "$REQ"; then
+  # The installed venv is ~7 GB (torch's CUDA wheels); pip also unpacks each
+  # wheel in TMPDIR first. Refuse early rather than die mid-install.
+  need_kb=$((8 * 1024 * 1024))
+  free_kb=$(df -Pk "$CACHE" | awk 'NR==2 {print $4}')
+  if [[ -n "$free_kb" && "$free_kb" -lt "$need_kb" ]]; then
+    fail "only $((free_kb / 1024 / 1024)) GB free on the disk of $CACHE; the exporter's virtualenv needs about 8 GB (torch with its CUDA wheels). Free some space and run scripts/setup-python.sh again"
+  fi
+  say "installing pinned packages from scripts/export/requirements.txt (first time: ~7 GB with torch's CUDA wheels, a few minutes)"
+  # --no-cache-dir: keeping the wheels too would double the disk it takes.
+  if ! "$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check --progress-bar on -r "$REQ"; then
     fail "pip could not install the pinned packages in $REQ (a version that cannot be had, or no network to PyPI); see pip's message above. Fix the pin or the network and run scripts/setup-python.sh again"
   fi
   echo "$REQ_HASH" > "$STAMP"

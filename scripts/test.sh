@@ -9,7 +9,7 @@ scripts/setup.sh
 # (apt-get only when a package is missing).
 scripts/setup-gstreamer.sh
 # The demo model (fp32 and fp16) for the end-to-end tests: a few minutes and
-# a 4 GB torch download the first time, seconds afterwards.
+# a 7 GB torch install the first time, seconds afterwards.
 scripts/build-demo-model.sh
 
 echo "== cargo fmt --check" >&2
