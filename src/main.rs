@@ -13,7 +13,7 @@ use elastic_edge::bench::{self, BenchConfig, Case};
 use elastic_edge::error::error_chain;
 use elastic_edge::eval::dataset;
 use elastic_edge::eval::sweep::{self, SweepConfig};
-use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling};
+use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
@@ -156,11 +156,10 @@ struct BenchArgs {
     #[arg(long, value_parser = parse_budget)]
     kv_budget: Option<KvBudget>,
 
-    /// Most prompt tokens per decoder run (default: the whole prompt when the
-    /// pool holds it). Bounds prefill memory, which grows with the square of
-    /// the chunk.
-    #[arg(long, value_name = "TOKENS")]
-    prefill_chunk: Option<usize>,
+    /// Most prompt tokens per decoder run, as `caption` runs them; 0 runs the
+    /// whole prompt at once. Prefill memory grows with the square of a run.
+    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
 
     /// Tokens of the untimed warm-up generation before each timed run (0: none).
     #[arg(long, default_value_t = 8)]
@@ -269,6 +268,11 @@ struct CaptionArgs {
     json: bool,
 }
 
+/// `--prefill-chunk`: 0 means the whole prompt in one run.
+fn prefill_runs(tokens: usize) -> Option<usize> {
+    (tokens > 0).then_some(tokens)
+}
+
 /// Which model, and where it runs.
 #[derive(Args)]
 struct ModelArgs {
@@ -317,6 +321,12 @@ struct CacheArgs {
     /// Back the pool with this file (e.g. /dev/shm/elastic-edge.kv).
     #[arg(long, value_name = "PATH")]
     kv_file: Option<PathBuf>,
+
+    /// Most prompt tokens per decoder run; 0 runs the whole prompt at once.
+    /// Prefill memory grows with the square of a run; the policy's choices
+    /// do not depend on it.
+    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
 }
 
 #[derive(Args)]
@@ -491,7 +501,7 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
         keep: args.keep,
         budget: args.kv_budget,
         warmup_tokens: args.warmup_tokens,
-        prefill_chunk: args.prefill_chunk,
+        prefill_chunk: prefill_runs(args.prefill_chunk),
         threads,
     };
     let mut model = load_model(onnxruntime, &args.model)?;
@@ -676,6 +686,7 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     let mut model = load_model(onnxruntime, &args.model)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
+    generator.set_prefill_chunk(prefill_runs(args.cache.prefill_chunk));
     let config = StreamConfig {
         prompt: args.prompt.clone(),
         every: args.every,
@@ -764,6 +775,7 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     let mut model = load_model(onnxruntime, &args.model)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
+    generator.set_prefill_chunk(prefill_runs(args.cache.prefill_chunk));
     let params = generate_params(&args.sampling);
     let several = args.images.len() > 1;
     let mut failed = 0;

@@ -278,10 +278,11 @@ fn prefill_in_chunks_gives_the_same_tokens() {
     // A pool that holds the prompt: the policy compresses once, after the
     // prompt, from the same attention sums whatever the chunks.
     let args = ["--policies", "full,h2o", "--no-bandwidth", "--kv-budget", "200tokens"];
-    let plain = run_json(&args);
+    let plain = run_json(&[&args[..], &["--prefill-chunk", "0"]].concat());
     let chunked = run_json(&[&args[..], &["--prefill-chunk", "7"]].concat());
-    assert!(plain["prefill_chunk"].is_null());
+    assert!(plain["prefill_chunk"].is_null(), "0 is the whole prompt");
     assert_eq!(chunked["prefill_chunk"], 7);
+    assert_eq!(run_json(&args)["prefill_chunk"], 128, "the default is caption's");
     for (a, b) in plain["cases"]
         .as_array()
         .unwrap()

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::generate::DEFAULT_PREFILL_CHUNK;
 use crate::kv::{KeepRatio, KvBudget, PolicyKind};
 use crate::model::Device;
 use crate::source::SourceSpec;
@@ -52,6 +53,8 @@ pub struct CacheConfig {
     pub policy: PolicyKind,
     pub keep: KeepRatio,
     pub kv_file: Option<PathBuf>,
+    /// Most prompt tokens per decoder run (`None`: the whole prompt).
+    pub prefill_chunk: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +125,7 @@ struct RawCache {
     policy: Option<PolicyKind>,
     keep: Option<f64>,
     kv_file: Option<PathBuf>,
+    prefill_chunk: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +207,12 @@ impl ServeConfig {
             policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
             keep,
             kv_file: raw.cache.kv_file.map(anchor),
+            // 0: the whole prompt in one run.
+            prefill_chunk: match raw.cache.prefill_chunk {
+                Some(0) => None,
+                Some(tokens) => Some(tokens),
+                None => Some(DEFAULT_PREFILL_CHUNK),
+            },
         };
 
         if let Some(prompt) = &raw.caption.prompt {
@@ -368,6 +378,17 @@ mod tests {
         assert_eq!(config.stream.interval, Duration::from_secs(2));
         assert!(config.stream.source.is_none() && config.stream.jsonl.is_none());
         assert_eq!(config.caption.max_new_tokens, 64);
+        assert_eq!(config.cache.prefill_chunk, Some(DEFAULT_PREFILL_CHUNK));
+    }
+
+    #[test]
+    fn a_prefill_chunk_of_zero_is_the_whole_prompt() {
+        let whole = parse("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = 0\n").unwrap();
+        assert_eq!(whole.cache.prefill_chunk, None);
+        let runs = parse("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = 32\n").unwrap();
+        assert_eq!(runs.cache.prefill_chunk, Some(32));
+        let (key, _) = key_of("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = -1\n");
+        assert_eq!(key, "cache.prefill_chunk");
     }
 
     #[test]

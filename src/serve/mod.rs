@@ -239,6 +239,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
     let pool_bytes = cache.pool().bytes();
     let pool_slots = cache.pool().capacity();
     let mut generator = Generator::new(&mut model, cache)?;
+    generator.set_prefill_chunk(config.cache.prefill_chunk);
 
     let params = GenerateParams {
         max_new_tokens: config.caption.max_new_tokens,
