@@ -19,8 +19,9 @@
 # Every engine warms up once (8 tokens) before its timed run. elastic-edge runs each
 # policy in a process of its own (ONNX Runtime's arena never shrinks, so a second
 # policy in the same process would inherit the first one's peak memory), once with the
-# whole prompt in one decoder run ("none", what caption does) and once per
-# --prefill-chunks size (elastic-edge bench --prefill-chunk).
+# whole prompt in one decoder run ("none": --prefill-chunk 0) and once per
+# --prefill-chunks size (elastic-edge bench --prefill-chunk; 128 is what caption
+# does by default).
 #
 # Needs: scripts/setup.sh, scripts/build-demo-model.sh (--variants fp32,fp16,int4 for all
 # three), then this script fetches and builds the rest (scripts/bench-setup.sh).
@@ -108,7 +109,7 @@ for c in "${CASE_LIST[@]}"; do
       m=".cache/models/demo-$v"
       [[ -f "$m/manifest.json" ]] || continue
       for k in "${CHUNK_LIST[@]}"; do
-        chunk=""; [[ "$k" == none ]] || chunk="--prefill-chunk $k"
+        chunk="--prefill-chunk 0"; [[ "$k" == none ]] || chunk="--prefill-chunk $k"
         for pol in full elastic; do
           timed "($([[ $pol == full ]] && echo a || echo b)) elastic-edge demo-$v, $P + $G, $pol, prefill chunk $k" \
             sh -c "'$BIN' bench --model '$m' --prompt-tokens $P --gen-tokens $G --policies $pol --keep 0.2 $chunk \
