@@ -100,7 +100,12 @@ fn build_session(environment: &ort::environment::Environment, path: &Path, optio
     let mut builder = Session::builder(environment)
         .map_err(|e| fail("creating a session", error_chain(&e)))?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| fail("setting the optimization level", e.to_string()))?;
+        .map_err(|e| fail("setting the optimization level", e.to_string()))?
+        // Memory patterns plan one block per set of input shapes seen before;
+        // ours change every step, so the plans only fragmented the arena: a
+        // second 2048-token prompt took 500 MiB more (docs/performance.md).
+        .with_memory_pattern(false)
+        .map_err(|e| fail("turning memory patterns off", e.to_string()))?;
     if let Some(threads) = options.threads {
         builder = builder
             .with_intra_threads(threads)
