@@ -143,6 +143,12 @@ pub enum ImageInput<'a> {
 /// prompt about twice as fast as one run and with a third of the memory.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
+/// The `--prefill-chunk` / `prefill_chunk` setting: 0 is the whole prompt in
+/// one run, any other number the most tokens per run.
+pub fn prefill_chunk_setting(tokens: usize) -> Option<usize> {
+    (tokens > 0).then_some(tokens)
+}
+
 /// Runs generations with one model and one KV pool; buffers are sized once
 /// and reused, so many captions in one process do not grow memory.
 pub struct Generator<'m> {

@@ -13,7 +13,9 @@ use elastic_edge::bench::{self, BenchConfig, Case};
 use elastic_edge::error::error_chain;
 use elastic_edge::eval::dataset;
 use elastic_edge::eval::sweep::{self, SweepConfig};
-use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK};
+use elastic_edge::generate::{
+    prefill_chunk_setting, GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK,
+};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
@@ -268,11 +270,6 @@ struct CaptionArgs {
     json: bool,
 }
 
-/// `--prefill-chunk`: 0 means the whole prompt in one run.
-fn prefill_runs(tokens: usize) -> Option<usize> {
-    (tokens > 0).then_some(tokens)
-}
-
 /// Which model, and where it runs.
 #[derive(Args)]
 struct ModelArgs {
@@ -501,7 +498,7 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
         keep: args.keep,
         budget: args.kv_budget,
         warmup_tokens: args.warmup_tokens,
-        prefill_chunk: prefill_runs(args.prefill_chunk),
+        prefill_chunk: prefill_chunk_setting(args.prefill_chunk),
         threads,
     };
     let mut model = load_model(onnxruntime, &args.model)?;
@@ -686,7 +683,7 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     let mut model = load_model(onnxruntime, &args.model)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
-    generator.set_prefill_chunk(prefill_runs(args.cache.prefill_chunk));
+    generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
     let config = StreamConfig {
         prompt: args.prompt.clone(),
         every: args.every,
@@ -775,7 +772,7 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     let mut model = load_model(onnxruntime, &args.model)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
-    generator.set_prefill_chunk(prefill_runs(args.cache.prefill_chunk));
+    generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
     let params = generate_params(&args.sampling);
     let several = args.images.len() > 1;
     let mut failed = 0;

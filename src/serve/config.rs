@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::generate::DEFAULT_PREFILL_CHUNK;
+use crate::generate::{prefill_chunk_setting, DEFAULT_PREFILL_CHUNK};
 use crate::kv::{KeepRatio, KvBudget, PolicyKind};
 use crate::model::Device;
 use crate::source::SourceSpec;
@@ -207,12 +207,7 @@ impl ServeConfig {
             policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
             keep,
             kv_file: raw.cache.kv_file.map(anchor),
-            // 0: the whole prompt in one run.
-            prefill_chunk: match raw.cache.prefill_chunk {
-                Some(0) => None,
-                Some(tokens) => Some(tokens),
-                None => Some(DEFAULT_PREFILL_CHUNK),
-            },
+            prefill_chunk: prefill_chunk_setting(raw.cache.prefill_chunk.unwrap_or(DEFAULT_PREFILL_CHUNK)),
         };
 
         if let Some(prompt) = &raw.caption.prompt {
