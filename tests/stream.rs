@@ -24,6 +24,16 @@ fn stream_command(args: &[&str]) -> Command {
     command
 }
 
+/// Starts `stream` with nothing on stdin, its output captured.
+fn spawn_stream(args: &[&str]) -> std::process::Child {
+    stream_command(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
 /// Runs `stream` with `input` on stdin (closed after it).
 fn stream(args: &[&str], input: &[u8]) -> Output {
     let mut child = stream_command(args)
@@ -521,17 +531,12 @@ mod gstreamer_sources {
 
     #[test]
     fn a_pipeline_that_errors_mid_stream_is_reconnected_and_sigterm_stops_it() {
-        let child = stream_command(&[
+        let child = spawn_stream(&[
             "--source",
             "gst:videotestsrc ! identity error-after=8 ! video/x-raw,width=32,height=24,framerate=30/1 ! videoconvert ! appsink",
             "--every",
             "100ms",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ]);
         // The third loss means two reconnections happened; a frame numbered
         // 8 or more was captured after the first (identity fails on the 8th).
         let (output, stderr) = signal_when(child, "TERM", |seen| {
@@ -569,15 +574,10 @@ mod gstreamer_sources {
 
     #[test]
     fn a_missing_camera_is_retried_with_growing_waits_until_sigint() {
-        let child = stream_command(&[
+        let child = spawn_stream(&[
             "--source",
             "gst:v4l2src device=/dev/video-missing ! videoconvert ! appsink",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ]);
         let (output, stderr) = signal_when(child, "INT", |seen| seen.contains("(attempt 2)"));
         assert!(output.status.success(), "{stderr}");
         assert!(
