@@ -24,16 +24,6 @@ fn stream_command(args: &[&str]) -> Command {
     command
 }
 
-/// Starts `stream` with nothing on stdin, its output captured.
-fn spawn_stream(args: &[&str]) -> std::process::Child {
-    stream_command(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts")
-}
-
 /// Runs `stream` with `input` on stdin (closed after it).
 fn stream(args: &[&str], input: &[u8]) -> Output {
     let mut child = stream_command(args)
@@ -414,6 +404,16 @@ fn sigint_stops_a_stream_blocked_on_an_open_stdin() {
 #[cfg(feature = "gstreamer")]
 mod gstreamer_sources {
     use super::*;
+
+    /// Starts `stream` with nothing on stdin, its output captured.
+    fn spawn_stream(args: &[&str]) -> std::process::Child {
+        stream_command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts")
+    }
 
     #[test]
     fn videotestsrc_frames_are_captioned_latest_first() {
