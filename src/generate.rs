@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{error_chain, Error, Result};
-use crate::kv::{CacheStats, KvCache, KvDtype, KvElement};
+use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, TokenKind};
 use crate::model::binding::PoolRunBuilder;
 use crate::model::{Manifest, Model};
 
@@ -124,7 +124,7 @@ impl StepTrace {
 #[derive(Clone, Copy)]
 enum PromptInput<'a> {
     Chat {
-        image: Option<ImageInput<'a>>,
+        images: &'a [ImageInput<'a>],
         user_text: Option<&'a str>,
     },
     Ids(&'a [u32]),
@@ -263,17 +263,18 @@ impl<'m> Generator<'m> {
         &self.trace
     }
 
-    /// Captions (or answers about) an image; `on_text` receives the text as
-    /// it is generated. Nothing is streamed before the prompt is known to
-    /// fit, and an error mid-way is returned as an error.
+    /// Captions (or answers about) the pictures, in the order given (none:
+    /// a text-only prompt); `on_text` receives the text as it is generated.
+    /// Nothing is streamed before the prompt is known to fit, and an error
+    /// mid-way is returned as an error.
     pub fn generate(
         &mut self,
-        image: Option<ImageInput<'_>>,
+        images: &[ImageInput<'_>],
         user_text: Option<&str>,
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_input(PromptInput::Chat { image, user_text }, params, on_text)
+        self.generate_input(PromptInput::Chat { images, user_text }, params, on_text)
     }
 
     /// Continues `prompt_ids` as they are: no chat template, no image (for
@@ -398,33 +399,43 @@ impl<'m> Generator<'m> {
     ) -> Result<(usize, Instant)> {
         let hidden = self.model.manifest.hidden;
         let (embeds, prompt_tokens) = match input {
-            PromptInput::Chat { image, user_text } => {
-                // 1. The image, through the vision graph.
-                let image_embeds: Option<Vec<E>> = match image {
-                    None => None,
-                    Some(image) => Some(self.encode_image::<E>(image, timings)?),
-                };
-                let image_tokens = image_embeds.as_ref().map(|e| e.len() / hidden);
+            PromptInput::Chat { images, user_text } => {
+                // 1. The pictures, through the vision graph.
+                let mut image_embeds: Vec<Vec<E>> = Vec::with_capacity(images.len());
+                for &image in images {
+                    image_embeds.push(self.encode_image::<E>(image, timings)?);
+                }
+                let rows: Vec<usize> = image_embeds.iter().map(|e| e.len() / hidden).collect();
 
                 // 2. The prompt's embeddings: text rows from the table, image
-                //    rows from the vision graph.
-                let prompt = self.model.prompt.build(user_text, image_tokens)?;
-                let prompt_tokens = prompt.before_image.len() + prompt.image_tokens + prompt.after_image.len();
+                //    rows from the vision graph, in the template's order.
+                let prompt = self.model.prompt.build_images(user_text, &rows)?;
                 self.cache.reset();
-                self.cache.admit(prompt_tokens, max_new_tokens)?;
-                let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt_tokens * hidden];
-                let (before, rest) = embeds.split_at_mut(prompt.before_image.len() * hidden);
-                let (image_rows, after) = rest.split_at_mut(prompt.image_tokens * hidden);
-                self.model.embeddings.gather(&prompt.before_image, before)?;
-                if let Some(image_embeds) = &image_embeds {
-                    image_rows.copy_from_slice(image_embeds);
+                self.cache.admit(prompt.len(), max_new_tokens)?;
+                self.cache.set_prompt_kinds(&prompt.kinds);
+                let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt.len() * hidden];
+                let mut text_ids = prompt.ids.iter();
+                for (kind, row) in prompt.kinds.iter().zip(embeds.chunks_exact_mut(hidden)) {
+                    match kind.class() {
+                        KindClass::Image { index, cell } => {
+                            let cell = cell as usize;
+                            row.copy_from_slice(&image_embeds[index as usize][cell * hidden..(cell + 1) * hidden]);
+                        }
+                        _ => {
+                            // Invariant of `Prompt`: one id per text position.
+                            let Some(&id) = text_ids.next() else {
+                                return Err(Error::Shape("the prompt has fewer ids than text positions".into()));
+                            };
+                            self.model.embeddings.gather(&[id], row)?;
+                        }
+                    }
                 }
-                self.model.embeddings.gather(&prompt.after_image, after)?;
-                (embeds, prompt_tokens)
+                (embeds, prompt.len())
             }
             PromptInput::Ids(ids) => {
                 self.cache.reset();
                 self.cache.admit(ids.len(), max_new_tokens)?;
+                self.cache.set_prompt_kinds(&vec![TokenKind::USER; ids.len()]);
                 let mut embeds: Vec<E> = vec![E::from_f32(0.0); ids.len() * hidden];
                 self.model.embeddings.gather(ids, &mut embeds)?;
                 (embeds, ids.len())
@@ -469,24 +480,24 @@ impl<'m> Generator<'m> {
     /// over the answer's tokens (natural log) and their count.
     pub fn score(
         &mut self,
-        image: Option<ImageInput<'_>>,
+        images: &[ImageInput<'_>],
         user_text: Option<&str>,
         answer: &[u32],
     ) -> Result<(f64, usize)> {
         match self.model.manifest.kv_dtype() {
-            KvDtype::F32 => self.score_typed::<f32>(image, user_text, answer),
-            KvDtype::F16 => self.score_typed::<f16>(image, user_text, answer),
+            KvDtype::F32 => self.score_typed::<f32>(images, user_text, answer),
+            KvDtype::F16 => self.score_typed::<f16>(images, user_text, answer),
         }
     }
 
     fn score_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         &mut self,
-        image: Option<ImageInput<'_>>,
+        images: &[ImageInput<'_>],
         user_text: Option<&str>,
         answer: &[u32],
     ) -> Result<(f64, usize)> {
         let mut timings = Timings::default();
-        self.prefill::<E>(PromptInput::Chat { image, user_text }, answer.len(), &mut timings)?;
+        self.prefill::<E>(PromptInput::Chat { images, user_text }, answer.len(), &mut timings)?;
         let hidden = self.model.manifest.hidden;
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let mut nll = 0.0;
@@ -530,7 +541,7 @@ impl<'m> Generator<'m> {
             ImageInput::Bytes(bytes) => preprocess.load_bytes(bytes, &mut self.pixels)?,
             ImageInput::Rgb8(rgb) => preprocess.from_rgb8(rgb, &mut self.pixels)?,
         };
-        timings.image_decode_ms = ms(start);
+        timings.image_decode_ms += ms(start);
         let start = Instant::now();
         let shape = [
             1usize,
@@ -553,7 +564,7 @@ impl<'m> Generator<'m> {
             )));
         }
         let embeds = embeds.to_vec();
-        timings.vision_ms = ms(start);
+        timings.vision_ms += ms(start);
         Ok(embeds)
     }
 }

@@ -16,7 +16,7 @@ use elastic_edge::eval::sweep::{self, SweepConfig};
 use elastic_edge::generate::{
     prefill_chunk_setting, GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK,
 };
-use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking};
+use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
 use elastic_edge::serve::{self, ServeConfig};
@@ -190,6 +190,9 @@ struct BenchArgs {
     /// Write the first case's prompt token ids to FILE as a JSON array (for other engines).
     #[arg(long, value_name = "FILE")]
     write_prompt: Option<PathBuf>,
+
+    #[command(flatten)]
+    knobs: PolicyConfig,
 }
 
 #[derive(Args)]
@@ -229,20 +232,9 @@ struct EvalArgs {
     #[arg(long)]
     strict: bool,
 
-    /// Ablation: elastic merges the entry leaving at the fixed point into
-    /// its nearest neighbour instead of evicting it.
-    #[arg(long)]
-    merge_on_evict: bool,
-
-    /// Ablation: elastic gives new tokens the cache length as their rotary
-    /// position (as the authors' code does) instead of the true position.
-    #[arg(long)]
-    cache_length_positions: bool,
-
-    /// Ablation: an entry that stands for m merged ones gets ln(m) added to
-    /// its attention logits, so it weighs like m copies of itself.
-    #[arg(long)]
-    merge_count_bias: bool,
+    /// The knobs apply to every policy that uses them (the ablations).
+    #[command(flatten)]
+    knobs: PolicyConfig,
 }
 
 #[derive(Args)]
@@ -302,14 +294,19 @@ struct ModelArgs {
 /// The KV cache: its hard budget and its policy.
 #[derive(Args)]
 struct CacheArgs {
-    /// Cache policy: elastic, h2o, local, full, elastic-ref.
+    /// Cache policy: elastic (Elastic Cache with this project's components),
+    /// elastic-paper (the paper's algorithm), elastic-ref (the authors' code),
+    /// h2o (heavy hitters + recent), local (StreamingLLM), full (none).
     #[arg(long, default_value = "elastic", value_parser = parse_policy)]
     policy: PolicyKind,
 
-    /// Fraction of processed tokens the cache keeps, in (0, 1] (ignored by
-    /// full). At 1 the policy acts only when the budget is full.
+    /// Keep ratio: the share of processed tokens the cache keeps, in (0, 1]
+    /// (ignored by full). At 1 the policy acts only when the budget is full.
     #[arg(long, default_value = "1", value_parser = parse_keep)]
     keep: KeepRatio,
+
+    #[command(flatten)]
+    knobs: PolicyConfig,
 
     /// Hard KV budget: bytes (32MiB, 1GB) or slots (4096tokens).
     #[arg(long, default_value = "32MiB", value_parser = parse_budget)]
@@ -362,9 +359,12 @@ struct DoctorArgs {
     #[arg(long, default_value = "elastic", value_parser = parse_policy)]
     policy: PolicyKind,
 
-    /// Fraction of processed tokens the cache keeps, in (0, 1].
+    /// Keep ratio: the share of processed tokens the cache keeps, in (0, 1].
     #[arg(long, default_value = "0.5", value_parser = parse_keep)]
     keep: KeepRatio,
+
+    #[command(flatten)]
+    knobs: PolicyConfig,
 }
 
 /// The KV pool's geometry and budget. The geometry is the model's when one
@@ -500,6 +500,7 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
         warmup_tokens: args.warmup_tokens,
         prefill_chunk: prefill_chunk_setting(args.prefill_chunk),
         threads,
+        knobs: args.knobs.clone(),
     };
     let mut model = load_model(onnxruntime, &args.model)?;
     bench::check(&model, &config)?;
@@ -545,12 +546,7 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         keeps: args.keeps.clone(),
         max_new_tokens: args.max_new_tokens,
         budget: args.kv_budget,
-        policy_config: PolicyConfig {
-            merge_on_evict: args.merge_on_evict,
-            cache_length_positions: args.cache_length_positions,
-            merge_count_bias: args.merge_count_bias,
-            ..PolicyConfig::default()
-        },
+        policy_config: args.knobs.clone(),
         out: args.out.clone(),
     };
     let bar = indicatif::ProgressBar::new(0).with_style(
@@ -598,10 +594,14 @@ fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<
 }
 
 fn build_cache(model: &Model, args: &CacheArgs) -> anyhow::Result<KvCache> {
-    let shape = model.manifest.kv_shape();
-    let backing = PoolBacking::from_file(args.kv_file.as_deref());
-    let pool = KvPool::with_budget(shape, args.kv_budget.bytes(shape.bytes_per_slot()), &backing)?;
-    Ok(KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?)
+    Ok(KvCache::with_budget(
+        model.manifest.kv_shape(),
+        args.kv_budget,
+        &PoolBacking::from_file(args.kv_file.as_deref()),
+        args.policy,
+        &args.knobs,
+        args.keep,
+    )?)
 }
 
 fn generate_params(args: &SamplingArgs) -> GenerateParams {
@@ -790,12 +790,7 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         };
-        match generator.generate(
-            Some(ImageInput::File(image)),
-            args.prompt.as_deref(),
-            &params,
-            &mut stream,
-        ) {
+        match generator.generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
             Ok(generation) => {
                 if args.json {
                     let record = serde_json::json!({
@@ -883,10 +878,15 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     shape.validate()?;
     let backing = PoolBacking::from_file(args.pool.kv_file.as_deref());
     let per_slot = shape.bytes_per_slot();
-    let budget = args.pool.kv_budget.bytes(per_slot);
-    let pool = KvPool::with_budget(shape, budget, &backing)
-        .with_context(|| format!("sizing the KV pool from {}", args.pool.kv_budget))?;
-    let cache = KvCache::new(pool, args.policy, &PolicyConfig::default(), args.keep)?;
+    let cache = KvCache::with_budget(
+        shape,
+        args.pool.kv_budget,
+        &backing,
+        args.policy,
+        &args.knobs,
+        args.keep,
+    )
+    .with_context(|| format!("sizing the KV pool from {}", args.pool.kv_budget))?;
     let pool = cache.pool();
     println!(
         "kv pool: {} slots, {} bytes ({} per slot)",

@@ -58,7 +58,9 @@ fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str
         ignore_stop: false,
     };
     let image = image.map(ImageInput::File);
-    let generation = generator.generate(image, text, &params, &mut |_| {}).unwrap();
+    let generation = generator
+        .generate(image.as_slice(), text, &params, &mut |_| {})
+        .unwrap();
     let mut ids = generation.token_ids.clone();
     ids.extend(generation.stop_token);
     assert_eq!(
@@ -139,7 +141,7 @@ fn full_cache_refuses_a_prompt_the_pool_cannot_hold() {
     let mut generator = Generator::new(&mut model, cache).unwrap();
     let params = GenerateParams::default();
     let err = generator
-        .generate(None, Some("Hello, who are you?"), &params, &mut |_| panic!("no text"))
+        .generate(&[], Some("Hello, who are you?"), &params, &mut |_| panic!("no text"))
         .unwrap_err();
     assert!(err.to_string().contains("raise --kv-budget"), "{err}");
 }
@@ -232,23 +234,21 @@ fn scoring_agrees_with_greedy_generation() {
 
     let full = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
     let mut generator = Generator::new(&mut model, full).unwrap();
-    let (nll_full, count) = generator
-        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
-        .unwrap();
+    let (nll_full, count) = generator.score(&[ImageInput::File(&image)], text, &greedy_ids).unwrap();
     assert_eq!(count, greedy_ids.len());
     assert!(nll_full.is_finite() && nll_full > 0.0);
     // At every position the greedy token beats the same prefix with another
     // token in its place.
     for position in [0, 3, 7] {
         let prefix = &greedy_ids[..=position];
-        let (best, _) = generator.score(Some(ImageInput::File(&image)), text, prefix).unwrap();
+        let (best, _) = generator.score(&[ImageInput::File(&image)], text, prefix).unwrap();
         for other in [5u32, 100, 300] {
             if other == prefix[position] {
                 continue;
             }
             let mut changed = prefix.to_vec();
             changed[position] = other;
-            let (worse, _) = generator.score(Some(ImageInput::File(&image)), text, &changed).unwrap();
+            let (worse, _) = generator.score(&[ImageInput::File(&image)], text, &changed).unwrap();
             assert!(worse > best, "position {position}: {worse} <= {best}");
         }
     }
@@ -256,15 +256,11 @@ fn scoring_agrees_with_greedy_generation() {
 
     let roomy = cache(&model, PolicyKind::Elastic, 1.0, KvBudget::Tokens(512));
     let mut generator = Generator::new(&mut model, roomy).unwrap();
-    let (nll_elastic, _) = generator
-        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
-        .unwrap();
+    let (nll_elastic, _) = generator.score(&[ImageInput::File(&image)], text, &greedy_ids).unwrap();
     assert!((nll_full - nll_elastic).abs() < 1e-9, "{nll_full} vs {nll_elastic}");
 
     let tight = cache(&model, PolicyKind::Elastic, 0.3, KvBudget::Tokens(512));
     let mut generator = Generator::new(&mut model, tight).unwrap();
-    let (nll_compressed, _) = generator
-        .score(Some(ImageInput::File(&image)), text, &greedy_ids)
-        .unwrap();
+    let (nll_compressed, _) = generator.score(&[ImageInput::File(&image)], text, &greedy_ids).unwrap();
     assert!(nll_compressed != nll_full, "compression changes the score");
 }

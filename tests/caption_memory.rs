@@ -36,7 +36,7 @@ fn pool_stays_within_budget_and_memory_does_not_grow() {
     for round in 0..60 {
         let generation = generator
             .generate(
-                Some(ImageInput::File(&image)),
+                &[ImageInput::File(&image)],
                 Some("Describe the picture."),
                 &params,
                 &mut |_| {},

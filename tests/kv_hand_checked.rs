@@ -62,7 +62,7 @@ fn run(kind: PolicyKind) -> Run {
 
 #[test]
 fn paper_variant_matches_the_worked_example() {
-    let run = run(PolicyKind::Elastic);
+    let run = run(PolicyKind::ElasticPaper);
     assert_eq!(run.after_prompt, 325);
     assert_eq!(run.first_eviction_step, 2);
     assert_eq!(run.evictions, 100);
@@ -119,7 +119,7 @@ fn reference_variant_reproduces_the_argsort_quirk() {
 fn paper_variant_on_the_same_prompt() {
     // Top-2 anchors: ranks 1 (0.9) and 5 (0.8). Rank 3 is 2 from both and
     // goes to the lower; rank 2 to 1; ranks 4 and 6 to 5.
-    let entries = eight_token_prompt(PolicyKind::Elastic);
+    let entries = eight_token_prompt(PolicyKind::ElasticPaper);
     assert_eq!(entries.len(), 4);
     assert_eq!(entries[0], (0, 1, 0.0));
     assert_eq!(entries[1], (1, 3, 11.0)); // (14 + 11 + 8) / 3
@@ -132,14 +132,14 @@ fn paper_variant_on_the_same_prompt() {
 fn rotary_positions_are_true_positions_unless_asked_otherwise() {
     let mut attention = |_: usize, p: u32| 1.0 / (1.0 + p as f32);
     let shape = common::shape(2, KvDtype::F32);
-    let mut paper = common::cache(shape, 1024, PolicyKind::Elastic, &PolicyConfig::default(), 0.5);
+    let mut paper = common::cache(shape, 1024, PolicyKind::ElasticPaper, &PolicyConfig::default(), 0.5);
     prefill(&mut paper, 650, &mut attention);
     assert_eq!(paper.rope_position(0), 650);
     let ablation = PolicyConfig {
         cache_length_positions: true,
         ..PolicyConfig::default()
     };
-    let mut by_length = common::cache(shape, 1024, PolicyKind::Elastic, &ablation, 0.5);
+    let mut by_length = common::cache(shape, 1024, PolicyKind::ElasticPaper, &ablation, 0.5);
     prefill(&mut by_length, 650, &mut attention);
     assert_eq!(by_length.rope_position(0), 325);
     let mut reference = common::cache(shape, 1024, PolicyKind::ElasticRef, &PolicyConfig::default(), 0.5);

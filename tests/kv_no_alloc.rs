@@ -48,6 +48,8 @@ fn decode_steps_do_not_allocate() {
             (PolicyKind::H2o, false),
             (PolicyKind::Elastic, false),
             (PolicyKind::Elastic, true),
+            (PolicyKind::ElasticPaper, false),
+            (PolicyKind::ElasticPaper, true),
             (PolicyKind::ElasticRef, false),
         ] {
             let config = PolicyConfig {

@@ -51,7 +51,7 @@ proptest! {
     ) {
         let layers = 2;
         let config = PolicyConfig { sink, protect, ..PolicyConfig::default() };
-        let mut cache = common::cache(common::shape(layers, dtype), (len + 1).max(sink + protect + 1), PolicyKind::Elastic, &config, keep);
+        let mut cache = common::cache(common::shape(layers, dtype), (len + 1).max(sink + protect + 1), PolicyKind::ElasticPaper, &config, keep);
         let mut attention = attention_from(seed);
         prefill(&mut cache, len, &mut attention);
 
@@ -109,7 +109,7 @@ proptest! {
     #[test]
     fn any_sequence_keeps_the_invariants(
         kind in prop_oneof![
-            Just(PolicyKind::Local), Just(PolicyKind::H2o), Just(PolicyKind::Elastic),
+            Just(PolicyKind::Local), Just(PolicyKind::H2o), Just(PolicyKind::Elastic), Just(PolicyKind::ElasticPaper),
             Just(PolicyKind::ElasticRef), Just(PolicyKind::Full)
         ],
         capacity in 4usize..96,
@@ -183,7 +183,7 @@ fn check(cache: &elastic_edge::kv::KvCache, kind: PolicyKind, config: &PolicyCon
         PolicyKind::Full => 0,
         PolicyKind::Local => config.sink + 1,
         PolicyKind::H2o => 1,
-        PolicyKind::Elastic => config.sink + config.protect,
+        PolicyKind::Elastic | PolicyKind::ElasticPaper => config.sink + config.protect,
         PolicyKind::ElasticRef => config.sink + config.protect + 1,
     };
     prop_assert!(
@@ -210,7 +210,7 @@ fn check(cache: &elastic_edge::kv::KvCache, kind: PolicyKind, config: &PolicyCon
             cache.processed() - 1,
             "the newest token is gone"
         );
-        if matches!(kind, PolicyKind::Elastic | PolicyKind::Local | PolicyKind::ElasticRef) {
+        if matches!(kind, PolicyKind::Elastic | PolicyKind::ElasticPaper | PolicyKind::Local | PolicyKind::ElasticRef) {
             let sinks = config.sink.min(cache.processed());
             prop_assert!(
                 by_rank.iter().take(sinks).map(|&p| p as usize).eq(0..sinks),

@@ -34,7 +34,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generator, Sampling};
 use crate::kv::policy::build_policy;
-use crate::kv::{KeepRatio, KvBudget, KvCache, KvPool, PolicyConfig, PolicyKind, PoolBacking};
+use crate::kv::{KeepRatio, KvBudget, KvCache, PolicyConfig, PolicyKind, PoolBacking};
 use crate::model::Model;
 pub use bandwidth::Bandwidth;
 
@@ -79,6 +79,8 @@ pub struct BenchConfig {
     /// Intra-op threads the model was loaded with (for the report and the
     /// bandwidth measurement).
     pub threads: usize,
+    /// The policies' knobs.
+    pub knobs: PolicyConfig,
 }
 
 /// The results of one case under one policy.
@@ -217,7 +219,7 @@ fn pool_slots(model: &Model, config: &BenchConfig, case: Case, policy: PolicyKin
         return Ok(total);
     }
     let kept = (config.keep.get() * total as f64).ceil() as usize + 1;
-    let min = build_policy(policy, &PolicyConfig::default(), model.manifest.layers, 1)?.min_entries() + 1;
+    let min = build_policy(policy, &config.knobs, model.manifest.layers, 1)?.min_entries() + 1;
     Ok(kept.max(min).min(total))
 }
 
@@ -239,13 +241,19 @@ pub fn run(
         for &policy in &config.policies {
             let slots = pool_slots(model, config, case, policy)?;
             let rss_reset = memory::reset_peak_rss();
-            let pool = KvPool::with_capacity(shape, slots, &PoolBacking::Anonymous)?;
             let keep = if policy == PolicyKind::Full {
                 KeepRatio::FULL
             } else {
                 config.keep
             };
-            let cache = KvCache::new(pool, policy, &PolicyConfig::default(), keep)?;
+            let cache = KvCache::with_budget(
+                shape,
+                KvBudget::Tokens(slots),
+                &PoolBacking::Anonymous,
+                policy,
+                &config.knobs,
+                keep,
+            )?;
             let mut generator = Generator::new(model, cache)?;
             generator.set_prefill_chunk(config.prefill_chunk);
             let mut quiet = |_: &str| {};

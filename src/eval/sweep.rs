@@ -15,7 +15,7 @@ use super::dataset::Sample;
 use super::rouge::rouge_l_f;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generator, ImageInput, Sampling};
-use crate::kv::{KeepRatio, KvBudget, KvCache, KvPool, PolicyConfig, PolicyKind, PoolBacking};
+use crate::kv::{KeepRatio, KvBudget, KvCache, PolicyConfig, PolicyKind, PoolBacking};
 use crate::model::Model;
 
 #[derive(Clone, Debug)]
@@ -98,7 +98,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     ignore_stop: false,
                 };
                 generator
-                    .generate(image, Some(&sample.prompt), &params, &mut |_| {})?
+                    .generate(image.as_slice(), Some(&sample.prompt), &params, &mut |_| {})?
                     .text
             };
             rouge_sum += rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
@@ -109,7 +109,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                 None => reference.ids.clone(),
             };
             if !target.is_empty() {
-                let (sample_nll, count) = generator.score(image, Some(&sample.prompt), &target)?;
+                let (sample_nll, count) = generator.score(image.as_slice(), Some(&sample.prompt), &target)?;
                 nll += sample_nll;
                 tokens += count;
                 entries += generator.cache().pool().len();
@@ -139,12 +139,14 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
 }
 
 fn new_cache(shape: crate::kv::KvShape, config: &SweepConfig, policy: PolicyKind, keep: KeepRatio) -> Result<KvCache> {
-    let pool = KvPool::with_budget(
+    KvCache::with_budget(
         shape,
-        config.budget.bytes(shape.bytes_per_slot()),
+        config.budget,
         &PoolBacking::Anonymous,
-    )?;
-    KvCache::new(pool, policy, &config.policy_config, keep)
+        policy,
+        &config.policy_config,
+        keep,
+    )
 }
 
 fn full_cache_references(
@@ -190,7 +192,7 @@ fn full_cache_references(
                     ignore_stop: false,
                 };
                 let image = sample.image.as_deref().map(ImageInput::File);
-                let generation = generator.generate(image, Some(&sample.prompt), &params, &mut |_| {})?;
+                let generation = generator.generate(image.as_slice(), Some(&sample.prompt), &params, &mut |_| {})?;
                 let mut ids = generation.token_ids;
                 ids.extend(generation.stop_token);
                 let reference = Reference {

@@ -13,9 +13,10 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::kv::budget::KeepRatio;
+use crate::kv::budget::{KeepRatio, KvBudget};
+use crate::kv::kind::TokenKind;
 use crate::kv::policy::{build_policy, CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
-use crate::kv::pool::KvPool;
+use crate::kv::pool::{KvPool, KvShape, PoolBacking};
 
 /// Running totals for one sequence.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +39,9 @@ pub struct KvCache {
     phase: Phase,
     stats: CacheStats,
     merge_count_bias: bool,
+    /// The kinds of the prompt's tokens, from `processed == prompt_start` on.
+    prompt_kinds: Vec<TokenKind>,
+    prompt_start: usize,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -52,6 +56,21 @@ impl std::fmt::Debug for KvCache {
 }
 
 impl KvCache {
+    /// The one place a budget becomes a pool and a cache: the largest pool
+    /// `budget` buys for `shape` (anonymous memory or a file), under policy
+    /// `kind` with its knobs. Every command and the service build theirs here.
+    pub fn with_budget(
+        shape: KvShape,
+        budget: KvBudget,
+        backing: &PoolBacking,
+        kind: PolicyKind,
+        config: &PolicyConfig,
+        keep: KeepRatio,
+    ) -> Result<Self> {
+        let pool = KvPool::with_budget(shape, budget.bytes(shape.bytes_per_slot()), backing)?;
+        KvCache::new(pool, kind, config, keep)
+    }
+
     /// A cache over `pool`. The `full` policy ignores `keep`.
     pub fn new(pool: KvPool, kind: PolicyKind, config: &PolicyConfig, keep: KeepRatio) -> Result<Self> {
         let policy = build_policy(kind, config, pool.shape().layers, pool.capacity())?;
@@ -65,7 +84,7 @@ impl KvCache {
                 slots: pool.capacity(),
                 min_slots,
                 min_bytes: min_slots as u64 * per_slot,
-                why: "the policy's protected entries plus one new token",
+                why: "the policy's protected entries (--sink, --protect) plus one new token",
             });
         }
         let keep = if kind == PolicyKind::Full {
@@ -81,6 +100,8 @@ impl KvCache {
             phase: Phase::Prompt,
             stats: CacheStats::default(),
             merge_count_bias: config.merge_count_bias,
+            prompt_kinds: Vec::new(),
+            prompt_start: 0,
         })
     }
 
@@ -121,6 +142,16 @@ impl KvCache {
         self.processed = 0;
         self.phase = Phase::Prompt;
         self.stats = CacheStats::default();
+        self.prompt_kinds.clear();
+        self.prompt_start = 0;
+    }
+
+    /// The kinds of the prompt tokens about to be committed, in order (the
+    /// prompt builder's). Prompt tokens past the end of this list are `user`.
+    pub fn set_prompt_kinds(&mut self, kinds: &[TokenKind]) {
+        self.prompt_kinds.clear();
+        self.prompt_kinds.extend_from_slice(kinds);
+        self.prompt_start = self.processed;
     }
 
     /// Refuses, before any work, a request that cannot finish: with the
@@ -184,7 +215,21 @@ impl KvCache {
 
     /// Makes the `t` entries the decoder wrote live, at the next positions.
     pub fn commit(&mut self, t: usize) -> Result<()> {
-        self.pool.append(t, self.processed)?;
+        const GENERATED: [TokenKind; 1] = [TokenKind::GENERATED];
+        let kinds = match self.phase {
+            Phase::Generation if t == 1 => &GENERATED[..],
+            Phase::Generation => {
+                return Err(Error::Plan(format!("{t} tokens in one generation step")));
+            }
+            Phase::Prompt => {
+                let from = self.processed - self.prompt_start;
+                if self.prompt_kinds.len() < from + t {
+                    self.prompt_kinds.resize(from + t, TokenKind::USER);
+                }
+                &self.prompt_kinds[from..from + t]
+            }
+        };
+        self.pool.append(self.processed, kinds)?;
         self.processed += t;
         self.stats.peak_len = self.stats.peak_len.max(self.pool.len());
         Ok(())

@@ -4,10 +4,12 @@
 
 pub mod budget;
 pub mod cache;
+pub mod kind;
 pub mod policy;
 pub mod pool;
 
 pub use budget::{KeepRatio, KvBudget};
 pub use cache::{CacheStats, KvCache};
+pub use kind::{KindClass, TokenKind};
 pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
 pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking};

@@ -24,6 +24,7 @@ use half::{f16, slice::HalfFloatSliceExt};
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::error::{Error, Result};
+use crate::kv::kind::TokenKind;
 
 /// The element type of the pool (and of the decoder graph's K/V tensors).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -140,8 +141,9 @@ pub struct KvShape {
 }
 
 /// Metadata bytes per layer and slot: position (u32), merge count (u32),
-/// importance (f32) and the order index (u32). Counted in the budget.
-pub const META_BYTES_PER_LAYER_SLOT: u64 = 16;
+/// importance (f32), token kind (u32) and the order index (u32). Counted in
+/// the budget.
+pub const META_BYTES_PER_LAYER_SLOT: u64 = 20;
 
 impl KvShape {
     /// The demo model's decoder (SmolLM2-135M): 30 layers, 3 KV heads of 64.
@@ -219,6 +221,8 @@ pub struct KvPool {
     merged: Vec<u32>,
     /// `[layer][slot]`: accumulated attention importance.
     score: Vec<f32>,
+    /// `[layer][slot]`: what the entry came from (an anchor keeps its own).
+    kind: Vec<TokenKind>,
     /// `[layer][rank]`: slots sorted by ascending position.
     order: Vec<u32>,
     /// Scratch for `retain`, one flag per slot.
@@ -265,6 +269,7 @@ impl KvPool {
             position: vec![0; meta],
             merged: vec![0; meta],
             score: vec![0.0; meta],
+            kind: vec![TokenKind::TEMPLATE; meta],
             order: vec![0; meta],
             keep_mark: vec![false; capacity],
             merge_acc: vec![0.0; 3 * row],
@@ -364,6 +369,11 @@ impl KvPool {
         Ok(())
     }
 
+    /// Token kinds of the live entries, in slot order.
+    pub fn kinds(&self, layer: usize) -> &[TokenKind] {
+        &self.kind[self.meta_range(layer)]
+    }
+
     /// Accumulated importance of the live entries, in slot order.
     pub fn scores(&self, layer: usize) -> &[f32] {
         &self.score[self.meta_range(layer)]
@@ -455,10 +465,12 @@ impl KvPool {
 
     // ---- mutations -------------------------------------------------------------
 
-    /// Makes the `t` slots after the live ones live, in every layer, with
-    /// consecutive logical positions from `first_position`, merge count 1 and
-    /// zero importance. Their K/V must already be written (see `step_views`).
-    pub fn append(&mut self, t: usize, first_position: usize) -> Result<()> {
+    /// Makes the `kinds.len()` slots after the live ones live, in every
+    /// layer, with consecutive logical positions from `first_position`, those
+    /// kinds, merge count 1 and zero importance. Their K/V must already be
+    /// written (see `step_views`).
+    pub fn append(&mut self, first_position: usize, kinds: &[TokenKind]) -> Result<()> {
+        let t = kinds.len();
         if self.len + t > self.capacity {
             return Err(Error::CapacityExceeded {
                 needed: self.len + t,
@@ -481,11 +493,12 @@ impl KvPool {
                     )));
                 }
             }
-            for i in 0..t {
+            for (i, &kind) in kinds.iter().enumerate() {
                 let slot = self.len + i;
                 self.position[base + slot] = first + i as u32;
                 self.merged[base + slot] = 1;
                 self.score[base + slot] = 0.0;
+                self.kind[base + slot] = kind;
                 self.order[base + slot] = slot as u32;
             }
         }
@@ -557,6 +570,7 @@ impl KvPool {
         self.position[base + to] = self.position[base + from];
         self.merged[base + to] = self.merged[base + from];
         self.score[base + to] = self.score[base + from];
+        self.kind[base + to] = self.kind[base + from];
     }
 
     /// Merges entries of one layer into anchors: each `(member, anchor)` pair
@@ -794,7 +808,8 @@ mod tests {
                 view.new_value[i * row..(i + 1) * row].fill(E::from_f32(-v));
             }
         }
-        pool.append(t, first_position).unwrap();
+        let kinds: Vec<TokenKind> = (0..t).map(|i| TokenKind::image(0, first_position + i)).collect();
+        pool.append(first_position, &kinds).unwrap();
     }
 
     fn key_of(pool: &KvPool, layer: usize, slot: usize) -> f32 {
@@ -805,19 +820,19 @@ mod tests {
     #[test]
     fn budget_sizes_the_pool_and_counts_metadata() {
         let s = shape(KvDtype::F16);
-        // 2 layers * 2 (k,v) * 6 elems * 2 bytes = 48 bytes of K/V, 32 of metadata.
-        assert_eq!(s.bytes_per_slot(), 80);
-        let pool = KvPool::with_budget(s, 800, &PoolBacking::Anonymous).unwrap();
+        // 2 layers * 2 (k,v) * 6 elems * 2 bytes = 48 bytes of K/V, 40 of metadata.
+        assert_eq!(s.bytes_per_slot(), 88);
+        let pool = KvPool::with_budget(s, 880, &PoolBacking::Anonymous).unwrap();
         assert_eq!(pool.capacity(), 10);
-        assert!(pool.bytes() <= 800);
-        let pool = KvPool::with_budget(s, 879, &PoolBacking::Anonymous).unwrap();
+        assert!(pool.bytes() <= 880);
+        let pool = KvPool::with_budget(s, 967, &PoolBacking::Anonymous).unwrap();
         assert_eq!(pool.capacity(), 10);
     }
 
     #[test]
     fn budget_too_small_is_an_error() {
         let err = KvPool::with_budget(shape(KvDtype::F32), 10, &PoolBacking::Anonymous).unwrap_err();
-        assert!(matches!(err, Error::BudgetTooSmall { min_bytes: 128, .. }), "{err}");
+        assert!(matches!(err, Error::BudgetTooSmall { min_bytes: 136, .. }), "{err}");
     }
 
     #[test]
@@ -863,14 +878,14 @@ mod tests {
             pool.step_views::<f32>(3).map(|_| ()),
             Err(Error::CapacityExceeded { needed: 3, capacity: 2 })
         ));
-        assert!(pool.append(3, 0).is_err());
+        assert!(pool.append(0, &[TokenKind::USER; 3]).is_err());
     }
 
     #[test]
     fn positions_must_grow() {
         let mut pool = KvPool::with_capacity(shape(KvDtype::F32), 4, &PoolBacking::Anonymous).unwrap();
         push::<f32>(&mut pool, 2, 5);
-        assert!(matches!(pool.append(1, 6), Err(Error::Plan(_))));
+        assert!(matches!(pool.append(6, &[TokenKind::USER]), Err(Error::Plan(_))));
     }
 
     #[test]
@@ -883,6 +898,11 @@ mod tests {
         // Layer 0: slot 4 (position 4) moved into slot 1.
         assert_eq!(pool.positions(0), &[0, 4, 2, 3]);
         assert_eq!(pool.scores(0), &[1.0, 5.0, 3.0, 4.0]);
+        assert_eq!(
+            pool.kinds(0)[1],
+            TokenKind::image(0, 4),
+            "the kind moves with its entry"
+        );
         assert_eq!(key_of(&pool, 0, 1), 4.0);
         assert_eq!(pool.order(0), &[0, 2, 3, 1]);
         // Layer 1: the last slot itself went; nothing moved.

@@ -22,6 +22,8 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
+use crate::kv::TokenKind;
+
 /// The manifest's `chat_template` object (every field required, no others).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,36 +105,71 @@ pub enum PromptError {
     Decode(String),
 }
 
-/// A prompt's token ids with the image's place.
+/// A prompt: its text token ids and the kind of every position.
 ///
-/// The sequence is `before_image`, then `image_tokens` image-embedding rows,
-/// then `after_image`. Without an image, `before_image` holds the whole
-/// prompt, `image_tokens` is 0 and `after_image` is empty.
+/// Position `p` is an image row when `kinds[p]` is an image kind (its
+/// picture index and row say which), else the next id of `ids`. So
+/// `kinds.len()` is the prompt's length and `ids` holds its text tokens in
+/// order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {
-    pub before_image: Vec<u32>,
-    pub image_tokens: usize,
-    pub after_image: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub kinds: Vec<TokenKind>,
 }
 
 impl Prompt {
     /// Positions the prompt takes: text tokens plus image rows.
     pub fn len(&self) -> usize {
-        self.before_image.len() + self.image_tokens + self.after_image.len()
+        self.kinds.len()
     }
 
     /// True for a prompt of no positions (never built by [`PromptTokenizer::build`]).
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.kinds.is_empty()
+    }
+
+    /// Image rows in the prompt.
+    pub fn image_tokens(&self) -> usize {
+        self.kinds.iter().filter(|k| k.is_image()).count()
     }
 
     /// The ids with `placeholder` at each image position (the fixtures' form, with -1).
     pub fn ids_with_placeholder(&self, placeholder: i64) -> Vec<i64> {
-        let mut v = Vec::with_capacity(self.len());
-        v.extend(self.before_image.iter().map(|&i| i64::from(i)));
-        v.extend(std::iter::repeat_n(placeholder, self.image_tokens));
-        v.extend(self.after_image.iter().map(|&i| i64::from(i)));
-        v
+        let mut ids = self.ids.iter();
+        self.kinds
+            .iter()
+            .map(|k| match k.is_image() {
+                true => placeholder,
+                // Invariant: `ids` has one id per non-image kind.
+                false => ids.next().map_or(placeholder, |&i| i64::from(i)),
+            })
+            .collect()
+    }
+
+    /// Appends one piece of text, tokenized on its own; tokens overlapping
+    /// the bytes `user` of `text` are the user's, the rest template.
+    fn push_text(
+        &mut self,
+        tok: &PromptTokenizer,
+        text: &str,
+        user: std::ops::Range<usize>,
+    ) -> Result<(), PromptError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let enc = tok.tokenizer.encode(text, false).map_err(|e| PromptError::Encode {
+            piece: text.chars().take(80).collect(),
+            reason: e.to_string(),
+        })?;
+        self.ids.extend_from_slice(enc.get_ids());
+        self.kinds.extend(enc.get_offsets().iter().map(|&(start, end)| {
+            if start < user.end && user.start < end.max(start + 1) {
+                TokenKind::USER
+            } else {
+                TokenKind::TEMPLATE
+            }
+        }));
+        Ok(())
     }
 }
 
@@ -213,11 +250,19 @@ impl PromptTokenizer {
         self.vocab
     }
 
-    /// The prompt's token ids, with the image's place (if any) as a range of
-    /// `image_tokens` slots. `user_text` `None` uses the template's default
-    /// prompt; an empty or whitespace-only text is an error. The text is used
-    /// as given (not trimmed), as in the reference.
+    /// The prompt for one picture of `image_tokens` rows, or none.
     pub fn build(&self, user_text: Option<&str>, image_tokens: Option<usize>) -> Result<Prompt, PromptError> {
+        self.build_images(user_text, image_tokens.as_slice())
+    }
+
+    /// The prompt's token ids and kinds, with `images[i]` rows for picture
+    /// `i`, each wrapped in the template's image prefix and suffix, all
+    /// before the user's text (the template's `user_before_text`; pictures
+    /// in a row share one text piece between them: `image_suffix
+    /// image_prefix`). `user_text` `None` uses the template's default prompt;
+    /// an empty or whitespace-only text is an error. The text is used as
+    /// given (not trimmed), as in the reference.
+    pub fn build_images(&self, user_text: Option<&str>, images: &[usize]) -> Result<Prompt, PromptError> {
         let t = &self.template;
         let user = match user_text {
             None => t.default_user_prompt.as_str(),
@@ -228,37 +273,38 @@ impl PromptTokenizer {
             }
             Some(s) => s,
         };
-        let mut head = String::with_capacity(256);
-        for s in [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix] {
-            head.push_str(s);
+        if images.contains(&0) {
+            return Err(PromptError::ZeroImageTokens);
         }
-        let mut before_image: Vec<u32> = self.bos.into_iter().collect();
-        match image_tokens {
-            None => {
-                for s in [user, &t.user_suffix, &t.assistant_prefix] {
-                    head.push_str(s);
-                }
-                self.encode_into(&head, &mut before_image)?;
-                Ok(Prompt {
-                    before_image,
-                    image_tokens: 0,
-                    after_image: Vec::new(),
-                })
-            }
-            Some(0) => Err(PromptError::ZeroImageTokens),
-            Some(n) => {
-                head.push_str(&t.image_prefix);
-                self.encode_into(&head, &mut before_image)?;
-                let tail = [&t.image_suffix, user, &t.user_suffix, &t.assistant_prefix].concat();
-                let mut after_image = Vec::new();
-                self.encode_into(&tail, &mut after_image)?;
-                Ok(Prompt {
-                    before_image,
-                    image_tokens: n,
-                    after_image,
-                })
-            }
+        if images.len() > TokenKind::MAX_IMAGES || images.iter().any(|&n| n > TokenKind::MAX_CELLS) {
+            return Err(PromptError::Template(format!(
+                "{} pictures of up to {} tokens: at most {} pictures of {} tokens each",
+                images.len(),
+                images.iter().max().unwrap_or(&0),
+                TokenKind::MAX_IMAGES,
+                TokenKind::MAX_CELLS
+            )));
         }
+        let mut prompt = Prompt {
+            ids: self.bos.into_iter().collect(),
+            kinds: Vec::new(),
+        };
+        prompt.kinds.resize(prompt.ids.len(), TokenKind::TEMPLATE);
+        let head = [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix].map(String::as_str);
+        let mut piece = head.concat();
+        for (index, &rows) in images.iter().enumerate() {
+            piece.push_str(&t.image_prefix);
+            prompt.push_text(self, &piece, 0..0)?;
+            prompt.kinds.extend((0..rows).map(|cell| TokenKind::image(index, cell)));
+            piece.clear();
+            piece.push_str(&t.image_suffix);
+        }
+        let user_start = piece.len();
+        for s in [user, &t.user_suffix, &t.assistant_prefix] {
+            piece.push_str(s);
+        }
+        prompt.push_text(self, &piece, user_start..user_start + user.len())?;
+        Ok(prompt)
     }
 
     /// Token ids of one piece of text, no special tokens added.
@@ -514,7 +560,7 @@ mod tests {
         let tok = tiny(tiny_template(), Some(1), false).expect("tok");
         // Text only: one piece, no image prefix/suffix.
         let p = tok.build(Some("Hi"), None).expect("text only");
-        assert_eq!((p.image_tokens, p.after_image.len()), (0, 0));
+        assert_eq!(p.image_tokens(), 0);
         let t = tok.template();
         let whole = [
             t.system_prefix.as_str(),
@@ -526,11 +572,24 @@ mod tests {
             &t.assistant_prefix,
         ]
         .concat();
-        assert_eq!(p.before_image, tok.encode(&whole).expect("encode"));
+        assert_eq!(p.ids, tok.encode(&whole).expect("encode"));
+        // The user's text is `user`, the rest template.
+        let user_ids: Vec<u32> = p
+            .ids
+            .iter()
+            .zip(&p.kinds)
+            .filter(|(_, k)| k.is_user())
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(tok.decode(&user_ids).expect("decode").trim(), "Hi");
         // With an image: the pieces are tokenized separately.
         let p = tok.build(None, Some(5)).expect("image");
-        assert_eq!(p.image_tokens, 5);
-        assert_eq!(p.len(), p.before_image.len() + 5 + p.after_image.len());
+        assert_eq!(p.image_tokens(), 5);
+        let first_image = p.kinds.iter().position(|k| k.is_image()).expect("image rows");
+        let before = &p.ids[..first_image];
+        let after = &p.ids[first_image..];
+        assert_eq!(p.len(), before.len() + 5 + after.len());
+        assert_eq!(p.kinds[first_image + 4], TokenKind::image(0, 4));
         let tail = [
             t.image_suffix.as_str(),
             &t.default_user_prompt,
@@ -538,7 +597,26 @@ mod tests {
             &t.assistant_prefix,
         ]
         .concat();
-        assert_eq!(p.after_image, tok.encode(&tail).expect("encode"));
+        assert_eq!(after, tok.encode(&tail).expect("encode"));
+        let text_kinds = p.kinds.iter().filter(|k| !k.is_image());
+        let user_ids: Vec<u32> = p
+            .ids
+            .iter()
+            .zip(text_kinds)
+            .filter(|(_, k)| k.is_user())
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(
+            tok.decode(&user_ids).expect("decode").trim(),
+            t.default_user_prompt.trim()
+        );
+        // Two pictures: each between its prefix and suffix, then the text.
+        let two = tok.build_images(Some("Which one?"), &[3, 2]).expect("two images");
+        let letters: String = two.kinds.iter().map(|k| k.letter()).collect();
+        assert_eq!(letters.matches('i').count(), 5);
+        assert_eq!(two.kinds.iter().filter(|k| **k == TokenKind::image(1, 1)).count(), 1);
+        assert!(letters.find("iii").expect("first") < letters.rfind("ii").expect("second"));
+        assert!(letters.rfind('i') < letters.find('u'), "{letters}");
 
         for empty in ["", "   ", "\n\t "] {
             let e = tok.build(Some(empty), Some(4)).expect_err("empty");
@@ -552,8 +630,9 @@ mod tests {
         // add_bos puts the BOS id first; without a valid id it is an error.
         let with_bos = tiny(tiny_template(), Some(1), true).expect("bos");
         let p2 = with_bos.build(None, Some(5)).expect("bos prompt");
-        assert_eq!(p2.before_image[0], 1);
-        assert_eq!(&p2.before_image[1..], &p.before_image[..]);
+        assert_eq!(p2.ids[0], 1);
+        assert_eq!(&p2.ids[1..], &p.ids[..]);
+        assert_eq!(p2.kinds[0], TokenKind::TEMPLATE);
         assert!(matches!(
             tiny(tiny_template(), None, true),
             Err(PromptError::Bos { bos: None, .. })

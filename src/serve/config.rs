@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::generate::{prefill_chunk_setting, DEFAULT_PREFILL_CHUNK};
-use crate::kv::{KeepRatio, KvBudget, PolicyKind};
+use crate::kv::{KeepRatio, KvBudget, PolicyConfig, PolicyKind};
 use crate::model::Device;
 use crate::source::SourceSpec;
 use crate::stream::parse_interval;
@@ -55,6 +55,9 @@ pub struct CacheConfig {
     pub kv_file: Option<PathBuf>,
     /// Most prompt tokens per decoder run (`None`: the whole prompt).
     pub prefill_chunk: Option<usize>,
+    /// The policy's knobs: the same keys as the command line's flags
+    /// (`distance = 0.05`, `protect_instruction = true`, ...).
+    pub knobs: PolicyConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -118,14 +121,19 @@ struct RawModel {
     tensorrt_fp16: bool,
 }
 
+// The knobs are flattened in; serde cannot deny unknown keys through a
+// flatten, so whatever neither takes lands in `unknown` and is refused.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawCache {
     kv_budget: Option<String>,
     policy: Option<PolicyKind>,
     keep: Option<f64>,
     kv_file: Option<PathBuf>,
     prefill_chunk: Option<usize>,
+    #[serde(flatten)]
+    knobs: PolicyConfig,
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -202,7 +210,14 @@ impl ServeConfig {
             Some(keep) => KeepRatio::new(keep).map_err(|e| bad("cache.keep", e.to_string()))?,
             None => KeepRatio::FULL,
         };
+        if let Some(key) = raw.cache.unknown.keys().next() {
+            return Err(bad(
+                &format!("cache.{key}"),
+                "unknown field (see docs/policies.md for the cache knobs)".into(),
+            ));
+        }
         let cache = CacheConfig {
+            knobs: raw.cache.knobs,
             kv_budget,
             policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
             keep,
@@ -378,6 +393,34 @@ mod tests {
 
     #[test]
     fn a_prefill_chunk_of_zero_is_the_whole_prompt() {
+        let knobs =
+            parse("[model]\ndir = \"m\"\n[cache]\ndistance = 0.05\nprotect_instruction = true\nrecent = 0.25\n")
+                .unwrap();
+        assert_eq!(
+            knobs.cache.knobs.distance,
+            Some(crate::kv::policy::Distance::Fraction(0.05))
+        );
+        assert_eq!(knobs.cache.knobs.protect_instruction, Some(true));
+        assert_eq!(knobs.cache.knobs.recent_fraction, 0.25);
+        let counted = parse("[model]\ndir = \"m\"\n[cache]\ndistance = 8\nmerge_window = \"off\"\n").unwrap();
+        assert_eq!(
+            counted.cache.knobs.distance,
+            Some(crate::kv::policy::Distance::Entries(8))
+        );
+        let (key, _) = key_of("[model]\ndir = \"m\"\n[cache]\ndistanse = 8\n");
+        assert_eq!(key, "cache.distanse");
+        for bad in [
+            "distance = 1.5",
+            "distance = -3",
+            "recent = 1.0",
+            "merge_kind = 3",
+            "decode_eviction = \"lru\"",
+        ] {
+            let err = parse(&format!("[model]\ndir = \"m\"\n[cache]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cache"), "{bad}: {err}");
+        }
         let whole = parse("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = 0\n").unwrap();
         assert_eq!(whole.cache.prefill_chunk, None);
         let runs = parse("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = 32\n").unwrap();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, Sampling};
-use crate::kv::{KvCache, KvPool, PolicyConfig, PoolBacking};
+use crate::kv::{KvCache, PoolBacking};
 use crate::model::{LoadOptions, Manifest, Model, ProviderOptions};
 use crate::source::{Backoff, Grabber, GrabberMonitor, SourceOptions, SourceState, StopFlag};
 use crate::stream::{self, JsonLines, StreamConfig};
@@ -147,15 +147,18 @@ fn plan_cache(config: &ServeConfig) -> Result<(Manifest, KvCache)> {
     let manifest = Manifest::load(dir)
         .and_then(|m| m.verify_files(dir).map(|()| m))
         .map_err(|e| config.error("model.dir", error_chain(&e)))?;
-    let shape = manifest.kv_shape();
-    let backing = PoolBacking::from_file(config.cache.kv_file.as_deref());
-    let budget = config.cache.kv_budget.bytes(shape.bytes_per_slot());
-    let pool = KvPool::with_budget(shape, budget, &backing).map_err(|e| match e {
+    let cache = KvCache::with_budget(
+        manifest.kv_shape(),
+        config.cache.kv_budget,
+        &PoolBacking::from_file(config.cache.kv_file.as_deref()),
+        config.cache.policy,
+        &config.cache.knobs,
+        config.cache.keep,
+    )
+    .map_err(|e| match e {
         Error::PoolFile { .. } => config.error("cache.kv_file", error_chain(&e)),
         other => config.error("cache.kv_budget", error_chain(&other)),
     })?;
-    let cache = KvCache::new(pool, config.cache.policy, &PolicyConfig::default(), config.cache.keep)
-        .map_err(|e| config.error("cache.kv_budget", error_chain(&e)))?;
     Ok((manifest, cache))
 }
 

@@ -105,7 +105,7 @@ impl Captioner {
         health.beat(false);
         let started = Instant::now();
         let prompt = job.prompt.as_deref().or(self.prompt.as_deref());
-        let generated = generator.generate(Some(ImageInput::Bytes(&job.image)), prompt, &self.params, &mut |_| {
+        let generated = generator.generate(&[ImageInput::Bytes(&job.image)], prompt, &self.params, &mut |_| {
             health.beat(false)
         });
         health.beat(true);

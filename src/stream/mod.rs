@@ -269,7 +269,7 @@ pub fn run(
         next_due = started + config.every;
         let frame_age_ms = started.saturating_duration_since(frame.captured_instant).as_secs_f64() * 1e3;
         let generated = generator.generate(
-            Some(ImageInput::Rgb8(&frame.image)),
+            &[ImageInput::Rgb8(&frame.image)],
             config.prompt.as_deref(),
             &config.params,
             &mut |piece| sink.on_text(piece),

@@ -13,9 +13,18 @@
 //!
 //! [`ElasticVariant::Reference`] reproduces the authors' code where it
 //! differs from the paper (see `select_reference`), to cross-check numbers.
+//!
+//! The product's `elastic` adds components on top of the paper's stages,
+//! each an [`ElasticOptions`] switch (docs/policies.md): a protected
+//! instruction, a fixed point relative to the compressed length, merging
+//! bounded by distance and token kind, normalised importance, and H2O-style
+//! decode eviction. With every switch off it is `elastic-paper`.
 
-use super::{top_k_by_score, CachePolicy, Compression, Phase, PolicyConfig, PolicyKind, Scratch};
+use super::{
+    top_k_by_score, CachePolicy, Compression, DecodeEviction, ElasticOptions, Phase, PolicyConfig, PolicyKind, Scratch,
+};
 use crate::error::{Error, Result};
+use crate::kv::kind::TokenKind;
 use crate::kv::pool::KvPool;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,29 +36,70 @@ pub enum ElasticVariant {
 }
 
 pub struct Elastic {
+    kind: PolicyKind,
     variant: ElasticVariant,
     sink: usize,
     protect: usize,
-    distance: usize,
+    options: ElasticOptions,
+    recent_fraction: f64,
     merge_on_evict: bool,
     cache_length_positions: bool,
     /// The fixed eviction rank `P`, set when the prompt is done.
     fixed_point: Option<usize>,
     scratch: Scratch,
+    /// Per layer, the rank that leaves in a stage-2 step.
+    leaving: Vec<usize>,
+    /// Per candidate of one layer: the nearest eligible anchor rank on the
+    /// left and on the right (`NONE` if there is none).
+    left: Vec<u32>,
+    right: Vec<u32>,
 }
 
+/// No anchor on that side.
+const NONE: u32 = u32::MAX;
+
 impl Elastic {
-    pub(crate) fn new(variant: ElasticVariant, config: &PolicyConfig, scratch: Scratch) -> Self {
+    pub(crate) fn new(kind: PolicyKind, variant: ElasticVariant, config: &PolicyConfig, scratch: Scratch) -> Self {
+        let layers = scratch.victims.capacity();
+        let capacity = scratch.ranks.capacity();
         Elastic {
+            kind,
             variant,
             sink: config.sink,
             protect: config.protect,
-            distance: config.distance,
+            options: ElasticOptions::resolve(kind, config),
+            recent_fraction: config.recent_fraction,
             merge_on_evict: config.merge_on_evict,
             cache_length_positions: config.cache_length_positions,
             fixed_point: None,
             scratch,
+            leaving: Vec::with_capacity(layers),
+            left: Vec::with_capacity(capacity),
+            right: Vec::with_capacity(capacity),
         }
+    }
+
+    /// The components in force.
+    pub fn options(&self) -> &ElasticOptions {
+        &self.options
+    }
+
+    /// The protected tail of one layer for a stage-1 target (see
+    /// docs/policies.md, component 1).
+    fn tail(&self, pool: &KvPool, layer: usize, target: usize) -> usize {
+        let len = pool.len();
+        let head = self.sink.min(len);
+        let mut tail = self.protect;
+        if self.options.protect_instruction {
+            let (order, kinds) = (pool.order(layer), pool.kinds(layer));
+            let kind_at = |rank: usize| kinds[order[rank] as usize];
+            let instruction = match (0..len).rev().find(|&r| kind_at(r).is_image()) {
+                Some(last_image) => len - 1 - last_image,
+                None => (0..len).find(|&r| kind_at(r).is_user()).map_or(0, |first| len - first),
+            };
+            tail = tail.max(instruction.min(target / 2));
+        }
+        tail.min(target.saturating_sub(head)).min(len - head)
     }
 
     /// The truncation index once the prompt is done.
@@ -60,42 +110,107 @@ impl Elastic {
     /// The paper's selection for one layer: anchors are the top-k candidates
     /// by importance; every other candidate goes to the nearest anchor by
     /// position (ties: the lower one). Fills `ranks` with the kept ranks and
-    /// `pairs` with `(member slot, anchor slot)`.
+    /// `pairs` with `(member slot, anchor slot)`. The components change the
+    /// protected tail, the score anchors are ranked by, and which anchors a
+    /// member may join (a member with none eligible is dropped).
     fn select_paper(&mut self, pool: &KvPool, layer: usize, target: usize) {
-        let Scratch { ranks, pairs, .. } = &mut self.scratch;
-        let (order, scores, positions) = (pool.order(layer), pool.scores(layer), pool.positions(layer));
-        let len = order.len();
+        let len = pool.len();
         let head = self.sink.min(len);
-        let tail = self.protect.min(len - head);
+        let tail = self.tail(pool, layer, target);
         let anchors = target - head - tail;
+        let options = self.options;
+        let Elastic {
+            scratch: Scratch { ranks, pairs, .. },
+            left,
+            right,
+            ..
+        } = self;
+        let (order, scores, positions, kinds) = (
+            pool.order(layer),
+            pool.scores(layer),
+            pool.positions(layer),
+            pool.kinds(layer),
+        );
+        let slot = |rank: u32| order[rank as usize] as usize;
 
         ranks.clear();
         ranks.extend(head as u32..(len - tail) as u32);
-        top_k_by_score(ranks, anchors, |r| scores[order[r as usize] as usize]);
+        if options.normalize_scores {
+            // Queries that could see the key at position p: N - p.
+            let newest = positions[order[len - 1] as usize] as f32 + 1.0;
+            top_k_by_score(ranks, anchors, |r| {
+                scores[slot(r)] / (newest - positions[slot(r)] as f32).max(1.0)
+            });
+        } else {
+            top_k_by_score(ranks, anchors, |r| scores[slot(r)]);
+        }
         ranks.truncate(anchors);
 
+        // Nearest eligible anchor on each side of every candidate, per merge
+        // class (one class for all when kinds do not matter): two passes.
+        let class_of = |rank: u32| {
+            if options.merge_kind {
+                kinds[slot(rank)].merge_class() as usize
+            } else {
+                0
+            }
+        };
+        let candidates = head as u32..(len - tail) as u32;
+        let mut last = [NONE; TokenKind::MAX_IMAGES + 1];
+        left.clear();
+        let mut next = 0;
+        for rank in candidates.clone() {
+            let class = class_of(rank);
+            if next < ranks.len() && ranks[next] == rank {
+                next += 1;
+                last[class] = rank;
+                left.push(NONE);
+            } else {
+                left.push(last[class]);
+            }
+        }
+        last.fill(NONE);
+        right.clear();
+        right.resize(left.len(), NONE);
+        let mut next = ranks.len();
+        for rank in candidates.clone().rev() {
+            let class = class_of(rank);
+            if next > 0 && ranks[next - 1] == rank {
+                next -= 1;
+                last[class] = rank;
+            } else {
+                right[(rank - head as u32) as usize] = last[class];
+            }
+        }
+
         pairs.clear();
-        let position_of = |rank: u32| positions[order[rank as usize] as usize] as i64;
-        let mut next = 0; // index in `ranks` of the first anchor at or after `rank`
-        for rank in head as u32..(len - tail) as u32 {
+        let position_of = |rank: u32| positions[slot(rank)] as i64;
+        let within = |member: u32, anchor: u32| {
+            anchor != NONE
+                && options
+                    .merge_window
+                    .is_none_or(|w| (position_of(member) - position_of(anchor)).abs() <= i64::from(w))
+        };
+        let mut next = 0;
+        for rank in candidates {
             if next < ranks.len() && ranks[next] == rank {
                 next += 1;
                 continue;
             }
-            let before = next.checked_sub(1).map(|i| ranks[i]);
-            let after = ranks.get(next).copied();
-            let anchor = match (before, after) {
-                (Some(b), Some(a)) => {
+            let i = (rank - head as u32) as usize;
+            let (before, after) = (left[i], right[i]);
+            let anchor = match (within(rank, before), within(rank, after)) {
+                (true, true) => {
                     let here = position_of(rank);
-                    if here - position_of(b) <= position_of(a) - here {
-                        b
+                    if here - position_of(before) <= position_of(after) - here {
+                        before
                     } else {
-                        a
+                        after
                     }
                 }
-                (Some(b), None) => b,
-                (None, Some(a)) => a,
-                (None, None) => continue, // no anchor at all: the entry is dropped
+                (true, false) => before,
+                (false, true) => after,
+                (false, false) => continue, // no eligible anchor: the entry is dropped
             };
             pairs.push((order[rank as usize], order[anchor as usize]));
         }
@@ -165,10 +280,7 @@ fn nearest_by_rank(anchors: &[u32], rank: u32) -> u32 {
 
 impl CachePolicy for Elastic {
     fn kind(&self) -> PolicyKind {
-        match self.variant {
-            ElasticVariant::Paper => PolicyKind::Elastic,
-            ElasticVariant::Reference => PolicyKind::ElasticRef,
-        }
+        self.kind
     }
 
     fn min_entries(&self) -> usize {
@@ -177,7 +289,7 @@ impl CachePolicy for Elastic {
     }
 
     fn wants_scores(&self, phase: Phase) -> bool {
-        phase == Phase::Prompt
+        phase == Phase::Prompt || self.options.decode_eviction == DecodeEviction::Heavy
     }
 
     fn rope_position(&self, processed: usize, cache_len: usize) -> usize {
@@ -219,28 +331,54 @@ impl CachePolicy for Elastic {
             pool.retain(&self.scratch.keep)?;
         }
         if last {
-            self.fixed_point = Some(target.min(len).saturating_sub(self.distance).max(self.sink));
+            let compressed = target.min(len);
+            let distance = self.options.distance.entries(compressed);
+            self.fixed_point = Some(compressed.saturating_sub(distance).max(self.sink));
         }
         Ok(done)
     }
 
     fn evict_generated(&mut self, pool: &mut KvPool, count: usize) -> Result<Compression> {
         let mut done = Compression::default();
-        let layers = pool.shape().layers as u64;
+        let layers = pool.shape().layers;
         for _ in 0..count {
             let len = pool.len();
-            let point = self
-                .fixed_point
-                .unwrap_or_else(|| len.saturating_sub(self.distance))
-                .max(self.sink)
-                .min(len - 1);
+            self.leaving.clear();
+            match self.options.decode_eviction {
+                DecodeEviction::FixedPoint => {
+                    let distance = self.options.distance.entries(len);
+                    let point = self
+                        .fixed_point
+                        .unwrap_or_else(|| len.saturating_sub(distance))
+                        .max(self.sink)
+                        .min(len - 1);
+                    self.leaving.resize(layers, point);
+                }
+                DecodeEviction::Heavy => {
+                    // H2O's rule from rank `sink`: the lightest entry outside
+                    // the recent window (ties: the older one).
+                    let recent = (((len - 1) as f64 * self.recent_fraction) as usize).clamp(1, (len - 1).max(1));
+                    let end = len.saturating_sub(recent).max(1);
+                    let start = self.sink.min(end - 1);
+                    for layer in 0..layers {
+                        let (order, scores) = (pool.order(layer), pool.scores(layer));
+                        let mut lightest = start;
+                        for rank in start + 1..end {
+                            if scores[order[rank] as usize] < scores[order[lightest] as usize] {
+                                lightest = rank;
+                            }
+                        }
+                        self.leaving.push(lightest);
+                    }
+                }
+            }
             if self.merge_on_evict && len > 1 {
                 // Fold the leaving entry into its nearer neighbour by position.
-                for layer in 0..pool.shape().layers {
+                for (layer, &rank) in self.leaving.iter().enumerate() {
                     let (order, positions) = (pool.order(layer), pool.positions(layer));
-                    let here = positions[order[point] as usize];
-                    let before = point.checked_sub(1).map(|r| order[r]);
-                    let after = order.get(point + 1).copied();
+                    let here = positions[order[rank] as usize];
+                    let before = rank.checked_sub(1).map(|r| order[r]);
+                    let after = order.get(rank + 1).copied();
                     let into = match (before, after) {
                         (Some(b), Some(a)) => {
                             if here - positions[b as usize] <= positions[a as usize] - here {
@@ -253,14 +391,15 @@ impl CachePolicy for Elastic {
                         (None, Some(a)) => a,
                         (None, None) => continue,
                     };
-                    let mut pair = [(order[point], into)];
+                    let mut pair = [(order[rank], into)];
                     pool.merge(layer, &mut pair)?;
                 }
-                done.merged += layers;
+                done.merged += layers as u64;
             } else {
-                done.evicted += layers;
+                done.evicted += layers as u64;
             }
-            self.scratch.evict_by_rank(pool, |_, _| point)?;
+            let leaving = &self.leaving;
+            self.scratch.evict_by_rank(pool, |layer, _| leaving[layer])?;
         }
         Ok(done)
     }
