@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use elastic_edge::generate::{GenerateParams, Generator, ImageInput, Sampling, StopReason};
+use elastic_edge::kv::policy::MergeWindow;
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvPool, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::model::{LoadOptions, Model};
 use serde_json::Value;
@@ -198,16 +199,27 @@ fn policies_match_the_python_reference() {
             let keep = case["keep"].as_f64().unwrap();
             let max_new = if model_name == "tiny" { 16 } else { 32 };
             let merge_count_bias = case["merged_bias"].as_bool().unwrap();
-            let config = PolicyConfig {
-                merge_count_bias,
-                ..PolicyConfig::default()
-            };
+            // Every knob is explicit in the fixture; a null window is off.
+            let mut config: PolicyConfig = serde_json::from_value(case["settings"].clone()).unwrap();
+            config.merge_window = Some(config.merge_window.unwrap_or(MergeWindow::Off));
+            assert_eq!(config.merge_count_bias, merge_count_bias);
+            // The prompt's token kinds are the reference's.
+            let image_tokens = case["prompt_ids"].as_array().unwrap().iter().filter(|i| i.as_i64() == Some(-1)).count();
+            let prompt = model
+                .prompt
+                .build(case["user_text"].as_str(), (image_tokens > 0).then_some(image_tokens))
+                .unwrap();
+            let letters: String = prompt.kinds.iter().map(|k| k.letter()).collect();
+            assert_eq!(letters, case["prompt_kinds"].as_str().unwrap(), "prompt kinds");
             let cache = cache_with(&model, kind, keep, KvBudget::Tokens(512), &config);
             let mut generator = Generator::new(&mut model, cache).unwrap();
             let image = case["image"].as_str().map(|p| repo().join(p));
             let got = greedy(&mut generator, image.as_deref(), case["user_text"].as_str(), max_new);
             let bias = if merge_count_bias { " +ln(m) bias" } else { "" };
-            let label = format!("{model_name} case {} {kind}{bias}", case["fixture_case"]);
+            let label = format!(
+                "{model_name} case {} {kind} {}{bias}",
+                case["fixture_case"], case["settings_label"]
+            );
             assert_eq!(got, ids(&case["expected_ids"]), "{label}");
             assert_eq!(
                 generator.cache().pool().len() as u64,
@@ -217,7 +229,7 @@ fn policies_match_the_python_reference() {
             checked += 1;
         }
     }
-    assert!(checked >= 21, "only {checked} cases checked");
+    assert!(checked >= 48, "only {checked} cases checked");
 }
 
 /// Teacher forcing scores the answer generation would give: the greedy

@@ -163,7 +163,7 @@ impl Prompt {
         })?;
         self.ids.extend_from_slice(enc.get_ids());
         self.kinds.extend(enc.get_offsets().iter().map(|&(start, end)| {
-            if start < user.end && user.start < end.max(start + 1) {
+            if start.max(user.start) < end.min(user.end) {
                 TokenKind::USER
             } else {
                 TokenKind::TEMPLATE

@@ -358,12 +358,16 @@ impl CachePolicy for Elastic {
                     // H2O's rule from rank `sink`: the lightest entry outside
                     // the recent window (ties: the older one).
                     let recent = (((len - 1) as f64 * self.recent_fraction) as usize).clamp(1, (len - 1).max(1));
-                    let end = len.saturating_sub(recent).max(1);
-                    let start = self.sink.min(end - 1);
+                    let end = len - recent.min(len - 1);
                     for layer in 0..layers {
+                        if self.sink >= end {
+                            // Nothing between the sinks and the window.
+                            self.leaving.push(self.sink.min(len - 1));
+                            continue;
+                        }
                         let (order, scores) = (pool.order(layer), pool.scores(layer));
-                        let mut lightest = start;
-                        for rank in start + 1..end {
+                        let mut lightest = self.sink;
+                        for rank in self.sink + 1..end {
                             if scores[order[rank] as usize] < scores[order[lightest] as usize] {
                                 lightest = rank;
                             }
@@ -373,11 +377,12 @@ impl CachePolicy for Elastic {
                 }
             }
             if self.merge_on_evict && len > 1 {
-                // Fold the leaving entry into its nearer neighbour by position.
+                // Fold the leaving entry into its nearer neighbour by position
+                // (a sink is never a merge target).
                 for (layer, &rank) in self.leaving.iter().enumerate() {
                     let (order, positions) = (pool.order(layer), pool.positions(layer));
                     let here = positions[order[rank] as usize];
-                    let before = rank.checked_sub(1).map(|r| order[r]);
+                    let before = rank.checked_sub(1).filter(|&r| r >= self.sink).map(|r| order[r]);
                     let after = order.get(rank + 1).copied();
                     let into = match (before, after) {
                         (Some(b), Some(a)) => {
