@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::dataset::Sample;
+use super::dataset::{PromptKind, Sample};
+use super::report::{self, io_error};
 use super::rouge::rouge_l_f;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateParams, Generator, ImageInput, Sampling};
+use crate::generate::{GenerateParams, Generator, Sampling};
 use crate::kv::{KeepRatio, KvBudget, KvCache, PolicyConfig, PolicyKind, PoolBacking};
 use crate::model::Model;
 
@@ -45,6 +46,40 @@ pub struct Row {
     pub seconds: f64,
 }
 
+/// One policy at one keep ratio on one sample: a line of `samples.csv`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SampleResult {
+    pub policy: PolicyKind,
+    pub keep: f64,
+    /// The sample's id in the dataset.
+    pub id: String,
+    pub kind: PromptKind,
+    /// ROUGE-L F against the full cache's answer.
+    pub rouge_l: f64,
+    /// Summed NLL of the scored reference tokens (0 when none was scored).
+    pub nll: f64,
+    pub scored_tokens: usize,
+    /// Cache entries after the reference was scored (0 when none was).
+    pub cache_entries: usize,
+}
+
+/// What [`run`] measured: one [`Row`] per policy and keep ratio, and one
+/// [`SampleResult`] per policy, keep ratio and sample (in run order, and
+/// within a run in dataset order). Iterating it yields the rows.
+#[derive(Clone, Debug)]
+pub struct SweepOutput {
+    pub rows: Vec<Row>,
+    pub samples: Vec<SampleResult>,
+}
+
+impl IntoIterator for SweepOutput {
+    type Item = Row;
+    type IntoIter = std::vec::IntoIter<Row>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.rows.into_iter()
+    }
+}
+
 /// The full cache's greedy answer to one sample.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Reference {
@@ -57,12 +92,12 @@ struct Reference {
 /// Progress: `(done, total, what)`.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
-/// Runs the sweep and writes `results.csv`, `results.md` and `results.svg`
-/// into `config.out`. Full-cache answers are cached in
-/// `references.jsonl` there, so a rerun or an added policy reuses them.
-/// Results are written under `.partial` names first and renamed when the
-/// sweep is complete.
-pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress: Progress<'_>) -> Result<Vec<Row>> {
+/// Runs the sweep and writes `results.csv`, `samples.csv`, `results.md`
+/// and `results.svg` into `config.out` (see [`report::write`]). Full-cache
+/// answers are cached in `references.jsonl` there, so a rerun or an added
+/// policy reuses them. Results are written under `.partial` names first and
+/// renamed when the sweep is complete.
+pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress: Progress<'_>) -> Result<SweepOutput> {
     std::fs::create_dir_all(&config.out).map_err(|e| io_error(&config.out, e))?;
     let compressing: Vec<PolicyKind> = config
         .policies
@@ -75,6 +110,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
 
     let references = full_cache_references(model, samples, config, &mut done, total, progress)?;
     let mut rows = Vec::new();
+    let mut results = Vec::new(); // per-sample results
     let mut runs = vec![(PolicyKind::Full, KeepRatio::FULL)];
     for &policy in &compressing {
         for &keep in &config.keeps {
@@ -88,7 +124,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
         let mut generator = Generator::new(model, cache)?;
         let (mut rouge_sum, mut nll, mut tokens, mut entries) = (0.0, 0.0, 0, 0usize);
         for (sample, reference) in samples.iter().zip(&references) {
-            let image = sample.image.as_deref().map(ImageInput::File);
+            let images = sample.image_inputs();
             let answer = if policy == PolicyKind::Full {
                 reference.text.clone()
             } else {
@@ -98,22 +134,27 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     ignore_stop: false,
                 };
                 generator
-                    .generate(image.as_slice(), Some(&sample.prompt), &params, &mut |_| {})?
+                    .generate(&images, Some(&sample.prompt), &params, &mut |_| {})?
                     .text
             };
-            rouge_sum += rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
+            let rouge = rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
+            rouge_sum += rouge;
             done += 1;
             progress(done, total, &label);
             let target = match &sample.reference {
                 Some(text) => generator.model().prompt.encode(text)?,
                 None => reference.ids.clone(),
             };
+            let mut result = SampleResult::unscored(policy, keep, sample, rouge); // per-sample results
             if !target.is_empty() {
-                let (sample_nll, count) = generator.score(image.as_slice(), Some(&sample.prompt), &target)?;
+                let (sample_nll, count) = generator.score(&images, Some(&sample.prompt), &target)?;
                 nll += sample_nll;
                 tokens += count;
                 entries += generator.cache().pool().len();
+                (result.nll, result.scored_tokens) = (sample_nll, count); // per-sample results
+                result.cache_entries = generator.cache().pool().len(); // per-sample results
             }
+            results.push(result); // per-sample results
             done += 1;
             progress(done, total, &label);
         }
@@ -132,10 +173,26 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
             mean_entries: entries as f64 / n,
             seconds: started.elapsed().as_secs_f64(),
         });
-        write_reports(&config.out, &rows, true)?;
+        report::write(&config.out, &rows, &results, true)?;
     }
-    write_reports(&config.out, &rows, false)?;
-    Ok(rows)
+    report::write(&config.out, &rows, &results, false)?;
+    Ok(SweepOutput { rows, samples: results })
+}
+
+impl SampleResult {
+    /// `sample` under `policy` at `keep` with its ROUGE-L, before scoring.
+    fn unscored(policy: PolicyKind, keep: KeepRatio, sample: &Sample, rouge_l: f64) -> Self {
+        SampleResult {
+            policy,
+            keep: keep.get(),
+            id: sample.id.clone(),
+            kind: sample.kind,
+            rouge_l,
+            nll: 0.0,
+            scored_tokens: 0,
+            cache_entries: 0,
+        }
+    }
 }
 
 fn new_cache(shape: crate::kv::KvShape, config: &SweepConfig, policy: PolicyKind, keep: KeepRatio) -> Result<KvCache> {
@@ -191,8 +248,8 @@ fn full_cache_references(
                     sampling: Sampling::Greedy,
                     ignore_stop: false,
                 };
-                let image = sample.image.as_deref().map(ImageInput::File);
-                let generation = generator.generate(image.as_slice(), Some(&sample.prompt), &params, &mut |_| {})?;
+                let images = sample.image_inputs();
+                let generation = generator.generate(&images, Some(&sample.prompt), &params, &mut |_| {})?;
                 let mut ids = generation.token_ids;
                 ids.extend(generation.stop_token);
                 let reference = Reference {
@@ -218,7 +275,8 @@ fn reference_key(model_key: &str, sample: &Sample, max_new_tokens: usize) -> Str
     hasher.update(model_key.as_bytes());
     hasher.update(sample.prompt.as_bytes());
     hasher.update([0]);
-    if let Some(image) = &sample.image {
+    // Every picture in order (one picture hashes as it always did).
+    for image in &sample.images {
         hasher.update(image.to_string_lossy().as_bytes());
     }
     hasher.update(max_new_tokens.to_le_bytes());
@@ -228,185 +286,8 @@ fn reference_key(model_key: &str, sample: &Sample, max_new_tokens: usize) -> Str
     })
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    Error::Dataset {
-        path: path.to_path_buf(),
-        line: 0,
-        reason: e.to_string(),
-    }
-}
-
-/// Rewrites `results.md` and `results.svg` in `dir` from its `results.csv`.
+/// Rewrites `results.md` and `results.svg` in `dir` from its `results.csv`
+/// and `samples.csv` (see [`report::replot`]).
 pub fn replot(dir: &Path) -> Result<Vec<Row>> {
-    let path = dir.join("results.csv");
-    let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
-    let mut rows = Vec::new();
-    for (index, line) in text.lines().enumerate().skip(1) {
-        let bad = |what: &str| Error::Dataset {
-            path: path.clone(),
-            line: index + 1,
-            reason: format!("bad {what}"),
-        };
-        let fields: Vec<&str> = line.split(',').collect();
-        if fields.len() != 8 {
-            return Err(bad("number of fields"));
-        }
-        let number = |i: usize| fields[i].parse::<f64>().map_err(|_| bad("number"));
-        rows.push(Row {
-            policy: fields[0].parse().map_err(|_| bad("policy"))?,
-            keep: number(1)?,
-            samples: number(2)? as usize,
-            rouge_l: number(3)?,
-            ppl: number(4)?,
-            scored_tokens: number(5)? as usize,
-            mean_entries: number(6)?,
-            seconds: number(7)?,
-        });
-    }
-    write_reports(dir, &rows, false)?;
-    Ok(rows)
-}
-
-/// Writes the CSV, the markdown table and the plot; `partial` ones go to
-/// `*.partial` names, the final ones replace them.
-fn write_reports(dir: &Path, rows: &[Row], partial: bool) -> Result<()> {
-    let suffix = if partial { ".partial" } else { "" };
-    let mut csv = String::from("policy,keep,samples,rouge_l,ppl,scored_tokens,mean_entries,seconds\n");
-    let mut md = String::from(
-        "| policy | keep | ROUGE-L | PPL | samples | scored tokens | cache entries | seconds |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for row in rows {
-        let _ = writeln!(
-            csv,
-            "{},{},{},{:.6},{:.6},{},{:.1},{:.1}",
-            row.policy, row.keep, row.samples, row.rouge_l, row.ppl, row.scored_tokens, row.mean_entries, row.seconds
-        );
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.3} | {:.3} | {} | {} | {:.1} | {:.0} |",
-            row.policy, row.keep, row.rouge_l, row.ppl, row.samples, row.scored_tokens, row.mean_entries, row.seconds
-        );
-    }
-    for (name, text) in [("results.csv", csv), ("results.md", md), ("results.svg", plot(rows))] {
-        let path = dir.join(format!("{name}{suffix}"));
-        std::fs::write(&path, text).map_err(|e| io_error(&path, e))?;
-    }
-    if !partial {
-        for name in ["results.csv", "results.md", "results.svg"] {
-            let _ = std::fs::remove_file(dir.join(format!("{name}.partial")));
-        }
-    }
-    Ok(())
-}
-
-/// Two panels like the paper's Figure 2: ROUGE-L and PPL against the keep
-/// ratio, one line per policy; the full cache as a dashed level.
-fn plot(rows: &[Row]) -> String {
-    const W: f64 = 360.0;
-    const H: f64 = 260.0;
-    const M: f64 = 45.0;
-    let colors = [
-        ("local", "#1f77b4"),
-        ("h2o", "#ff7f0e"),
-        ("elastic", "#2ca02c"),
-        ("elastic-ref", "#9467bd"),
-    ];
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
-        2.0 * W,
-        H + 30.0
-    );
-    // PPL on a log scale: the worst policies are orders of magnitude off.
-    for (panel, (title, value, log)) in [
-        (
-            "ROUGE-L vs full cache (higher is better)",
-            (|r: &Row| r.rouge_l) as fn(&Row) -> f64,
-            false,
-        ),
-        ("PPL, log scale (lower is better)", |r: &Row| r.ppl.ln(), true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let x0 = panel as f64 * W;
-        let values: Vec<f64> = rows.iter().map(value).filter(|v| v.is_finite()).collect();
-        let (mut lo, mut hi) = values
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-        if !lo.is_finite() {
-            continue;
-        }
-        if hi - lo < 1e-9 {
-            lo -= 0.5;
-            hi += 0.5;
-        }
-        let px = |keep: f64| x0 + M + keep * (W - 2.0 * M);
-        let py = |v: f64| H - M + 10.0 - (v - lo) / (hi - lo) * (H - 2.0 * M);
-        let _ = writeln!(svg, "<text x=\"{}\" y=\"16\">{title}</text>", x0 + M);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/><line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{3}\" stroke=\"black\"/>",
-            px(0.0),
-            py(lo),
-            px(1.0),
-            py(hi)
-        );
-        for tick in [0.1, 0.3, 0.5, 0.7, 0.9] {
-            let _ = writeln!(
-                svg,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>",
-                px(tick),
-                py(lo) + 14.0
-            );
-        }
-        for v in [lo, (lo + hi) / 2.0, hi] {
-            let shown = if log { v.exp() } else { v };
-            let _ = writeln!(
-                svg,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{shown:.2}</text>",
-                px(0.0) - 4.0,
-                py(v) + 4.0
-            );
-        }
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">keep ratio</text>",
-            px(0.5),
-            py(lo) + 28.0
-        );
-        if let Some(full) = rows.iter().find(|r| r.policy == PolicyKind::Full) {
-            let y = py(value(full));
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"gray\" stroke-dasharray=\"4 3\"/>",
-                px(0.0),
-                px(1.0)
-            );
-        }
-        for (i, (name, color)) in colors.iter().enumerate() {
-            let mut points: Vec<(f64, f64)> = rows
-                .iter()
-                .filter(|r| r.policy.name() == *name && value(r).is_finite())
-                .map(|r| (px(r.keep), py(value(r))))
-                .collect();
-            if points.is_empty() {
-                continue;
-            }
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let path: Vec<String> = points.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-            let _ = writeln!(
-                svg,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-                path.join(" ")
-            );
-            let _ = writeln!(
-                svg,
-                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>",
-                x0 + W - M - 60.0,
-                40.0 + 14.0 * i as f64
-            );
-        }
-    }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(report::replot(dir)?.0)
 }
