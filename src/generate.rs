@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{error_chain, Error, Result};
-use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, TokenKind};
+use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot, TokenKind};
 use crate::model::binding::PoolRunBuilder;
 use crate::model::{Manifest, Model};
 
@@ -128,6 +128,26 @@ enum PromptInput<'a> {
         user_text: Option<&'a str>,
     },
     Ids(&'a [u32]),
+    /// A prompt encoded before, restored instead of run again.
+    Encoded(&'a EncodedPrompt),
+}
+
+/// A prompt that went through the decoder, before stage 1: its cache
+/// entries with their attention sums, and the first answer token's logits.
+/// `eval` encodes each sample once and starts every policy from it; the
+/// results are those of encoding it again (the prompt's attention does not
+/// depend on the policy, and the sums are collected whatever the policy).
+#[derive(Clone, Debug)]
+pub struct EncodedPrompt {
+    cache: PromptSnapshot,
+    logits: Vec<f32>,
+}
+
+impl EncodedPrompt {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.cache.bytes() + 4 * self.logits.len()
+    }
 }
 
 /// The picture to caption.
@@ -388,6 +408,48 @@ impl<'m> Generator<'m> {
         })
     }
 
+    /// Runs the pictures and the prompt through the decoder without stage 1
+    /// and keeps the result (`None` when the prompt did not fit the pool
+    /// whole, so it was compressed on the way: then there is nothing
+    /// policy-independent to keep).
+    pub fn encode_prompt(
+        &mut self,
+        images: &[ImageInput<'_>],
+        user_text: Option<&str>,
+    ) -> Result<Option<EncodedPrompt>> {
+        let mut timings = Timings::default();
+        self.cache.collect_prompt_scores(true);
+        let input = PromptInput::Chat { images, user_text };
+        let encoded = match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.encode::<f32>(input, 1, &mut timings),
+            KvDtype::F16 => self.encode::<f16>(input, 1, &mut timings),
+        };
+        self.cache.collect_prompt_scores(false);
+        encoded?;
+        Ok(self.cache.snapshot().map(|cache| EncodedPrompt {
+            cache,
+            logits: self.step.logits.clone(),
+        }))
+    }
+
+    /// [`Self::generate`] from a prompt encoded before.
+    pub fn generate_encoded(
+        &mut self,
+        prompt: &EncodedPrompt,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_input(PromptInput::Encoded(prompt), params, on_text)
+    }
+
+    /// [`Self::score`] from a prompt encoded before.
+    pub fn score_encoded(&mut self, prompt: &EncodedPrompt, answer: &[u32]) -> Result<(f64, usize)> {
+        match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.score_input::<f32>(PromptInput::Encoded(prompt), answer),
+            KvDtype::F16 => self.score_input::<f16>(PromptInput::Encoded(prompt), answer),
+        }
+    }
+
     /// Encodes the image and the prompt and prefills the cache with them
     /// (stage 1 included), leaving the first answer token's logits. Returns
     /// the prompt's length and when prefill started.
@@ -397,8 +459,28 @@ impl<'m> Generator<'m> {
         max_new_tokens: usize,
         timings: &mut Timings,
     ) -> Result<(usize, Instant)> {
+        let (prompt_tokens, start) = self.encode::<E>(input, max_new_tokens, timings)?;
+        self.cache.end_prompt()?;
+        timings.prefill_ms = ms(start);
+        Ok((prompt_tokens, start))
+    }
+
+    /// Steps 1 to 3 of [`Self::prefill`]: everything but stage 1.
+    fn encode<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        input: PromptInput<'_>,
+        max_new_tokens: usize,
+        timings: &mut Timings,
+    ) -> Result<(usize, Instant)> {
         let hidden = self.model.manifest.hidden;
         let (embeds, prompt_tokens) = match input {
+            PromptInput::Encoded(encoded) => {
+                let start = Instant::now();
+                self.cache.restore(&encoded.cache)?;
+                self.cache.admit(encoded.cache.len(), max_new_tokens)?;
+                self.step.logits.copy_from_slice(&encoded.logits);
+                return Ok((encoded.cache.len(), start));
+            }
             PromptInput::Chat { images, user_text } => {
                 // 1. The pictures, through the vision graph.
                 let mut image_embeds: Vec<Vec<E>> = Vec::with_capacity(images.len());
@@ -469,8 +551,6 @@ impl<'m> Generator<'m> {
                 done += t;
             }
         }
-        self.cache.end_prompt()?;
-        timings.prefill_ms = ms(start);
         Ok((prompt_tokens, start))
     }
 
@@ -485,19 +565,18 @@ impl<'m> Generator<'m> {
         answer: &[u32],
     ) -> Result<(f64, usize)> {
         match self.model.manifest.kv_dtype() {
-            KvDtype::F32 => self.score_typed::<f32>(images, user_text, answer),
-            KvDtype::F16 => self.score_typed::<f16>(images, user_text, answer),
+            KvDtype::F32 => self.score_input::<f32>(PromptInput::Chat { images, user_text }, answer),
+            KvDtype::F16 => self.score_input::<f16>(PromptInput::Chat { images, user_text }, answer),
         }
     }
 
-    fn score_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn score_input<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         &mut self,
-        images: &[ImageInput<'_>],
-        user_text: Option<&str>,
+        input: PromptInput<'_>,
         answer: &[u32],
     ) -> Result<(f64, usize)> {
         let mut timings = Timings::default();
-        self.prefill::<E>(PromptInput::Chat { images, user_text }, answer.len(), &mut timings)?;
+        self.prefill::<E>(input, answer.len(), &mut timings)?;
         let hidden = self.model.manifest.hidden;
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let mut nll = 0.0;

@@ -27,6 +27,9 @@ use elastic_edge::stream::{self, CaptionRecord, CaptionSink, JsonLines, StreamCo
 #[command(
     name = "elastic-edge",
     version,
+    // A flag given twice takes its last value (a script's defaults, then
+    // the ablation's override).
+    args_override_self = true,
     about = "Vision-language inference for edge devices with a fixed, Elastic-Cache-compressed KV pool",
     long_about = "Runs vision-language models exported to ONNX with ONNX Runtime. The KV cache is one \
                   memory-mapped pool sized once from a byte budget; Elastic Cache (importance-driven \
@@ -197,11 +200,13 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Dataset, JSON Lines: {"id", "image" (relative to the file, optional), "prompt", "reference" (optional)}.
+    /// Dataset, JSON Lines: {"id", "kind" (caption, detail, question, text,
+    /// multi-image), "images" (up to 3, relative to the file), "prompt",
+    /// "reference" (optional)}; see datasets/README.md.
     #[arg(long, value_name = "FILE", required_unless_present = "replot")]
     data: Option<PathBuf>,
 
-    /// Only redraw results.md and results.svg from --out's results.csv.
+    /// Only redraw results.md and results.svg from --out's results.csv and samples.csv.
     #[arg(long)]
     replot: bool,
 

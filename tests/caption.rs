@@ -204,7 +204,12 @@ fn policies_match_the_python_reference() {
             config.merge_window = Some(config.merge_window.unwrap_or(MergeWindow::Off));
             assert_eq!(config.merge_count_bias, merge_count_bias);
             // The prompt's token kinds are the reference's.
-            let image_tokens = case["prompt_ids"].as_array().unwrap().iter().filter(|i| i.as_i64() == Some(-1)).count();
+            let image_tokens = case["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i.as_i64() == Some(-1))
+                .count();
             let prompt = model
                 .prompt
                 .build(case["user_text"].as_str(), (image_tokens > 0).then_some(image_tokens))
@@ -275,4 +280,52 @@ fn scoring_agrees_with_greedy_generation() {
     let mut generator = Generator::new(&mut model, tight).unwrap();
     let (nll_compressed, _) = generator.score(&[ImageInput::File(&image)], text, &greedy_ids).unwrap();
     assert!(nll_compressed != nll_full, "compression changes the score");
+}
+
+/// `eval` encodes a prompt once and starts every policy from it: that gives
+/// exactly what encoding it again gives (ids, cache, scores), for every
+/// policy, on a prompt with two pictures.
+#[test]
+fn an_encoded_prompt_gives_what_encoding_it_again_gives() {
+    let expected = fixture("tiny_expected.json");
+    let case = &expected["cases"][1];
+    let image = repo().join(case["image"].as_str().unwrap());
+    let text = case["user_text"].as_str();
+    let mut model = load(&repo().join("models/tiny"));
+    let params = GenerateParams {
+        max_new_tokens: 16,
+        sampling: Sampling::Greedy,
+        ignore_stop: false,
+    };
+    for kind in PolicyKind::ALL {
+        let cache = cache(&model, kind, 0.4, KvBudget::Tokens(512));
+        let mut generator = Generator::new(&mut model, cache).unwrap();
+        let images = [ImageInput::File(&image), ImageInput::File(&image)];
+        let direct = generator.generate(&images, text, &params, &mut |_| {}).unwrap();
+        let direct_cache = (
+            generator.cache().pool().len(),
+            direct.cache.merged,
+            direct.cache.evicted,
+        );
+        let (nll, count) = generator.score(&images, text, &direct.token_ids).unwrap();
+
+        let encoded = generator
+            .encode_prompt(&images, text)
+            .unwrap()
+            .expect("the prompt fits the pool");
+        let again = generator.generate_encoded(&encoded, &params, &mut |_| {}).unwrap();
+        assert_eq!(again.token_ids, direct.token_ids, "{kind}");
+        assert_eq!(again.prompt_tokens, direct.prompt_tokens, "{kind}");
+        assert_eq!(
+            (generator.cache().pool().len(), again.cache.merged, again.cache.evicted),
+            direct_cache,
+            "{kind}: the cache"
+        );
+        let (nll_again, count_again) = generator.score_encoded(&encoded, &direct.token_ids).unwrap();
+        assert_eq!(
+            (nll_again.to_bits(), count_again),
+            (nll.to_bits(), count),
+            "{kind}: the score"
+        );
+    }
 }

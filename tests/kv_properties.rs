@@ -210,7 +210,10 @@ fn check(cache: &elastic_edge::kv::KvCache, kind: PolicyKind, config: &PolicyCon
             cache.processed() - 1,
             "the newest token is gone"
         );
-        if matches!(kind, PolicyKind::Elastic | PolicyKind::ElasticPaper | PolicyKind::Local | PolicyKind::ElasticRef) {
+        if matches!(
+            kind,
+            PolicyKind::Elastic | PolicyKind::ElasticPaper | PolicyKind::Local | PolicyKind::ElasticRef
+        ) {
             let sinks = config.sink.min(cache.processed());
             prop_assert!(
                 by_rank.iter().take(sinks).map(|&p| p as usize).eq(0..sinks),

@@ -110,7 +110,10 @@ pub struct Sample {
 impl Sample {
     /// The pictures as the generator takes them.
     pub fn image_inputs(&self) -> Vec<crate::generate::ImageInput<'_>> {
-        self.images.iter().map(|p| crate::generate::ImageInput::File(p)).collect()
+        self.images
+            .iter()
+            .map(|p| crate::generate::ImageInput::File(p))
+            .collect()
     }
 }
 

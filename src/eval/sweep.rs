@@ -3,6 +3,7 @@
 //! the perplexity of a reference answer (the dataset's, or the full cache's)
 //! under teacher forcing with the policy applied after every step.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -15,7 +16,7 @@ use super::dataset::{PromptKind, Sample};
 use super::report::{self, io_error};
 use super::rouge::rouge_l_f;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateParams, Generator, Sampling};
+use crate::generate::{EncodedPrompt, GenerateParams, Generator, Sampling};
 use crate::kv::{KeepRatio, KvBudget, KvCache, PolicyConfig, PolicyKind, PoolBacking};
 use crate::model::Model;
 
@@ -111,6 +112,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
     let references = full_cache_references(model, samples, config, &mut done, total, progress)?;
     let mut rows = Vec::new();
     let mut results = Vec::new(); // per-sample results
+    let mut prompts = EncodedPrompts::new(samples.len());
     let mut runs = vec![(PolicyKind::Full, KeepRatio::FULL)];
     for &policy in &compressing {
         for &keep in &config.keeps {
@@ -123,8 +125,9 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
         let cache = new_cache(model.manifest.kv_shape(), config, policy, keep)?;
         let mut generator = Generator::new(model, cache)?;
         let (mut rouge_sum, mut nll, mut tokens, mut entries) = (0.0, 0.0, 0, 0usize);
-        for (sample, reference) in samples.iter().zip(&references) {
+        for (index, (sample, reference)) in samples.iter().zip(&references).enumerate() {
             let images = sample.image_inputs();
+            let prompt = prompts.get(&mut generator, index, sample)?;
             let answer = if policy == PolicyKind::Full {
                 reference.text.clone()
             } else {
@@ -133,9 +136,14 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     sampling: Sampling::Greedy,
                     ignore_stop: false,
                 };
-                generator
-                    .generate(&images, Some(&sample.prompt), &params, &mut |_| {})?
-                    .text
+                match prompt.as_ref() {
+                    Some(prompt) => generator.generate_encoded(prompt, &params, &mut |_| {})?.text,
+                    None => {
+                        generator
+                            .generate(&images, Some(&sample.prompt), &params, &mut |_| {})?
+                            .text
+                    }
+                }
             };
             let rouge = rouge_l_f(&answer, &reference.text).unwrap_or(0.0);
             rouge_sum += rouge;
@@ -147,7 +155,10 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
             };
             let mut result = SampleResult::unscored(policy, keep, sample, rouge); // per-sample results
             if !target.is_empty() {
-                let (sample_nll, count) = generator.score(&images, Some(&sample.prompt), &target)?;
+                let (sample_nll, count) = match prompt.as_ref() {
+                    Some(prompt) => generator.score_encoded(prompt, &target)?,
+                    None => generator.score(&images, Some(&sample.prompt), &target)?,
+                };
                 nll += sample_nll;
                 tokens += count;
                 entries += generator.cache().pool().len();
@@ -177,6 +188,47 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
     }
     report::write(&config.out, &rows, &results, false)?;
     Ok(SweepOutput { rows, samples: results })
+}
+
+/// Each sample's prompt encoded once for every policy and keep ratio (the
+/// prompt's K/V and attention sums do not depend on the policy), kept
+/// while they fit [`EncodedPrompts::MAX_BYTES`]; past that a prompt is
+/// encoded once per run, still once for its answer and its score.
+struct EncodedPrompts {
+    kept: Vec<Option<EncodedPrompt>>,
+    bytes: usize,
+}
+
+impl EncodedPrompts {
+    const MAX_BYTES: usize = 4 << 30;
+
+    fn new(samples: usize) -> Self {
+        EncodedPrompts {
+            kept: vec![None; samples],
+            bytes: 0,
+        }
+    }
+
+    /// The encoded prompt of sample `index` (`None`: it does not fit the
+    /// pool whole; the caller encodes it the usual way).
+    fn get(
+        &mut self,
+        generator: &mut Generator<'_>,
+        index: usize,
+        sample: &Sample,
+    ) -> Result<Option<Cow<'_, EncodedPrompt>>> {
+        if self.kept[index].is_none() {
+            let Some(prompt) = generator.encode_prompt(&sample.image_inputs(), Some(&sample.prompt))? else {
+                return Ok(None);
+            };
+            if self.bytes + prompt.bytes() > Self::MAX_BYTES {
+                return Ok(Some(Cow::Owned(prompt)));
+            }
+            self.bytes += prompt.bytes();
+            self.kept[index] = Some(prompt);
+        }
+        Ok(self.kept[index].as_ref().map(Cow::Borrowed))
+    }
 }
 
 impl SampleResult {

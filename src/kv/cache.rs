@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::kv::budget::{KeepRatio, KvBudget};
 use crate::kv::kind::TokenKind;
 use crate::kv::policy::{build_policy, CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
-use crate::kv::pool::{KvPool, KvShape, PoolBacking};
+use crate::kv::pool::{KvPool, KvShape, PoolBacking, PoolSnapshot};
 
 /// Running totals for one sequence.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -42,6 +42,31 @@ pub struct KvCache {
     /// The kinds of the prompt's tokens, from `processed == prompt_start` on.
     prompt_kinds: Vec<TokenKind>,
     prompt_start: usize,
+    collect_prompt_scores: bool,
+}
+
+/// An encoded prompt (see [`KvCache::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct PromptSnapshot {
+    pool: PoolSnapshot,
+    processed: usize,
+    peak_len: usize,
+}
+
+impl PromptSnapshot {
+    /// Entries in the snapshot (the prompt's length).
+    pub fn len(&self) -> usize {
+        self.processed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processed == 0
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes()
+    }
 }
 
 impl std::fmt::Debug for KvCache {
@@ -102,6 +127,7 @@ impl KvCache {
             merge_count_bias: config.merge_count_bias,
             prompt_kinds: Vec::new(),
             prompt_start: 0,
+            collect_prompt_scores: false,
         })
     }
 
@@ -177,7 +203,34 @@ impl KvCache {
 
     /// Whether the step just committed should report attention column sums.
     pub fn wants_scores(&self) -> bool {
-        self.policy.wants_scores(self.phase)
+        self.policy.wants_scores(self.phase) || (self.collect_prompt_scores && self.phase == Phase::Prompt)
+    }
+
+    /// Collects the prompt's attention sums whatever the policy (for a
+    /// [`PromptSnapshot`] that other policies will start from).
+    pub fn collect_prompt_scores(&mut self, on: bool) {
+        self.collect_prompt_scores = on;
+    }
+
+    /// The encoded prompt before stage 1: every entry with its importance.
+    /// Only before `end_prompt` and before any compression (else `None`).
+    pub fn snapshot(&self) -> Option<PromptSnapshot> {
+        (self.phase == Phase::Prompt && self.stats.compressions == 0).then(|| PromptSnapshot {
+            pool: self.pool.snapshot(),
+            processed: self.processed,
+            peak_len: self.stats.peak_len,
+        })
+    }
+
+    /// Starts a sequence from `snapshot`, as if its prompt had just been
+    /// encoded under this cache's policy (stage 1 still to come).
+    pub fn restore(&mut self, snapshot: &PromptSnapshot) -> Result<()> {
+        self.reset();
+        self.pool.restore(&snapshot.pool)?;
+        self.processed = snapshot.processed;
+        self.prompt_start = snapshot.processed;
+        self.stats.peak_len = snapshot.peak_len;
+        Ok(())
     }
 
     /// The rotary position of the `i`-th of the next tokens.

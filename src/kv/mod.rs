@@ -9,7 +9,7 @@ pub mod policy;
 pub mod pool;
 
 pub use budget::{KeepRatio, KvBudget};
-pub use cache::{CacheStats, KvCache};
+pub use cache::{CacheStats, KvCache, PromptSnapshot};
 pub use kind::{KindClass, TokenKind};
 pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
-pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking};
+pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking, PoolSnapshot};

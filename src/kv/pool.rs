@@ -209,6 +209,28 @@ pub struct LayerStepView<'a, E> {
     pub new_value: &'a mut [E],
 }
 
+/// A copy of a pool's live entries (K, V and metadata of every layer), to
+/// start several sequences from the same encoded prompt. Only `eval` uses
+/// it; the pool itself is never resized.
+#[derive(Clone, Debug, Default)]
+pub struct PoolSnapshot {
+    len: usize,
+    /// `[layer][k|v][len rows]` in the pool's bytes.
+    data: Vec<u8>,
+    position: Vec<u32>,
+    merged: Vec<u32>,
+    score: Vec<f32>,
+    kind: Vec<TokenKind>,
+    order: Vec<u32>,
+}
+
+impl PoolSnapshot {
+    /// Bytes this snapshot holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 20 * self.position.len()
+    }
+}
+
 /// The pool. See the module documentation for the layout.
 pub struct KvPool {
     shape: KvShape,
@@ -326,6 +348,63 @@ impl KvPool {
     /// Forgets every entry (a new sequence). Memory stays mapped.
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// A copy of the live entries.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let row_bytes = self.shape.row_len() * self.shape.dtype.size();
+        let elem = self.shape.dtype.size();
+        let mut snap = PoolSnapshot {
+            len: self.len,
+            data: Vec::with_capacity(self.shape.layers * 2 * self.len * row_bytes),
+            ..PoolSnapshot::default()
+        };
+        for layer in 0..self.shape.layers {
+            for kv in 0..2 {
+                let start = self.row_offset(layer, kv, 0) * elem;
+                snap.data
+                    .extend_from_slice(&self.data[start..start + self.len * row_bytes]);
+            }
+            let range = self.meta_range(layer);
+            snap.position.extend_from_slice(&self.position[range.clone()]);
+            snap.merged.extend_from_slice(&self.merged[range.clone()]);
+            snap.score.extend_from_slice(&self.score[range.clone()]);
+            snap.kind.extend_from_slice(&self.kind[range.clone()]);
+            snap.order.extend_from_slice(&self.order[range]);
+        }
+        snap
+    }
+
+    /// Makes the pool hold exactly what `snap` copied (from a pool of the
+    /// same shape; it must fit this one's capacity).
+    pub fn restore(&mut self, snap: &PoolSnapshot) -> Result<()> {
+        let row_bytes = self.shape.row_len() * self.shape.dtype.size();
+        if snap.len > self.capacity || snap.data.len() != self.shape.layers * 2 * snap.len * row_bytes {
+            return Err(Error::Shape(format!(
+                "a snapshot of {} entries ({} bytes) does not fit a pool of {} slots of this shape",
+                snap.len,
+                snap.data.len(),
+                self.capacity
+            )));
+        }
+        let elem = self.shape.dtype.size();
+        let block = snap.len * row_bytes;
+        self.len = snap.len;
+        for layer in 0..self.shape.layers {
+            for kv in 0..2 {
+                let start = self.row_offset(layer, kv, 0) * elem;
+                let from = (layer * 2 + kv) * block;
+                self.data[start..start + block].copy_from_slice(&snap.data[from..from + block]);
+            }
+            let range = self.meta_range(layer);
+            let from = layer * snap.len..(layer + 1) * snap.len;
+            self.position[range.clone()].copy_from_slice(&snap.position[from.clone()]);
+            self.merged[range.clone()].copy_from_slice(&snap.merged[from.clone()]);
+            self.score[range.clone()].copy_from_slice(&snap.score[from.clone()]);
+            self.kind[range.clone()].copy_from_slice(&snap.kind[from.clone()]);
+            self.order[range].copy_from_slice(&snap.order[from]);
+        }
+        Ok(())
     }
 
     // ---- metadata, per layer, for the first `len` slots ---------------------
@@ -909,6 +988,42 @@ mod tests {
         assert_eq!(pool.positions(1), &[0, 1, 2, 3]);
         assert_eq!(pool.order(1), &[0, 1, 2, 3]);
         assert_eq!(pool.rank_of(0, 1).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_snapshot_restores_every_entry_and_its_metadata() {
+        let mut pool = KvPool::with_capacity(shape(KvDtype::F32), 8, &PoolBacking::Anonymous).unwrap();
+        push::<f32>(&mut pool, 5, 0);
+        pool.add_scores(1, &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        pool.evict(&[1, 4]).unwrap();
+        let snap = pool.snapshot();
+        let before = (
+            pool.keys::<f32>(1).unwrap().to_vec(),
+            pool.values::<f32>(0).unwrap().to_vec(),
+        );
+        let meta = |p: &KvPool| {
+            (
+                p.positions(0).to_vec(),
+                p.scores(1).to_vec(),
+                p.kinds(0).to_vec(),
+                p.order(0).to_vec(),
+            )
+        };
+        let expected = meta(&pool);
+        pool.clear();
+        push::<f32>(&mut pool, 7, 10);
+        pool.restore(&snap).unwrap();
+        assert_eq!(pool.len(), 4);
+        assert_eq!(meta(&pool), expected);
+        assert_eq!(
+            (
+                pool.keys::<f32>(1).unwrap().to_vec(),
+                pool.values::<f32>(0).unwrap().to_vec()
+            ),
+            before
+        );
+        let mut small = KvPool::with_capacity(shape(KvDtype::F32), 3, &PoolBacking::Anonymous).unwrap();
+        assert!(small.restore(&snap).is_err(), "four entries do not fit three slots");
     }
 
     #[test]
