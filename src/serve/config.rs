@@ -121,8 +121,9 @@ struct RawModel {
     tensorrt_fp16: bool,
 }
 
-// The knobs are flattened in; serde cannot deny unknown keys through a
-// flatten, so whatever neither takes lands in `unknown` and is refused.
+// The policy's knobs share the table: every other key is collected here
+// and read as a `PolicyConfig` afterwards, which names a bad or unknown
+// key (serde cannot deny unknown keys through a flatten).
 #[derive(Deserialize, Default)]
 struct RawCache {
     kv_budget: Option<String>,
@@ -131,9 +132,7 @@ struct RawCache {
     kv_file: Option<PathBuf>,
     prefill_chunk: Option<usize>,
     #[serde(flatten)]
-    knobs: PolicyConfig,
-    #[serde(flatten)]
-    unknown: std::collections::BTreeMap<String, toml::Value>,
+    knobs: toml::Table,
 }
 
 #[derive(Deserialize, Default)]
@@ -210,14 +209,13 @@ impl ServeConfig {
             Some(keep) => KeepRatio::new(keep).map_err(|e| bad("cache.keep", e.to_string()))?,
             None => KeepRatio::FULL,
         };
-        if let Some(key) = raw.cache.unknown.keys().next() {
-            return Err(bad(
-                &format!("cache.{key}"),
-                "unknown field (see docs/policies.md for the cache knobs)".into(),
-            ));
-        }
+        let knobs: PolicyConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(raw.cache.knobs)).map_err(|e| {
+                let key = format!("cache.{}", e.path());
+                bad(&key, one_line(&e.into_inner().to_string()))
+            })?;
         let cache = CacheConfig {
-            knobs: raw.cache.knobs,
+            knobs,
             kv_budget,
             policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
             keep,
@@ -409,17 +407,16 @@ mod tests {
         );
         let (key, _) = key_of("[model]\ndir = \"m\"\n[cache]\ndistanse = 8\n");
         assert_eq!(key, "cache.distanse");
-        for bad in [
-            "distance = 1.5",
-            "distance = -3",
-            "recent = 1.0",
-            "merge_kind = 3",
-            "decode_eviction = \"lru\"",
+        for (bad, knob) in [
+            ("distance = 1.5", "distance"),
+            ("distance = -3", "distance"),
+            ("recent = 1.0", "recent"),
+            ("merge_kind = 3", "merge_kind"),
+            ("decode_eviction = \"lru\"", "decode_eviction"),
+            ("merge_window = \"far\"", "merge_window"),
         ] {
-            let err = parse(&format!("[model]\ndir = \"m\"\n[cache]\n{bad}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("cache"), "{bad}: {err}");
+            let (key, _) = key_of(&format!("[model]\ndir = \"m\"\n[cache]\n{bad}\n"));
+            assert_eq!(key, format!("cache.{knob}"), "{bad}");
         }
         let whole = parse("[model]\ndir = \"m\"\n[cache]\nprefill_chunk = 0\n").unwrap();
         assert_eq!(whole.cache.prefill_chunk, None);
