@@ -87,8 +87,8 @@ fn full_and_elastic_report_consistent_fields() {
     assert_eq!(full["policy"], "full");
     assert_eq!(elastic["policy"], "elastic");
     assert_eq!(f(elastic, "keep"), 0.2);
-    // A slot is 512 bytes of K/V plus 16 bytes of metadata per layer.
-    let per_slot = 512 + 2 * 16;
+    // A slot is 512 bytes of K/V plus 20 bytes of metadata per layer.
+    let per_slot = 512 + 2 * 20;
     for case in cases {
         assert_eq!(u(case, "prompt_tokens"), PROMPT as u64);
         assert_eq!(
