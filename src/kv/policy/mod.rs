@@ -245,22 +245,26 @@ pub struct PolicyConfig {
     pub recent_fraction: f64,
     /// Elastic: never merge away the instruction (the text after the last
     /// picture and the assistant prefix, at most half the kept entries).
+    /// Default: elastic true, elastic-paper false.
     #[arg(long, value_name = "BOOL", help_heading = "Cache policy knobs")]
     pub protect_instruction: Option<bool>,
     /// Elastic: merge an entry only into an anchor at most this many
-    /// positions away (else it is dropped), or off.
+    /// positions away (else it is dropped), or off. Default: elastic 0 (no
+    /// merging: it measured worse on the demo model), elastic-paper off.
     #[arg(long, value_name = "N|off", value_parser = parse_merge_window, help_heading = "Cache policy knobs")]
     pub merge_window: Option<MergeWindow>,
     /// Elastic: merge a picture's entries only with the same picture's, text
-    /// only with text.
+    /// only with text. Default: elastic true, elastic-paper false.
     #[arg(long, value_name = "BOOL", help_heading = "Cache policy knobs")]
     pub merge_kind: Option<bool>,
     /// Elastic: rank prompt entries by attention per query that could see
-    /// them, not the raw sum (which favours early positions).
+    /// them, not the raw sum (which favours early positions). Default:
+    /// false.
     #[arg(long, value_name = "BOOL", help_heading = "Cache policy knobs")]
     pub normalize_scores: Option<bool>,
     /// Elastic: stage 2 drops the entry at the fixed point (the paper) or
-    /// the lightest outside the recent window (heavy).
+    /// the lightest outside the recent window (heavy). Default: elastic
+    /// heavy, elastic-paper fixed-point.
     #[arg(long, value_enum, help_heading = "Cache policy knobs")]
     pub decode_eviction: Option<DecodeEviction>,
     /// Elastic*: merge the entry leaving in stage 2 into its nearer
@@ -333,11 +337,14 @@ impl ElasticOptions {
     };
 
     /// The product's `elastic`, chosen by measurement on the dev set
-    /// (docs/results.md).
+    /// (docs/results.md, "Choosing elastic's components"): on the demo
+    /// model every form of merging we measured cost quality, so the default
+    /// merges nothing (`merge_window` 0: a member is dropped); merging is one
+    /// flag away (`--merge-window off`).
     pub const PRODUCT: ElasticOptions = ElasticOptions {
         distance: Distance::Fraction(0.05),
         protect_instruction: true,
-        merge_window: None,
+        merge_window: Some(0),
         merge_kind: true,
         normalize_scores: false,
         decode_eviction: DecodeEviction::Heavy,
