@@ -511,9 +511,7 @@ fn every_endpoint_through_a_real_client() {
     assert_eq!(metric(&text, "elastic_edge_kv_pool_bytes"), 65136.0);
     assert_eq!(metric(&text, "elastic_edge_source_state{state=\"running\"}"), 1.0);
     // The default elastic drops what it does not keep (merging is opt-in).
-    assert!(
-        metric(&text, "elastic_edge_cache_merged_total") + metric(&text, "elastic_edge_cache_evicted_total") > 0.0
-    );
+    assert!(metric(&text, "elastic_edge_cache_merged_total") + metric(&text, "elastic_edge_cache_evicted_total") > 0.0);
     let count = metric(&text, "elastic_edge_caption_latency_seconds_count");
     assert_eq!(
         count,
