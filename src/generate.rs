@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{error_chain, Error, Result};
-use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot, TokenKind};
+use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
 use crate::model::binding::PoolRunBuilder;
 use crate::model::{Manifest, Model};
 
@@ -517,7 +517,8 @@ impl<'m> Generator<'m> {
             PromptInput::Ids(ids) => {
                 self.cache.reset();
                 self.cache.admit(ids.len(), max_new_tokens)?;
-                self.cache.set_prompt_kinds(&vec![TokenKind::USER; ids.len()]);
+                // Raw ids are all the user's: what `commit` gives unlisted tokens.
+                self.cache.set_prompt_kinds(&[]);
                 let mut embeds: Vec<E> = vec![E::from_f32(0.0); ids.len() * hidden];
                 self.model.embeddings.gather(ids, &mut embeds)?;
                 (embeds, ids.len())
