@@ -24,6 +24,11 @@ pub enum Error {
         why: &'static str,
     },
 
+    /// A request whose settings cannot be served (a memory question's
+    /// token limit of 0, or more tokens than the pool holds).
+    #[error("invalid request: {0}")]
+    Request(String),
+
     /// A keep ratio outside (0, 1].
     #[error("keep ratio {0} is outside (0, 1]: it is the fraction of processed tokens the cache keeps")]
     KeepRatio(f64),

@@ -21,7 +21,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{error_chain, Error, Result};
 use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
+use crate::kv::{PositionMap, Rope};
 use crate::model::binding::PoolRunBuilder;
+use crate::model::prompt::Prompt;
 use crate::model::{Manifest, Model};
 
 /// How tokens are chosen.
@@ -130,6 +132,12 @@ enum PromptInput<'a> {
     Ids(&'a [u32]),
     /// A prompt encoded before, restored instead of run again.
     Encoded(&'a EncodedPrompt),
+    /// A built piece that continues the sequence in the pool (a memory's
+    /// next frame or question): nothing is reset.
+    Piece {
+        prompt: &'a Prompt,
+        images: &'a [ImageInput<'a>],
+    },
 }
 
 /// A prompt that went through the decoder, before stage 1: its cache
@@ -264,6 +272,11 @@ impl<'m> Generator<'m> {
 
     pub fn model(&self) -> &Model {
         self.model
+    }
+
+    /// Empties the pool for a new sequence (a memory's start).
+    pub fn reset_cache(&mut self) {
+        self.cache.reset();
     }
 
     /// Caps the prompt tokens of one decoder run (`None`: as many as the pool
@@ -450,6 +463,49 @@ impl<'m> Generator<'m> {
         }
     }
 
+    /// Appends `prompt` (its image rows from `images`) to the sequence in the
+    /// pool, without resetting it, then generates as [`Self::generate`]
+    /// does. The pool compresses under its policy whenever it is full.
+    pub fn generate_piece(
+        &mut self,
+        prompt: &Prompt,
+        images: &[ImageInput<'_>],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_input(PromptInput::Piece { prompt, images }, params, on_text)
+    }
+
+    /// Appends `prompt` to the sequence in the pool and generates nothing.
+    /// Returns the piece's timings (no decode).
+    pub fn prefill_piece(&mut self, prompt: &Prompt, images: &[ImageInput<'_>]) -> Result<Timings> {
+        let mut timings = Timings::default();
+        let input = PromptInput::Piece { prompt, images };
+        match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.prefill::<f32>(input, 0, &mut timings)?,
+            KvDtype::F16 => self.prefill::<f16>(input, 0, &mut timings)?,
+        };
+        Ok(timings)
+    }
+
+    /// [`Self::score`] of `answer` after appending `prompt` to the sequence.
+    pub fn score_piece(&mut self, prompt: &Prompt, images: &[ImageInput<'_>], answer: &[u32]) -> Result<(f64, usize)> {
+        let input = PromptInput::Piece { prompt, images };
+        match self.model.manifest.kv_dtype() {
+            KvDtype::F32 => self.score_input::<f32>(input, answer),
+            KvDtype::F16 => self.score_input::<f16>(input, answer),
+        }
+    }
+
+    /// Keeps the sequence's positions inside the model's `max_positions`
+    /// with `room` tokens to come ([`KvCache::rebase`]): the keys are
+    /// rotated with the model's own RoPE. Returns the map applied, if any.
+    pub fn rebase_positions(&mut self, room: usize) -> Result<Option<PositionMap>> {
+        let manifest = &self.model.manifest;
+        let rope = Rope::new(manifest.head_dim, manifest.rope_theta)?;
+        self.cache.rebase(&rope, room, manifest.max_positions)
+    }
+
     /// Encodes the image and the prompt and prefills the cache with them
     /// (stage 1 included), leaving the first answer token's logits. Returns
     /// the prompt's length and when prefill started.
@@ -483,36 +539,21 @@ impl<'m> Generator<'m> {
             }
             PromptInput::Chat { images, user_text } => {
                 // 1. The pictures, through the vision graph.
-                let mut image_embeds: Vec<Vec<E>> = Vec::with_capacity(images.len());
-                for &image in images {
-                    image_embeds.push(self.encode_image::<E>(image, timings)?);
-                }
+                let image_embeds = self.encode_images::<E>(images, timings)?;
                 let rows: Vec<usize> = image_embeds.iter().map(|e| e.len() / hidden).collect();
-
-                // 2. The prompt's embeddings: text rows from the table, image
-                //    rows from the vision graph, in the template's order.
+                // 2. The prompt, in the template's order.
                 let prompt = self.model.prompt.build_images(user_text, &rows)?;
                 self.cache.reset();
                 self.cache.admit(prompt.len(), max_new_tokens)?;
-                self.cache.set_prompt_kinds(&prompt.kinds);
-                let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt.len() * hidden];
-                let mut text_ids = prompt.ids.iter();
-                for (kind, row) in prompt.kinds.iter().zip(embeds.chunks_exact_mut(hidden)) {
-                    match kind.class() {
-                        KindClass::Image { index, cell } => {
-                            let cell = cell as usize;
-                            row.copy_from_slice(&image_embeds[index as usize][cell * hidden..(cell + 1) * hidden]);
-                        }
-                        _ => {
-                            // Invariant of `Prompt`: one id per text position.
-                            let Some(&id) = text_ids.next() else {
-                                return Err(Error::Shape("the prompt has fewer ids than text positions".into()));
-                            };
-                            self.model.embeddings.gather(&[id], row)?;
-                        }
-                    }
-                }
-                (embeds, prompt.len())
+                (self.embed_prompt(&prompt, &image_embeds)?, prompt.len())
+            }
+            PromptInput::Piece { prompt, images } => {
+                let image_embeds = self.encode_images::<E>(images, timings)?;
+                check_piece_images(prompt, &image_embeds, hidden)?;
+                self.cache.continue_sequence();
+                self.cache
+                    .admit(self.cache.pool().len() + prompt.len(), max_new_tokens)?;
+                (self.embed_prompt(prompt, &image_embeds)?, prompt.len())
             }
             PromptInput::Ids(ids) => {
                 self.cache.reset();
@@ -598,6 +639,49 @@ impl<'m> Generator<'m> {
             )?;
         }
         Ok((nll, answer.len()))
+    }
+
+    fn encode_images<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &mut self,
+        images: &[ImageInput<'_>],
+        timings: &mut Timings,
+    ) -> Result<Vec<Vec<E>>> {
+        images
+            .iter()
+            .map(|&image| self.encode_image::<E>(image, timings))
+            .collect()
+    }
+
+    /// The prompt's embeddings: text rows from the table, image rows from
+    /// the vision graph's output, in the prompt's order. Tells the cache
+    /// the kinds of the tokens about to come.
+    fn embed_prompt<E: KvElement + Copy>(&mut self, prompt: &Prompt, image_embeds: &[Vec<E>]) -> Result<Vec<E>> {
+        let hidden = self.model.manifest.hidden;
+        self.cache.set_prompt_kinds(&prompt.kinds);
+        let mut embeds: Vec<E> = vec![E::from_f32(0.0); prompt.len() * hidden];
+        let mut text_ids = prompt.ids.iter();
+        for (kind, row) in prompt.kinds.iter().zip(embeds.chunks_exact_mut(hidden)) {
+            match kind.class() {
+                KindClass::Image { index, cell } => {
+                    let cell = cell as usize;
+                    let Some(picture) = image_embeds.get(index as usize) else {
+                        return Err(Error::Shape(format!(
+                            "the prompt names picture {index} of {}",
+                            image_embeds.len()
+                        )));
+                    };
+                    row.copy_from_slice(&picture[cell * hidden..(cell + 1) * hidden]);
+                }
+                _ => {
+                    // Invariant of `Prompt`: one id per text position.
+                    let Some(&id) = text_ids.next() else {
+                        return Err(Error::Shape("the prompt has fewer ids than text positions".into()));
+                    };
+                    self.model.embeddings.gather(&[id], row)?;
+                }
+            }
+        }
+        Ok(embeds)
     }
 
     fn encode_image<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
@@ -778,6 +862,37 @@ fn feed_token<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug
     let position = [cache.rope_position(0) as i64];
     decoder_step::<E>(decoder, manifest, cache, buffers, embed, &position)?;
     cache.end_token()
+}
+
+/// A built piece's image rows must name the pictures given, each with the
+/// rows the vision graph made.
+fn check_piece_images<E>(prompt: &Prompt, image_embeds: &[Vec<E>], hidden: usize) -> Result<()> {
+    let mut rows = vec![0usize; image_embeds.len()];
+    for kind in &prompt.kinds {
+        if let KindClass::Image { index, cell } = kind.class() {
+            let Some(count) = rows.get_mut(index as usize) else {
+                return Err(Error::Shape(format!(
+                    "the piece names picture {index} but {} were given",
+                    image_embeds.len()
+                )));
+            };
+            if cell as usize != *count {
+                return Err(Error::Shape(format!(
+                    "picture {index}'s rows are out of order in the piece"
+                )));
+            }
+            *count += 1;
+        }
+    }
+    for (index, (&count, embeds)) in rows.iter().zip(image_embeds).enumerate() {
+        if count * hidden != embeds.len() {
+            return Err(Error::Shape(format!(
+                "the piece has {count} rows for picture {index}, the vision graph made {}",
+                embeds.len() / hidden
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn ms(since: Instant) -> f64 {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod kv;
+pub mod memory;
 pub mod model;
 pub mod runtime;
 pub mod serve;

@@ -17,11 +17,15 @@ use elastic_edge::generate::{
     prefill_chunk_setting, GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK,
 };
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvShape, PolicyConfig, PolicyKind, PoolBacking};
+use elastic_edge::memory::MemoryOptions;
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
 use elastic_edge::runtime;
 use elastic_edge::serve::{self, ServeConfig};
 use elastic_edge::source::{Backoff, Grabber, SourceOptions, SourceSpec, SourceState, StopFlag};
-use elastic_edge::stream::{self, CaptionRecord, CaptionSink, JsonLines, StreamConfig, StreamEnd};
+use elastic_edge::stream::{
+    self, AnswerRecord, CaptionRecord, CaptionSink, JsonLines, MemoryRecord, MemoryStreamConfig, StreamConfig,
+    StreamEnd,
+};
 
 #[derive(Parser)]
 #[command(
@@ -116,9 +120,30 @@ struct StreamArgs {
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
 
-    /// Stop after this many captions.
+    /// Stop after this many captions (with --memory: frames taken in).
     #[arg(long, value_name = "N")]
     max_frames: Option<u64>,
+
+    /// Camera memory: keep one continuing context across frames instead of
+    /// captioning each on its own. Each frame adds a header (its id and
+    /// time) and its picture; the pool is never reset, and the policy
+    /// compresses whenever --kv-budget binds, so memory stays flat however
+    /// long the stream runs. Records carry frames_in_memory, cache_entries,
+    /// pool_bytes, merged, evicted and max_position (docs/memory.md).
+    #[arg(long)]
+    memory: bool,
+
+    /// --memory: also caption each frame and keep the caption in the memory.
+    #[arg(long, requires = "memory")]
+    memory_captions: bool,
+
+    /// --memory: questions, JSON Lines {"at_frame": N, "question": "...",
+    /// "max_tokens": M (optional)}; each is answered from the memory after
+    /// the first frame whose id is N or more, as a JSON line with
+    /// "question", "answer", "frame_id" and the cache figures. Questions and
+    /// answers stay in the memory. Bad lines are reported and skipped.
+    #[arg(long, value_name = "FILE", requires = "memory")]
+    questions: Option<PathBuf>,
 
     #[command(flatten)]
     model: ModelArgs,
@@ -661,6 +686,30 @@ struct StreamOutput<W: Write> {
 }
 
 impl<W: Write> CaptionSink for StreamOutput<W> {
+    fn on_memory_record(&mut self, record: &MemoryRecord) -> elastic_edge::Result<()> {
+        let m = &record.memory;
+        eprintln!(
+            "elastic-edge: frame {} in memory in {:.2} s: {} frames, {} entries, {} evicted, {} merged, position {}{}",
+            record.frame_id,
+            record.frame_ms / 1e3,
+            m.frames_in_memory,
+            m.cache_entries,
+            m.evicted,
+            m.merged,
+            m.max_position,
+            record.caption.as_ref().map(|c| format!(": {c:?}")).unwrap_or_default()
+        );
+        self.lines.write(record)
+    }
+
+    fn on_answer(&mut self, record: &AnswerRecord) -> elastic_edge::Result<()> {
+        eprintln!(
+            "elastic-edge: after frame {}: {:?} -> {:?}",
+            record.frame_id, record.question, record.answer
+        );
+        self.lines.write(record)
+    }
+
     fn on_record(&mut self, record: &CaptionRecord) -> elastic_edge::Result<()> {
         let c = &record.counters;
         eprintln!(
@@ -689,11 +738,37 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
+    let params = generate_params(&args.sampling);
+    let memory = match args.memory {
+        false => None,
+        true => {
+            let questions = match &args.questions {
+                None => Vec::new(),
+                Some(path) => {
+                    let (questions, warnings) = stream::read_questions(path)?;
+                    for warning in warnings {
+                        eprintln!("elastic-edge: {warning}");
+                    }
+                    questions
+                }
+            };
+            Some(MemoryStreamConfig {
+                options: MemoryOptions {
+                    captions: args.memory_captions,
+                    caption_prompt: args.prompt.clone(),
+                    caption_params: params.clone(),
+                },
+                questions,
+                answer_params: params.clone(),
+            })
+        }
+    };
     let config = StreamConfig {
         prompt: args.prompt.clone(),
         every: args.every,
         max_captions: args.max_frames,
-        params: generate_params(&args.sampling),
+        params,
+        memory,
         ..StreamConfig::default()
     };
     stream::check_prompt(&generator, &config)?;
@@ -730,6 +805,12 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
         c.caption_errors,
         c.output_errors
     );
+    if args.memory {
+        eprintln!(
+            "elastic-edge: memory: {} questions answered, {} skipped",
+            c.questions_answered, c.questions_skipped
+        );
+    }
     if let SourceState::Failed { error } = status.state {
         anyhow::bail!("{error}");
     }

@@ -147,6 +147,14 @@ impl CaptionSink for ServiceSink {
         Ok(())
     }
 
+    fn on_memory_record(&mut self, record: &stream::MemoryRecord) -> elastic_edge::Result<()> {
+        panic!("no memory in these tests: frame {}", record.frame_id)
+    }
+
+    fn on_answer(&mut self, record: &stream::AnswerRecord) -> elastic_edge::Result<()> {
+        panic!("no memory in these tests: {:?}", record.question)
+    }
+
     fn on_idle(&mut self, generator: &mut Generator<'_>) {
         // A service answers one-off requests here with the same pool.
         assert!(generator.cache().pool().capacity() == 512);
@@ -261,7 +269,7 @@ fn an_empty_prompt_fails_at_the_start() {
         ..StreamConfig::default()
     };
     let mut records = 0;
-    let mut sink = |_: &CaptionRecord| -> elastic_edge::Result<()> {
+    let mut sink = |_: stream::StreamRecord<'_>| -> elastic_edge::Result<()> {
         records += 1;
         Ok(())
     };

@@ -6,6 +6,12 @@ pub(crate) fn peak_rss_bytes() -> Option<u64> {
     parse_kib_field(&status, "VmHWM:")
 }
 
+/// `VmRSS` (the resident set now) of this process, in bytes.
+pub(crate) fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_kib_field(&status, "VmRSS:")
+}
+
 /// Resets `VmHWM` to the current resident set (`echo 5 > clear_refs`,
 /// Linux 4.0 and newer). Returns whether the kernel took it.
 pub(crate) fn reset_peak_rss() -> bool {

@@ -25,7 +25,7 @@
 //!   mean floor and the mean step time over it.
 
 pub mod bandwidth;
-mod memory;
+pub(crate) mod memory;
 
 use std::collections::BTreeMap;
 use std::path::Path;

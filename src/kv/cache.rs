@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::kv::budget::{KeepRatio, KvBudget};
 use crate::kv::kind::TokenKind;
 use crate::kv::policy::{build_policy, CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
-use crate::kv::pool::{KvPool, KvShape, PoolBacking, PoolSnapshot};
+use crate::kv::pool::{KvDtype, KvPool, KvShape, PoolBacking, PoolSnapshot};
+use crate::kv::rope::Rope;
 
 /// Running totals for one sequence.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -43,6 +44,42 @@ pub struct KvCache {
     prompt_kinds: Vec<TokenKind>,
     prompt_start: usize,
     collect_prompt_scores: bool,
+    /// Processed tokens minus the next position: grows when a long
+    /// sequence is re-based ([`KvCache::rebase`]); 0 until then.
+    shift: usize,
+}
+
+/// A re-base of positions ([`KvCache::rebase`]): old position `p` goes to
+/// the number of live positions (in any layer) before `p`, scaled down when
+/// even that does not fit. It keeps the order of everything, closes the
+/// gaps compression left, and is defined for any position, so a caller's
+/// own position marks (a memory's frame boundaries) move with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionMap {
+    /// The distinct live positions, ascending.
+    live: Vec<u32>,
+    /// Positions the map may use, `0..limit`.
+    limit: usize,
+}
+
+impl PositionMap {
+    /// Where position `p` goes.
+    pub fn map(&self, position: u32) -> u32 {
+        let rank = self.live.partition_point(|&q| q < position);
+        let scaled = if self.live.len() <= self.limit {
+            rank
+        } else {
+            // rank <= live.len(), so the product fits in u128 and the
+            // result is at most limit.
+            (rank as u128 * self.limit as u128 / self.live.len() as u128) as usize
+        };
+        u32::try_from(scaled).unwrap_or(u32::MAX)
+    }
+
+    /// The first position after every mapped entry.
+    pub fn next(&self) -> usize {
+        self.live.len().min(self.limit)
+    }
 }
 
 /// An encoded prompt (see [`KvCache::snapshot`]).
@@ -128,6 +165,7 @@ impl KvCache {
             prompt_kinds: Vec::new(),
             prompt_start: 0,
             collect_prompt_scores: false,
+            shift: 0,
         })
     }
 
@@ -142,6 +180,11 @@ impl KvCache {
 
     pub fn policy(&self) -> PolicyKind {
         self.policy.kind()
+    }
+
+    /// Entries the policy never removes (sinks, protected prompt entries).
+    pub fn min_entries(&self) -> usize {
+        self.policy.min_entries()
     }
 
     pub fn keep(&self) -> KeepRatio {
@@ -170,6 +213,67 @@ impl KvCache {
         self.stats = CacheStats::default();
         self.prompt_kinds.clear();
         self.prompt_start = 0;
+        self.shift = 0;
+    }
+
+    /// Goes on with the same sequence: the next tokens are a new prompt
+    /// piece (a memory's next frame or question) after what the pool holds,
+    /// which stays. Stage 1 runs again at its end.
+    pub fn continue_sequence(&mut self) {
+        self.phase = Phase::Prompt;
+        self.prompt_kinds.clear();
+        self.prompt_start = self.processed;
+    }
+
+    /// The position the next token gets.
+    pub fn next_position(&self) -> usize {
+        self.rope_position(0)
+    }
+
+    /// The largest position of a live entry (`None` when empty).
+    pub fn max_position(&self) -> Option<usize> {
+        (0..self.pool.shape().layers)
+            .filter_map(|layer| {
+                let newest = *self.pool.order(layer).last()?;
+                Some(self.pool.positions(layer)[newest as usize] as usize)
+            })
+            .max()
+    }
+
+    /// Keeps positions inside the model's range: when the next `room`
+    /// tokens would reach `max_positions`, every live entry moves to the
+    /// rank of its position among all live positions (see [`PositionMap`])
+    /// and its key is rotated to match, so attention between entries that
+    /// were neighbours is unchanged. Returns the map it applied, if any.
+    /// Policies that place tokens at their cache index never need this.
+    pub fn rebase(&mut self, rope: &Rope, room: usize, max_positions: usize) -> Result<Option<PositionMap>> {
+        if self.next_position() + room <= max_positions || self.pool.is_empty() {
+            return Ok(None);
+        }
+        let limit = max_positions
+            .checked_sub(room)
+            .filter(|&l| l > 0)
+            .ok_or_else(|| Error::Plan(format!("{room} new tokens cannot fit {max_positions} positions")))?;
+        if self.rope_position(1) != self.processed - self.shift + 1 {
+            return Err(Error::Plan(format!(
+                "policy {} places tokens at their cache index; there is nothing to re-base",
+                self.policy.kind()
+            )));
+        }
+        let mut live: Vec<u32> = (0..self.pool.shape().layers)
+            .flat_map(|layer| self.pool.positions(layer).iter().copied())
+            .collect();
+        live.sort_unstable();
+        live.dedup();
+        let map = PositionMap { live, limit };
+        match self.pool.shape().dtype {
+            KvDtype::F32 => self.pool.remap_positions::<f32>(rope, |_, p| map.map(p))?,
+            KvDtype::F16 => self.pool.remap_positions::<half::f16>(rope, |_, p| map.map(p))?,
+        }
+        // The map was needed, so next_position() + room > max_positions:
+        // processed - shift >= limit >= map.next(), and this cannot underflow.
+        self.shift = self.processed - map.next();
+        Ok(Some(map))
     }
 
     /// The kinds of the prompt tokens about to be committed, in order (the
@@ -235,7 +339,8 @@ impl KvCache {
 
     /// The rotary position of the `i`-th of the next tokens.
     pub fn rope_position(&self, i: usize) -> usize {
-        self.policy.rope_position(self.processed + i, self.pool.len() + i)
+        self.policy
+            .rope_position(self.processed - self.shift + i, self.pool.len() + i)
     }
 
     /// How many of the `remaining` prompt tokens the next prefill step takes.
@@ -282,7 +387,7 @@ impl KvCache {
                 &self.prompt_kinds[from..from + t]
             }
         };
-        self.pool.append(self.processed, kinds)?;
+        self.pool.append(self.processed - self.shift, kinds)?;
         self.processed += t;
         self.stats.peak_len = self.stats.peak_len.max(self.pool.len());
         Ok(())

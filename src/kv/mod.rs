@@ -7,9 +7,11 @@ pub mod cache;
 pub mod kind;
 pub mod policy;
 pub mod pool;
+pub mod rope;
 
 pub use budget::{KeepRatio, KvBudget};
-pub use cache::{CacheStats, KvCache, PromptSnapshot};
+pub use cache::{CacheStats, KvCache, PositionMap, PromptSnapshot};
 pub use kind::{KindClass, TokenKind};
 pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
 pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking, PoolSnapshot};
+pub use rope::Rope;

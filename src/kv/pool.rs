@@ -25,6 +25,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::error::{Error, Result};
 use crate::kv::kind::TokenKind;
+use crate::kv::rope::Rope;
 
 /// The element type of the pool (and of the decoder graph's K/V tensors).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -759,6 +760,54 @@ impl KvPool {
                 store_mean(&mut elems[value_base + anchor * row..][..row], value, 1.0);
                 merged[meta_base + anchor] = total;
                 score[meta_base + anchor] = importance;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every live entry to `new_position(layer, old)` and rotates its
+    /// key by the difference (keys are stored after RoPE; values carry no
+    /// position). The map must keep each layer's order (never map a later
+    /// entry before an earlier one; equal positions are allowed): it is
+    /// checked before anything changes, so the order index stays valid.
+    pub fn remap_positions<E: KvElement>(
+        &mut self,
+        rope: &Rope,
+        mut new_position: impl FnMut(usize, u32) -> u32,
+    ) -> Result<()> {
+        self.check_dtype::<E>()?;
+        if rope.head_dim() != self.shape.head_dim {
+            return Err(Error::Shape(format!(
+                "RoPE over {} dimensions for heads of {}",
+                rope.head_dim(),
+                self.shape.head_dim
+            )));
+        }
+        for layer in 0..self.shape.layers {
+            let base = layer * self.capacity;
+            let mut previous: Option<u32> = None;
+            for &slot in &self.order[base..base + self.len] {
+                let moved = new_position(layer, self.position[base + slot as usize]);
+                if previous.is_some_and(|p| moved < p) {
+                    return Err(Error::Plan(format!(
+                        "a position remap must keep the order: layer {layer} maps an entry back to {moved}"
+                    )));
+                }
+                previous = Some(moved);
+            }
+        }
+        let row = self.shape.row_len();
+        let capacity = self.capacity;
+        let elems: &mut [E] =
+            bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
+        for layer in 0..self.shape.layers {
+            let base = layer * capacity;
+            let keys = &mut elems[2 * layer * capacity * row..][..self.len * row];
+            for (slot, key) in keys.chunks_exact_mut(row).enumerate() {
+                let old = self.position[base + slot];
+                let moved = new_position(layer, old);
+                rope.rotate(key, i64::from(moved) - i64::from(old));
+                self.position[base + slot] = moved;
             }
         }
         Ok(())

@@ -264,15 +264,7 @@ impl PromptTokenizer {
     /// given (not trimmed), as in the reference.
     pub fn build_images(&self, user_text: Option<&str>, images: &[usize]) -> Result<Prompt, PromptError> {
         let t = &self.template;
-        let user = match user_text {
-            None => t.default_user_prompt.as_str(),
-            Some(s) if s.trim().is_empty() => {
-                return Err(PromptError::EmptyPrompt {
-                    default: t.default_user_prompt.clone(),
-                })
-            }
-            Some(s) => s,
-        };
+        let user = self.user_text(user_text)?;
         if images.contains(&0) {
             return Err(PromptError::ZeroImageTokens);
         }
@@ -305,6 +297,111 @@ impl PromptTokenizer {
         }
         prompt.push_text(self, &piece, user_start..user_start + user.len())?;
         Ok(prompt)
+    }
+
+    // ---- a camera memory's pieces (docs/memory.md) ------------------------
+    //
+    // One continuing chat in the model's own template: the system turn once,
+    // then one user turn per frame, and a user turn per question with the
+    // model's answer as the assistant turn. Each piece is tokenized as the
+    // one-shot prompt tokenizes its pieces.
+
+    /// The memory's start: BOS (if the model adds one) and the system turn.
+    pub fn memory_opening(&self) -> Result<Prompt, PromptError> {
+        let t = &self.template;
+        let mut prompt = Prompt {
+            ids: self.bos.into_iter().collect(),
+            kinds: Vec::new(),
+        };
+        prompt.kinds.resize(prompt.ids.len(), TokenKind::TEMPLATE);
+        let system = [&t.system_prefix, &t.system_prompt, &t.system_suffix].map(String::as_str);
+        prompt.push_text(self, &system.concat(), 0..0)?;
+        Ok(prompt)
+    }
+
+    /// One frame as a user turn: `header` (its time and id), the picture's
+    /// `rows` in the template's image prefix and suffix, and then either the
+    /// end of the turn or, to caption it, `caption_prompt` (`Some(None)`:
+    /// the model's default prompt) and the assistant prefix.
+    pub fn memory_frame(
+        &self,
+        header: &str,
+        rows: usize,
+        caption_prompt: Option<Option<&str>>,
+    ) -> Result<Prompt, PromptError> {
+        if rows == 0 {
+            return Err(PromptError::ZeroImageTokens);
+        }
+        if rows > TokenKind::MAX_CELLS {
+            return Err(PromptError::Template(format!(
+                "a frame of {rows} tokens: at most {}",
+                TokenKind::MAX_CELLS
+            )));
+        }
+        let t = &self.template;
+        let mut prompt = Prompt {
+            ids: Vec::new(),
+            kinds: Vec::new(),
+        };
+        let mut piece = format!("{}{header}{}", t.user_prefix, t.image_prefix);
+        prompt.push_text(self, &piece, 0..0)?;
+        prompt.kinds.extend((0..rows).map(|cell| TokenKind::image(0, cell)));
+        piece.clear();
+        piece.push_str(&t.image_suffix);
+        match caption_prompt {
+            None => {
+                piece.push_str(&t.user_suffix);
+                prompt.push_text(self, &piece, 0..0)?;
+            }
+            Some(user_text) => {
+                let user = self.user_text(user_text)?;
+                let user_start = piece.len();
+                for s in [user, &t.user_suffix, &t.assistant_prefix] {
+                    piece.push_str(s);
+                }
+                prompt.push_text(self, &piece, user_start..user_start + user.len())?;
+            }
+        }
+        Ok(prompt)
+    }
+
+    /// A question as a user turn, ending with the assistant prefix.
+    pub fn memory_question(&self, question: &str) -> Result<Prompt, PromptError> {
+        let t = &self.template;
+        let user = self.user_text(Some(question))?;
+        let piece = format!("{}{user}{}{}", t.user_prefix, t.user_suffix, t.assistant_prefix);
+        let mut prompt = Prompt {
+            ids: Vec::new(),
+            kinds: Vec::new(),
+        };
+        let start = t.user_prefix.len();
+        prompt.push_text(self, &piece, start..start + user.len())?;
+        Ok(prompt)
+    }
+
+    /// What closes an assistant turn that stays in the memory: `last`, an
+    /// answer token that was chosen but not fed back (an answer cut at its
+    /// token limit), then the template's turn end (`user_suffix`, which in
+    /// ChatML-style templates ends every turn).
+    pub fn memory_turn_end(&self, last: Option<u32>) -> Result<Prompt, PromptError> {
+        let mut prompt = Prompt {
+            ids: last.into_iter().collect(),
+            kinds: Vec::new(),
+        };
+        prompt.kinds.resize(prompt.ids.len(), TokenKind::GENERATED);
+        prompt.push_text(self, &self.template.user_suffix, 0..0)?;
+        Ok(prompt)
+    }
+
+    /// `user_text` or the default prompt; empty text is an error.
+    fn user_text<'s>(&'s self, user_text: Option<&'s str>) -> Result<&'s str, PromptError> {
+        match user_text {
+            None => Ok(self.template.default_user_prompt.as_str()),
+            Some(s) if s.trim().is_empty() => Err(PromptError::EmptyPrompt {
+                default: self.template.default_user_prompt.clone(),
+            }),
+            Some(s) => Ok(s),
+        }
     }
 
     /// Token ids of one piece of text, no special tokens added.

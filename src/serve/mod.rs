@@ -256,6 +256,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         params: params.clone(),
         // A service keeps going; health shows the failures.
         max_consecutive_errors: None,
+        memory: None,
     };
     stream::check_prompt(&generator, &stream_config).map_err(|e| match e {
         Error::Prompt(_) => config.error("caption.prompt", error_chain(&e)),

@@ -15,7 +15,7 @@ use super::metrics::{kind, CaptionFigures, Origin};
 use super::Shared;
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, ImageInput};
-use crate::stream::{self, CaptionRecord, CaptionResult, CaptionSink, JsonLines};
+use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord};
 
 /// One `POST /caption`: the image's bytes, the question, where to answer.
 pub struct Job {
@@ -141,6 +141,38 @@ impl Captioner {
     }
 }
 
+impl Captioner {
+    /// A memory stream's record to `/caption/latest`, the event stream and
+    /// the output file.
+    fn publish(&mut self, id: u64, record: &impl Serialize) -> Result<()> {
+        let shared = &self.shared;
+        let data: Arc<str> = match serde_json::to_string(record) {
+            Ok(json) => json.into(),
+            // Plain data with string keys: serialising cannot fail.
+            Err(e) => {
+                log::error!("frame {id}: the record does not serialise: {e}");
+                return Ok(());
+            }
+        };
+        shared.set_latest(Arc::clone(&data));
+        shared.events.publish(&Event {
+            id,
+            data: Arc::clone(&data),
+        });
+        if let Some(output) = &mut self.output {
+            if let Err(err) = output.write(record) {
+                let message = error_chain(&err);
+                shared.metrics.error(kind::OUTPUT);
+                shared.health.output(Err(&message));
+                shared.health.error(kind::OUTPUT, &message);
+                return Err(err);
+            }
+            shared.health.output(Ok(()));
+        }
+        Ok(())
+    }
+}
+
 impl CaptionSink for Captioner {
     fn on_record(&mut self, record: &CaptionRecord) -> Result<()> {
         let shared = &self.shared;
@@ -176,6 +208,17 @@ impl CaptionSink for Captioner {
             }
         }
         Ok(())
+    }
+
+    fn on_memory_record(&mut self, record: &MemoryRecord) -> Result<()> {
+        self.shared.health.beat(true);
+        self.shared.health.stream_caption(Ok(()));
+        self.publish(record.frame_id, record)
+    }
+
+    fn on_answer(&mut self, record: &AnswerRecord) -> Result<()> {
+        self.shared.health.beat(true);
+        self.publish(record.frame_id, record)
     }
 
     fn on_caption_error(&mut self, frame_id: u64, error: &Error) {

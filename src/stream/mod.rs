@@ -4,6 +4,13 @@
 //! caption becomes a [`CaptionRecord`] handed to a [`CaptionSink`]. The
 //! `stream` command's sink writes JSON Lines; a service's sink can publish
 //! records and serve requests between captions ([`CaptionSink::on_idle`]).
+//!
+//! With a memory ([`StreamConfig::memory`], `stream --memory`) the frames
+//! go into one continuing context instead ([`crate::memory`]): each frame
+//! becomes a [`MemoryRecord`], and questions due after a frame are answered
+//! from the memory as [`AnswerRecord`]s.
+
+pub mod memory;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +19,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generation, Generator, ImageInput, StopReason, Timings};
 use crate::kv::{KvCache, PolicyKind};
-use crate::source::{Grabber, GrabberCounters, NextFrame, StopFlag};
+use crate::memory::Memory;
+use crate::source::{Frame, Grabber, GrabberCounters, NextFrame, StopFlag};
+
+pub use memory::{read_questions, AnswerRecord, MemoryRecord, MemoryStreamConfig, Question};
 
 /// How the stream is captioned.
 #[derive(Clone, Debug)]
@@ -28,6 +38,8 @@ pub struct StreamConfig {
     /// Give up (return the error) after this many failed captions in a
     /// row; `None` keeps going (a service that must stay up).
     pub max_consecutive_errors: Option<u32>,
+    /// Remember the frames in one context instead of captioning each.
+    pub memory: Option<MemoryStreamConfig>,
 }
 
 impl Default for StreamConfig {
@@ -38,6 +50,7 @@ impl Default for StreamConfig {
             max_captions: None,
             params: GenerateParams::default(),
             max_consecutive_errors: Some(3),
+            memory: None,
         }
     }
 }
@@ -53,6 +66,10 @@ pub struct StreamCounters {
     pub caption_errors: u64,
     /// Records the sink failed to take (a full disk, say).
     pub output_errors: u64,
+    /// Memory streams: questions answered, and questions that failed or
+    /// whose frame never came.
+    pub questions_answered: u64,
+    pub questions_skipped: u64,
 }
 
 /// One caption and what it cost: a stream record and a `POST /caption`
@@ -137,11 +154,34 @@ pub trait CaptionSink {
     /// Each piece of a caption's text as it is generated (a service's
     /// watchdog hears from a long caption through this).
     fn on_text(&mut self, _piece: &str) {}
+
+    /// A memory stream's frame record. Errors count as output errors.
+    fn on_memory_record(&mut self, record: &MemoryRecord) -> Result<()>;
+
+    /// A question answered from the memory.
+    fn on_answer(&mut self, record: &AnswerRecord) -> Result<()>;
 }
 
-impl<F: FnMut(&CaptionRecord) -> Result<()>> CaptionSink for F {
+/// Any of a stream's records.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum StreamRecord<'a> {
+    Caption(&'a CaptionRecord),
+    Memory(&'a MemoryRecord),
+    Answer(&'a AnswerRecord),
+}
+
+impl<F: FnMut(StreamRecord<'_>) -> Result<()>> CaptionSink for F {
     fn on_record(&mut self, record: &CaptionRecord) -> Result<()> {
-        self(record)
+        self(StreamRecord::Caption(record))
+    }
+
+    fn on_memory_record(&mut self, record: &MemoryRecord) -> Result<()> {
+        self(StreamRecord::Memory(record))
+    }
+
+    fn on_answer(&mut self, record: &AnswerRecord) -> Result<()> {
+        self(StreamRecord::Answer(record))
     }
 }
 
@@ -164,7 +204,7 @@ impl<W: Write> JsonLines<W> {
     }
 
     /// Writes one record and flushes.
-    pub fn write(&mut self, record: &CaptionRecord) -> Result<()> {
+    pub fn write(&mut self, record: &impl serde::Serialize) -> Result<()> {
         let output_error = |source: std::io::Error| Error::Output {
             target: self.target.clone(),
             source,
@@ -195,6 +235,14 @@ impl JsonLines<std::fs::File> {
 
 impl<W: Write> CaptionSink for JsonLines<W> {
     fn on_record(&mut self, record: &CaptionRecord) -> Result<()> {
+        self.write(record)
+    }
+
+    fn on_memory_record(&mut self, record: &MemoryRecord) -> Result<()> {
+        self.write(record)
+    }
+
+    fn on_answer(&mut self, record: &AnswerRecord) -> Result<()> {
         self.write(record)
     }
 }
@@ -234,11 +282,29 @@ pub fn run(
     sink: &mut dyn CaptionSink,
 ) -> Result<StreamSummary> {
     check_prompt(generator, config)?;
+    let mut remembering = match &config.memory {
+        Some(m) => Some((
+            Memory::new(generator, m.options.clone(), false)?,
+            memory::DueQuestions::new(&m.questions),
+        )),
+        None => None,
+    };
     let mut counters = StreamCounters::default();
     let mut consecutive_errors = 0u32;
     let mut next_due = Instant::now();
-    let summary = |end, mut counters: StreamCounters| {
+    let summary = |end, mut counters: StreamCounters, remembering: &Option<(Memory, memory::DueQuestions)>| {
         counters.source = grabber.counters();
+        if let Some((_, due)) = remembering {
+            for q in due.remaining() {
+                log::warn!(
+                    "questions line {}: frame {} never came; {:?} was not asked",
+                    q.line,
+                    q.at_frame,
+                    q.question
+                );
+                counters.questions_skipped += 1;
+            }
+        }
         Ok(StreamSummary { end, counters })
     };
     loop {
@@ -248,26 +314,60 @@ pub fn run(
         // Wait for the interval, then for a frame newer than the last.
         while Instant::now() < next_due {
             if stop.is_stopped() {
-                return summary(StreamEnd::Stopped, counters);
+                return summary(StreamEnd::Stopped, counters, &remembering);
             }
             sink.on_idle(generator);
             std::thread::sleep(POLL.min(next_due.saturating_duration_since(Instant::now())));
         }
         let frame = loop {
             if stop.is_stopped() {
-                return summary(StreamEnd::Stopped, counters);
+                return summary(StreamEnd::Stopped, counters, &remembering);
             }
             match grabber.next_frame(POLL) {
                 NextFrame::Frame(frame) => break frame,
                 NextFrame::TimedOut => sink.on_idle(generator),
-                NextFrame::Ended => return summary(StreamEnd::SourceEnded, counters),
-                NextFrame::Stopped => return summary(StreamEnd::Stopped, counters),
+                NextFrame::Ended => return summary(StreamEnd::SourceEnded, counters, &remembering),
+                NextFrame::Stopped => return summary(StreamEnd::Stopped, counters, &remembering),
             }
         };
 
         let started = Instant::now();
         next_due = started + config.every;
         let frame_age_ms = started.saturating_duration_since(frame.captured_instant).as_secs_f64() * 1e3;
+        if let (Some((memory, due)), Some(memory_config)) = (remembering.as_mut(), &config.memory) {
+            match remember(generator, memory, &frame, frame_age_ms, &mut counters, grabber, sink) {
+                Ok(()) => {
+                    consecutive_errors = 0;
+                    while let Some(question) = due.next_due(frame.id) {
+                        answer(
+                            generator,
+                            memory,
+                            memory_config,
+                            &question,
+                            frame.id,
+                            &mut counters,
+                            sink,
+                        );
+                    }
+                }
+                Err(err) => {
+                    counters.caption_errors += 1;
+                    consecutive_errors += 1;
+                    log::error!("frame {}: remembering failed: {}", frame.id, error_chain(&err));
+                    sink.on_caption_error(frame.id, &err);
+                    if config
+                        .max_consecutive_errors
+                        .is_some_and(|max| consecutive_errors >= max)
+                    {
+                        return Err(err);
+                    }
+                }
+            }
+            if config.max_captions.is_some_and(|max| counters.captions >= max) {
+                return summary(StreamEnd::MaxCaptions, counters, &remembering);
+            }
+            continue;
+        }
         let generated = generator.generate(
             &[ImageInput::Rgb8(&frame.image)],
             config.prompt.as_deref(),
@@ -316,14 +416,119 @@ pub fn run(
             );
         }
         if config.max_captions.is_some_and(|max| counters.captions >= max) {
-            return summary(StreamEnd::MaxCaptions, counters);
+            return summary(StreamEnd::MaxCaptions, counters, &remembering);
         }
+    }
+}
+
+/// Takes one frame into the memory and hands its record to the sink.
+fn remember(
+    generator: &mut Generator<'_>,
+    memory: &mut Memory,
+    frame: &Frame,
+    frame_age_ms: f64,
+    counters: &mut StreamCounters,
+    grabber: &Grabber,
+    sink: &mut dyn CaptionSink,
+) -> Result<()> {
+    let added = memory.add_frame(
+        generator,
+        frame.id,
+        frame.captured_at,
+        ImageInput::Rgb8(&frame.image),
+        &mut |piece| sink.on_text(piece),
+    )?;
+    counters.captions += 1;
+    counters.source = grabber.counters();
+    let (time, unix_ms) = memory::now();
+    let record = MemoryRecord {
+        time,
+        unix_ms,
+        frame_id: frame.id,
+        frame_time: rfc3339(frame.captured_at),
+        frame_path: frame.path.clone(),
+        frame_width: frame.image.width(),
+        frame_height: frame.image.height(),
+        frame_age_ms,
+        caption: added.caption.as_ref().map(|g| g.text.trim().to_string()),
+        prompt_tokens: added.prompt_tokens,
+        frame_ms: added.frame_ms,
+        timings_ms: added.timings,
+        policy: generator.cache().policy(),
+        memory: memory.figures(generator),
+        resident_bytes: memory::resident_bytes(),
+        counters: *counters,
+    };
+    if let Err(err) = sink.on_memory_record(&record) {
+        counters.output_errors += 1;
+        log::error!(
+            "frame {}: the record could not be written ({})",
+            frame.id,
+            error_chain(&err)
+        );
+    }
+    Ok(())
+}
+
+/// Answers one due question from the memory; a failure is logged and
+/// counted, and the stream goes on.
+fn answer(
+    generator: &mut Generator<'_>,
+    memory: &mut Memory,
+    config: &MemoryStreamConfig,
+    question: &Question,
+    frame_id: u64,
+    counters: &mut StreamCounters,
+    sink: &mut dyn CaptionSink,
+) {
+    let mut params = config.answer_params.clone();
+    if let Some(max) = question.max_tokens {
+        params.max_new_tokens = max;
+    }
+    let started = Instant::now();
+    let generation = match memory.ask(generator, &question.question, &params, &mut |piece| sink.on_text(piece)) {
+        Ok(generation) => generation,
+        Err(err) => {
+            counters.questions_skipped += 1;
+            log::error!("questions line {}: not answered: {}", question.line, error_chain(&err));
+            return;
+        }
+    };
+    counters.questions_answered += 1;
+    let (time, unix_ms) = memory::now();
+    let record = AnswerRecord {
+        time,
+        unix_ms,
+        question: question.question.clone(),
+        answer: generation.text.trim().to_string(),
+        frame_id,
+        line: Some(question.line),
+        tokens: generation.token_ids.len(),
+        prompt_tokens: generation.prompt_tokens,
+        stop: generation.stop,
+        answer_ms: started.elapsed().as_secs_f64() * 1e3,
+        timings_ms: generation.timings,
+        policy: generator.cache().policy(),
+        memory: memory.figures(generator),
+    };
+    if let Err(err) = sink.on_answer(&record) {
+        counters.output_errors += 1;
+        log::error!(
+            "questions line {}: the answer could not be written ({}): {:?}",
+            question.line,
+            error_chain(&err),
+            record.answer
+        );
     }
 }
 
 /// Fails now, not at every frame, when the prompt is empty or cannot fit the
 /// pool (the `full` policy).
 pub fn check_prompt(generator: &Generator<'_>, config: &StreamConfig) -> Result<()> {
+    if config.memory.is_some() {
+        // The memory checks its own pieces when it starts.
+        return Ok(());
+    }
     let model = generator.model();
     let Some(vision) = &model.manifest.vision else {
         return Err(Error::Shape(format!(
