@@ -173,6 +173,9 @@ impl Prompt {
     }
 }
 
+/// Words the tokenizer's split cache holds (see [`PromptTokenizer::new`]).
+const WORD_CACHE_WORDS: usize = 256;
+
 /// A Hugging Face tokenizer with the model's chat template and BOS rule.
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
@@ -221,8 +224,20 @@ impl PromptTokenizer {
         Self::new(tokenizer, template, bos, add_bos)
     }
 
-    fn new(tokenizer: Tokenizer, template: ChatTemplate, bos: Option<u32>, add_bos: bool) -> Result<Self, PromptError> {
+    fn new(
+        mut tokenizer: Tokenizer,
+        template: ChatTemplate,
+        bos: Option<u32>,
+        add_bos: bool,
+    ) -> Result<Self, PromptError> {
         template.validate()?;
+        // The tokenizer caches the words it has split. A camera memory
+        // brings new words with every frame (its id in the header), so the
+        // default 10,000-word cache made a long stream's resident memory
+        // creep for its first 10,000 frames; a small cache bounds it early.
+        let mut model = tokenizer.get_model().clone();
+        model.resize_cache(WORD_CACHE_WORDS);
+        tokenizer.with_model(model);
         let vocab = tokenizer.get_vocab_size(true);
         let bos = if add_bos {
             match bos {
