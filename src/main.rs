@@ -262,6 +262,14 @@ struct EvalArgs {
     #[arg(long)]
     strict: bool,
 
+    /// Evaluate the camera memory instead: sequences of N of the dataset's
+    /// single pictures shown as frames of one memory, then a question about
+    /// the first frame and one about the last, each policy's pool cut to
+    /// --keep of the entries the full cache held after the frames. Writes
+    /// memory.csv, memory-samples.csv and memory.md into --out.
+    #[arg(long, value_name = "N", conflicts_with = "replot")]
+    memory_frames: Option<usize>,
+
     /// The knobs apply to every policy that uses them (the ablations).
     #[command(flatten)]
     knobs: PolicyConfig,
@@ -571,6 +579,32 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     let mut model = load_model(onnxruntime, &args.model)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if let Some(frames) = args.memory_frames {
+        let config = elastic_edge::eval::memory::MemoryEvalConfig {
+            policies: args.policies.clone(),
+            keeps: args.keeps.clone(),
+            frames,
+            max_new_tokens: args.max_new_tokens,
+            policy_config: args.knobs.clone(),
+            out: args.out.clone(),
+        };
+        let rows = elastic_edge::eval::memory::run(&mut model, &samples, &config, &mut |done, total, what| {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(what.to_string());
+        })?;
+        bar.finish_and_clear();
+        print!(
+            "{}",
+            std::fs::read_to_string(args.out.join("memory.md")).unwrap_or_default()
+        );
+        println!("{} runs; results in {}", rows.len(), args.out.display());
+        return Ok(());
+    }
     let config = SweepConfig {
         policies: args.policies.clone(),
         keeps: args.keeps.clone(),
@@ -579,10 +613,6 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         policy_config: args.knobs.clone(),
         out: args.out.clone(),
     };
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     let rows = sweep::run(&mut model, &samples, &config, &mut |done, total, what| {
         bar.set_length(total);
         bar.set_position(done);

@@ -5,6 +5,7 @@
 //! policies.
 
 pub mod dataset;
+pub mod memory;
 pub mod report;
 pub mod rouge;
 pub mod stats;
