@@ -29,6 +29,10 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Request(String),
 
+    /// A question to a memory that holds no frame yet.
+    #[error("the memory holds no frame yet: ask after the first frame")]
+    MemoryEmpty,
+
     /// A keep ratio outside (0, 1].
     #[error("keep ratio {0} is outside (0, 1]: it is the fraction of processed tokens the cache keeps")]
     KeepRatio(f64),

@@ -59,8 +59,9 @@ enum Command {
     Eval(EvalArgs),
     /// Caption a camera or a stream of pictures continuously, as JSON Lines.
     Stream(StreamArgs),
-    /// The robot service: a camera captioned continuously, HTTP health,
-    /// metrics, captions and POST /caption, systemd notifications.
+    /// The robot service: a camera captioned (or remembered) continuously,
+    /// HTTP health, metrics, captions, POST /caption and POST /memory/ask,
+    /// systemd notifications.
     Serve(ServeArgs),
     /// Speed: time to first token, prefill and decode tokens/s, step time as the
     /// answer grows, peak RSS and pool bytes per policy, against the memory-bandwidth floor.
@@ -71,7 +72,9 @@ enum Command {
 #[command(
     after_long_help = "HTTP (default 127.0.0.1:8080): GET /healthz (200 ok, 503 degraded), GET /metrics \
                        (Prometheus), GET /caption/latest, GET /captions/stream or /events (server-sent events), \
-                       POST /caption[?prompt=...] with an image as the body. Under systemd (Type=notify): READY=1 \
+                       POST /caption[?prompt=...] with an image as the body (409 while the memory is on), \
+                       POST /memory/ask with {\"question\": \"...\", \"max_tokens\": 64} when [memory] enabled = true \
+                       (the camera's frames in one bounded context; docs/memory.md). Under systemd (Type=notify): READY=1 \
                        once the model is loaded and HTTP listens, WATCHDOG=1 while the captioning loop is alive, \
                        STOPPING=1 on SIGTERM or SIGINT, which stop after the caption in flight. \
                        scripts/elastic-edge.toml is a commented config; scripts/install-service.sh installs the unit."

@@ -553,8 +553,105 @@ fn without_a_camera_it_captions_posts_and_has_no_latest() {
     // A POSTed caption is the requester's: not the stream's latest.
     let (status, _) = get(&service.url("/caption/latest"));
     assert_eq!(status, 404);
+    // No memory configured: nothing to ask.
+    let (status, body) = post(&service.url("/memory/ask"), br#"{"question": "What did you see?"}"#);
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("[memory]"), "{body}");
     let (status, _, stderr) = service.terminate();
     assert!(status.success(), "{stderr}");
+}
+
+#[test]
+fn the_memory_answers_questions_between_frames_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = frames_dir(dir.path());
+    // Outside the service's folder, which goes when it stops.
+    let output = tempfile::tempdir().unwrap();
+    let jsonl = output.path().join("memory.jsonl");
+    let config = format!(
+        "{}\n[stream]\nsource = \"{}\"\nloop = true\ninterval = \"0\"\njsonl = \"{}\"\n\n\
+         [memory]\nenabled = true\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        base_config(),
+        frames.display(),
+        jsonl.display()
+    );
+    let service = start_in(&config, &Launch::default(), dir);
+    let ask = service.url("/memory/ask");
+
+    // Frames go into the memory; /caption/latest shows the newest frame's record.
+    let latest = wait_for(60, "six frames in memory", || {
+        let (status, record) = get_json(&service.url("/caption/latest"));
+        (status == 200 && record["frames_seen"].as_u64()? >= 6).then_some(record)
+    });
+    assert!(latest["pool_bytes"].as_u64().unwrap() <= 64 << 10, "{latest}");
+    assert!(
+        latest["max_position"].as_u64() < latest["max_positions"].as_u64(),
+        "{latest}"
+    );
+    assert!(latest["frames_in_memory"].as_u64().unwrap() >= 1, "{latest}");
+
+    let (status, answer) = post(&ask, br#"{"question": "What was seen first?", "max_tokens": 6}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["question"], "What was seen first?");
+    assert!(answer["answer"].is_string(), "{answer}");
+    assert!(answer["tokens"].as_u64().unwrap() <= 6, "{answer}");
+    assert!(answer["frame_id"].as_u64().unwrap() >= 5, "{answer}");
+    assert_eq!(answer["questions"], 1, "{answer}");
+    assert!(answer["pool_bytes"].as_u64().unwrap() <= 64 << 10, "{answer}");
+    // Without max_tokens: the default; the memory goes on taking frames.
+    let (status, second) = post(&ask, br#"{"question": "And now?"}"#);
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["questions"], 2, "{second}");
+
+    for (body, why) in [
+        (&br#"{"question": "  "}"#[..], "empty"),
+        (br#"{"question": "Zero?", "max_tokens": 0}"#, "outside"),
+        (br#"{"question": "Long?", "max_tokens": 100000}"#, "outside"),
+        (
+            br#"{"question": "Too long for the pool?", "max_tokens": 4000}"#,
+            "budget",
+        ),
+        (br#"{"question": "x", "temperature": 2}"#, "unknown field"),
+        (b"what did you see", "is not"),
+    ] {
+        let (status, error) = post(&ask, body);
+        assert_eq!(status, 400, "{}: {error}", String::from_utf8_lossy(body));
+        let message = error["error"].as_str().unwrap();
+        assert!(message.contains(why), "{}: {message}", String::from_utf8_lossy(body));
+    }
+    // A one-off caption would reset the pool the memory lives in.
+    let png = std::fs::read(fixture_png("coffee-224.png")).unwrap();
+    let (status, error) = post(&service.url("/caption"), &png);
+    assert_eq!(status, 409, "{error}");
+    let response = agent().get(&ask).call().unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(response.headers().get("allow").unwrap(), "POST");
+
+    let text = metrics(&service);
+    assert_eq!(metric(&text, "elastic_edge_memory_questions_total"), 2.0);
+    assert!(metric(&text, "elastic_edge_memory_frames_total") >= 6.0);
+    assert!(metric(&text, "elastic_edge_memory_frames") >= 1.0);
+    assert!(metric(&text, "elastic_edge_kv_pool_bytes") <= 65536.0);
+    assert_eq!(
+        metric(
+            &text,
+            "elastic_edge_http_requests_total{route=\"/memory/ask\",status=\"400\"}"
+        ),
+        6.0
+    );
+    assert_eq!(metric(&text, "elastic_edge_memory_answer_seconds_count"), 2.0);
+
+    let (status, _, stderr) = service.terminate();
+    assert!(status.success(), "{stderr}");
+    // The answers sit in the output file beside the frames they followed.
+    let lines: Vec<Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let answers: Vec<&Value> = lines.iter().filter(|r| r.get("question").is_some()).collect();
+    assert_eq!(answers.len(), 2);
+    assert!(lines.iter().filter(|r| r.get("frames_in_memory").is_some()).count() >= 6);
 }
 
 #[test]

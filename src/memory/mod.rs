@@ -227,7 +227,7 @@ impl Memory {
         let most = cache.pool().capacity().saturating_sub(cache.min_entries() + 1);
         if params.max_new_tokens == 0 || params.max_new_tokens > most {
             return Err(Error::Request(format!(
-                "max_tokens must be between 1 and {most} (what the pool holds beside its protected entries), not {}",
+                "max_tokens must be between 1 and {most} (what the KV budget holds beside the protected entries), not {}",
                 params.max_new_tokens
             )));
         }

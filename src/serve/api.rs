@@ -6,7 +6,11 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /caption/latest` | the last stream caption's record; 404 before the first |
 //! | `GET /captions/stream`, `GET /events` | server-sent events, one `caption` event per stream caption |
-//! | `POST /caption[?prompt=...]` | captions the image in the body (413 over the limit, 400 if it does not decode) |
+//! | `POST /caption[?prompt=...]` | captions the image in the body (413 over the limit, 400 if it does not decode; 409 while the memory is on: a caption would reset the pool the memory lives in) |
+//! | `POST /memory/ask` | JSON `{"question": "...", "max_tokens": 64}` (max_tokens optional): answers from the camera memory between frames, queued like `POST /caption`; 200 with the question, the answer, `frame_id` (the newest frame in memory) and the memory's figures; 400 for an empty question or a max_tokens of 0 or above what the budget holds, 409 when `[memory]` is off or no frame is in memory yet |
+//!
+//! A question and its answer stay in the memory, as a robot remembers what
+//! it was asked; the budget holds either way (docs/memory.md).
 //!
 //! Every failure is an HTTP answer with a JSON `{"error": ...}` body; no
 //! request can take a thread down.
@@ -15,6 +19,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::config::MAX_NEW_TOKENS_LIMIT;
 use super::http::{BodyError, Connection, Handler, Request, Response};
 use super::metrics::kind;
 use super::worker::{Job, JobError};
@@ -27,11 +32,23 @@ const POST_TIMEOUT: Duration = Duration::from_secs(300);
 /// caption came), which also finds clients that left.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// The routes over `shared`, sending caption jobs to `jobs`.
-pub fn handler(shared: Arc<Shared>, jobs: SyncSender<Job>, max_body: u64) -> Arc<Handler> {
+/// What the routes need to know of the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Routes {
+    /// The largest request body, in bytes (`http.max_body`).
+    pub max_body: u64,
+    /// `[memory] enabled`: `POST /memory/ask` answers, `POST /caption` does not.
+    pub memory: bool,
+}
+
+/// Tokens of an answer when the question does not say.
+const DEFAULT_ANSWER_TOKENS: usize = 64;
+
+/// The routes over `shared`, sending jobs to `jobs`.
+pub fn handler(shared: Arc<Shared>, jobs: SyncSender<Job>, routes: Routes) -> Arc<Handler> {
     Arc::new(move |request: Request, connection: &mut Connection| {
         let route = route_name(&request.path);
-        let status = route_request(&shared, &jobs, max_body, request, connection);
+        let status = route_request(&shared, &jobs, routes, request, connection);
         shared.metrics.http_request(route, status);
     })
 }
@@ -45,6 +62,7 @@ fn route_name(path: &str) -> &'static str {
         "/caption/latest" => "/caption/latest",
         "/captions/stream" | "/events" => "/captions/stream",
         "/caption" => "/caption",
+        "/memory/ask" => "/memory/ask",
         _ => "other",
     }
 }
@@ -53,7 +71,7 @@ fn route_name(path: &str) -> &'static str {
 fn route_request(
     shared: &Shared,
     jobs: &SyncSender<Job>,
-    max_body: u64,
+    routes: Routes,
     request: Request,
     connection: &mut Connection,
 ) -> u16 {
@@ -73,11 +91,29 @@ fn route_request(
             None => Response::error(404, "no caption yet"),
         },
         ("GET", "/captions/stream" | "/events") => return event_stream(shared, connection),
-        ("POST", "/caption") => post_caption(shared, jobs, max_body, &request, connection),
+        ("POST", "/caption") if routes.memory => {
+            shared.metrics.error(kind::REQUEST);
+            Response::error(
+                409,
+                "the camera memory is on ([memory] enabled): a one-off caption would reset the pool it lives in; \
+                 ask the memory with POST /memory/ask",
+            )
+        }
+        ("POST", "/caption") => post_caption(shared, jobs, routes.max_body, &request, connection),
+        ("POST", "/memory/ask") if !routes.memory => {
+            shared.metrics.error(kind::REQUEST);
+            Response::error(
+                409,
+                "the camera memory is off: set [memory] enabled = true in the config",
+            )
+        }
+        ("POST", "/memory/ask") => post_ask(shared, jobs, routes.max_body, &request, connection),
         (_, "/healthz" | "/metrics" | "/caption/latest" | "/captions/stream" | "/events") => {
             Response::error(405, &format!("{method} is not allowed here")).with_header("Allow", "GET")
         }
-        (_, "/caption") => Response::error(405, &format!("{method} is not allowed here")).with_header("Allow", "POST"),
+        (_, "/caption" | "/memory/ask") => {
+            Response::error(405, &format!("{method} is not allowed here")).with_header("Allow", "POST")
+        }
         _ => Response::error(404, &format!("no route {}", request.path)),
     };
     if let Err(e) = connection.respond(&response) {
@@ -115,18 +151,90 @@ fn post_caption(
         Err(BodyError::Io(e)) => return bad(400, &format!("reading the body: {e}")),
     };
     let (reply, answer) = mpsc::sync_channel(1);
-    match jobs.try_send(Job { image, prompt, reply }) {
+    queue_and_wait(jobs, Job::Caption { image, prompt, reply }, &answer)
+}
+
+/// The body of `POST /memory/ask`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskBody {
+    question: String,
+    max_tokens: Option<usize>,
+}
+
+fn post_ask(
+    shared: &Shared,
+    jobs: &SyncSender<Job>,
+    max_body: u64,
+    request: &Request,
+    connection: &mut Connection,
+) -> Response {
+    let bad = |status: u16, message: &str| {
+        shared.metrics.error(kind::REQUEST);
+        Response::error(status, message)
+    };
+    let body = match connection.read_body(request, max_body) {
+        Ok(body) => body,
+        Err(BodyError::TooLarge { limit }) => {
+            return bad(
+                413,
+                &format!("the body is over the limit of {limit} bytes (http.max_body)"),
+            )
+        }
+        Err(BodyError::Malformed(reason)) => return bad(400, &reason),
+        Err(BodyError::Io(e)) => return bad(400, &format!("reading the body: {e}")),
+    };
+    let ask: AskBody = match serde_json::from_slice(&body) {
+        Ok(ask) => ask,
+        Err(e) => {
+            return bad(
+                400,
+                &format!("the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {e}"),
+            )
+        }
+    };
+    if ask.question.trim().is_empty() {
+        return bad(400, "the question is empty");
+    }
+    let max_tokens = ask.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
+    if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS_LIMIT {
+        return bad(
+            400,
+            &format!("max_tokens {max_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"),
+        );
+    }
+    let (reply, answer) = mpsc::sync_channel(1);
+    queue_and_wait(
+        jobs,
+        Job::Ask {
+            question: ask.question,
+            max_tokens,
+            reply,
+        },
+        &answer,
+    )
+}
+
+/// Queues `job` for the captioning thread (503 when the queue is full) and
+/// waits for its answer.
+fn queue_and_wait<T: serde::Serialize>(
+    jobs: &SyncSender<Job>,
+    job: Job,
+    answer: &mpsc::Receiver<std::result::Result<T, JobError>>,
+) -> Response {
+    match jobs.try_send(job) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            return Response::error(503, "busy: too many captions queued; try again").with_header("Retry-After", "5")
+            return Response::error(503, "busy: too many requests queued; try again").with_header("Retry-After", "5")
         }
         Err(TrySendError::Disconnected(_)) => return Response::error(503, "the service is stopping"),
     }
     match answer.recv_timeout(POST_TIMEOUT) {
-        Ok(Ok(caption)) => Response::json(200, &caption),
+        Ok(Ok(answer)) => Response::json(200, &answer),
         Ok(Err(JobError::BadRequest(message))) => Response::error(400, &message),
+        Ok(Err(JobError::Conflict(message))) => Response::error(409, &message),
         Ok(Err(JobError::Failed(message))) => Response::error(500, &message),
-        Err(RecvTimeoutError::Timeout) => Response::error(504, "the caption took too long"),
+        Err(RecvTimeoutError::Timeout) => Response::error(504, "the answer took too long"),
         // The job was dropped unanswered: the captioning thread stopped.
         Err(RecvTimeoutError::Disconnected) => Response::error(503, "the service is stopping"),
     }

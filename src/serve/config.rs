@@ -32,6 +32,7 @@ pub struct ServeConfig {
     pub cache: CacheConfig,
     pub caption: CaptionConfig,
     pub stream: StreamSettings,
+    pub memory: MemorySettings,
     pub http: HttpConfig,
 }
 
@@ -81,6 +82,15 @@ pub struct StreamSettings {
     pub jsonl: Option<PathBuf>,
 }
 
+/// `[memory]`: the camera's frames in one continuing context, questioned
+/// with `POST /memory/ask`.
+#[derive(Clone, Debug, Default)]
+pub struct MemorySettings {
+    pub enabled: bool,
+    /// Also caption each frame into the memory.
+    pub captions: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -102,6 +112,8 @@ struct RawConfig {
     caption: RawCaption,
     #[serde(default)]
     stream: RawStream,
+    #[serde(default)]
+    memory: RawMemory,
     #[serde(default)]
     http: RawHttp,
 }
@@ -150,6 +162,15 @@ struct RawStream {
     looping: bool,
     interval: Option<String>,
     jsonl: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    captions: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -264,6 +285,27 @@ impl ServeConfig {
             jsonl: raw.stream.jsonl.map(anchor),
         };
 
+        if raw.memory.enabled && stream.source.is_none() {
+            return Err(bad(
+                "memory.enabled",
+                "needs a camera to remember: set stream.source".into(),
+            ));
+        }
+        if raw.memory.enabled && cache.policy == PolicyKind::Full {
+            return Err(bad(
+                "memory.enabled",
+                "needs a cache policy that compresses (cache.policy is \"full\", which would fill the pool and stop)"
+                    .into(),
+            ));
+        }
+        if raw.memory.captions && !raw.memory.enabled {
+            return Err(bad("memory.captions", "needs memory.enabled = true".into()));
+        }
+        let memory = MemorySettings {
+            enabled: raw.memory.enabled,
+            captions: raw.memory.captions,
+        };
+
         let listen = match &raw.http.listen {
             Some(text) => text.parse().map_err(|_| {
                 bad(
@@ -283,6 +325,7 @@ impl ServeConfig {
             cache,
             caption,
             stream,
+            memory,
             http: HttpConfig { listen, max_body },
         })
     }
@@ -387,6 +430,11 @@ mod tests {
         assert!(config.stream.source.is_none() && config.stream.jsonl.is_none());
         assert_eq!(config.caption.max_new_tokens, 64);
         assert_eq!(config.cache.prefill_chunk, Some(DEFAULT_PREFILL_CHUNK));
+        assert!(!config.memory.enabled && !config.memory.captions);
+        let memory =
+            parse("[model]\ndir = \"m\"\n[stream]\nsource = \"x.png\"\n[memory]\nenabled = true\ncaptions = true\n")
+                .unwrap();
+        assert!(memory.memory.enabled && memory.memory.captions);
     }
 
     #[test]
@@ -507,6 +555,26 @@ mod tests {
                 "[model]\ndir = \"m\"\n[stream]\nloop = \"yes\"\n",
                 "stream.loop",
                 "invalid type",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[memory]\nenabled = true\n",
+                "memory.enabled",
+                "stream.source",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[stream]\nsource = \"x.png\"\n[cache]\npolicy = \"full\"\n[memory]\nenabled = true\n",
+                "memory.enabled",
+                "compresses",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[memory]\ncaptions = true\n",
+                "memory.captions",
+                "memory.enabled",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[memory]\nenable = true\n",
+                "memory.enable",
+                "unknown field",
             ),
             (
                 "[model]\ndir = \"m\"\n[caption]\nmax_new_tokens = 0\n",

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use crate::memory::MemoryFigures;
 use crate::source::GrabberCounters;
 use crate::stream::CaptionResult;
 
@@ -108,6 +109,10 @@ struct Inner {
     pool_slots: u64,
     cache_entries: u64,
     http_requests: BTreeMap<(&'static str, u16), u64>,
+    /// The camera memory's latest figures (`None`: no memory).
+    memory: Option<MemoryFigures>,
+    memory_frame_latency: Histogram,
+    answer_latency: Histogram,
 }
 
 /// Every figure `/metrics` shows, behind one lock (held for microseconds).
@@ -155,6 +160,27 @@ impl Metrics {
         inner.pool_bytes = figures.pool_bytes;
         inner.pool_slots = figures.pool_slots as u64;
         inner.cache_entries = figures.cache_entries as u64;
+    }
+
+    /// A frame taken into the camera memory (`frame_ms`: its whole step).
+    pub fn remembered(&self, frame_ms: f64, figures: &MemoryFigures) {
+        let mut inner = self.lock();
+        inner.memory_frame_latency.observe(frame_ms / 1e3);
+        inner.cache_entries = figures.cache_entries as u64;
+        inner.memory = Some(*figures);
+    }
+
+    /// A question answered from the camera memory.
+    pub fn question(&self, answer_ms: f64, figures: &MemoryFigures) {
+        let mut inner = self.lock();
+        inner.answer_latency.observe(answer_ms / 1e3);
+        inner.cache_entries = figures.cache_entries as u64;
+        inner.memory = Some(*figures);
+    }
+
+    /// Questions answered from the memory so far.
+    pub fn questions(&self) -> u64 {
+        self.lock().memory.as_ref().map_or(0, |m| m.questions)
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -273,13 +299,13 @@ impl Metrics {
             "elastic_edge_cache_merged_total",
             "counter",
             "KV entries merged into others by the cache policy, summed over layers.",
-            &plain(inner.merged),
+            &plain(inner.merged + inner.memory.as_ref().map_or(0, |m| m.merged)),
         );
         metric(
             "elastic_edge_cache_evicted_total",
             "counter",
             "KV entries evicted by the cache policy, summed over layers.",
-            &plain(inner.evicted),
+            &plain(inner.evicted + inner.memory.as_ref().map_or(0, |m| m.evicted)),
         );
         metric(
             "elastic_edge_kv_pool_bytes",
@@ -299,6 +325,38 @@ impl Metrics {
             "KV entries live at the end of the last caption.",
             &plain(inner.cache_entries),
         );
+        if let Some(memory) = &inner.memory {
+            metric(
+                "elastic_edge_memory_frames_total",
+                "counter",
+                "Frames taken into the camera memory.",
+                &plain(memory.frames_seen),
+            );
+            metric(
+                "elastic_edge_memory_frames",
+                "gauge",
+                "Frames with at least one KV entry left in the memory.",
+                &plain(memory.frames_in_memory as u64),
+            );
+            metric(
+                "elastic_edge_memory_questions_total",
+                "counter",
+                "Questions answered from the memory.",
+                &plain(memory.questions),
+            );
+            metric(
+                "elastic_edge_memory_max_position",
+                "gauge",
+                "The largest position in the memory (kept below the model's max_positions).",
+                &plain(memory.max_position as u64),
+            );
+            metric(
+                "elastic_edge_memory_rebases_total",
+                "counter",
+                "Times the memory's positions were re-based into the model's range.",
+                &plain(memory.rebases),
+            );
+        }
         let requests: Vec<_> = inner
             .http_requests
             .iter()
@@ -332,6 +390,18 @@ impl Metrics {
             "elastic_edge_time_to_first_token_seconds",
             "Time from the image to the first generated token.",
         );
+        if inner.memory.is_some() {
+            inner.memory_frame_latency.render(
+                &mut out,
+                "elastic_edge_memory_frame_seconds",
+                "Time to take one frame into the memory (and caption it, with memory.captions).",
+            );
+            inner.answer_latency.render(
+                &mut out,
+                "elastic_edge_memory_answer_seconds",
+                "Time to answer one question from the memory.",
+            );
+        }
         out
     }
 }

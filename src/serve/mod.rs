@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, Sampling};
 use crate::kv::{KvCache, PoolBacking};
+use crate::memory::MemoryOptions;
 use crate::model::{LoadOptions, Manifest, Model, ProviderOptions};
 use crate::source::{Backoff, Grabber, GrabberMonitor, SourceOptions, SourceState, StopFlag};
-use crate::stream::{self, JsonLines, StreamConfig};
+use crate::stream::{JsonLines, MemoryStreamConfig, Stream, StreamConfig};
 
 pub use config::ServeConfig;
 use events::Broadcaster;
@@ -48,7 +49,8 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_EVENT_CLIENTS: usize = 16;
 /// POSTs waiting for the model beyond the one being captioned.
 const JOB_QUEUE: usize = 4;
-/// How often the main loop looks at the stop flag and the threads.
+/// How often the main loop looks at the stop flag and the threads, and the
+/// longest the captioning thread waits for a request.
 const TICK: Duration = Duration::from_millis(100);
 
 /// What the threads share.
@@ -249,6 +251,16 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         sampling: Sampling::Greedy,
         ignore_stop: false,
     };
+    let memory = config.memory.enabled.then(|| MemoryStreamConfig {
+        options: MemoryOptions {
+            captions: config.memory.captions,
+            caption_prompt: config.caption.prompt.clone(),
+            caption_params: params.clone(),
+        },
+        // Questions come as POST /memory/ask.
+        questions: Vec::new(),
+        answer_params: params.clone(),
+    });
     let stream_config = StreamConfig {
         prompt: config.caption.prompt.clone(),
         every: config.stream.interval,
@@ -256,10 +268,13 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         params: params.clone(),
         // A service keeps going; health shows the failures.
         max_consecutive_errors: None,
-        memory: None,
+        memory,
     };
-    stream::check_prompt(&generator, &stream_config).map_err(|e| match e {
+    // The prompt (or the memory's first pieces) must fit before READY.
+    let mut stream = Stream::new(&mut generator, &stream_config).map_err(|e| match e {
         Error::Prompt(_) => config.error("caption.prompt", error_chain(&e)),
+        Error::Shape(_) => config.error("model.dir", error_chain(&e)),
+        other if config.memory.enabled => config.error("cache.kv_budget", error_chain(&other)),
         other => config.error(
             "cache.kv_budget",
             format!(
@@ -292,22 +307,30 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         started: Instant::now(),
     });
     let (jobs, job_queue) = mpsc::sync_channel(JOB_QUEUE);
-    let handler = api::handler(Arc::clone(&shared), jobs, config.http.max_body);
+    let routes = api::Routes {
+        max_body: config.http.max_body,
+        memory: config.memory.enabled,
+    };
+    let handler = api::handler(Arc::clone(&shared), jobs, routes);
     let mut server = HttpServer::start(config.http.listen, MAX_CONNECTIONS, handler)
         .map_err(|e| config.error("http.listen", error_chain(&e)))?;
-    let mut captioner = Captioner::new(
-        Arc::clone(&shared),
-        job_queue,
-        output,
-        params,
-        config.caption.prompt.clone(),
-    );
+    let mut captioner = Captioner::new(Arc::clone(&shared), output, params, config.caption.prompt.clone());
 
     let outcome = std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
             .name("captioner".into())
             .spawn_scoped(scope, || {
-                caption_loop(&mut generator, grabber.as_ref(), &stream_config, stop, &mut captioner)
+                // The receiver moves to this thread (it is not Sync).
+                let jobs = job_queue;
+                worker::work(
+                    &mut generator,
+                    &mut stream,
+                    grabber.as_ref(),
+                    config.stream.interval,
+                    &jobs,
+                    stop,
+                    &mut captioner,
+                )
             })
             .map_err(|source| Error::Thread {
                 what: "captioning",
@@ -317,6 +340,10 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
             "listening on http://{}; {}",
             server.local_addr(),
             match &config.stream.source {
+                Some(spec) if config.memory.enabled => format!(
+                    "remembering {spec} every {:?}; POST /memory/ask to question it",
+                    config.stream.interval
+                ),
                 Some(spec) => format!("captioning {spec} every {:?}", config.stream.interval),
                 None => "no camera: POST /caption only".to_string(),
             }
@@ -342,30 +369,6 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         grabber.finish();
     }
     outcome
-}
-
-/// The captioning thread: the stream loop while there is a camera, then
-/// (or without one) only POSTed images, until `stop`.
-fn caption_loop(
-    generator: &mut Generator<'_>,
-    grabber: Option<&Grabber>,
-    config: &StreamConfig,
-    stop: &StopFlag,
-    captioner: &mut Captioner,
-) {
-    if let Some(grabber) = grabber {
-        match stream::run(generator, grabber, config, stop, captioner) {
-            Ok(summary) => log::info!(
-                "the stream ended ({:?}) after {} captions",
-                summary.end,
-                summary.counters.captions
-            ),
-            Err(e) => log::error!("the stream stopped: {}", error_chain(&e)),
-        }
-    }
-    while !stop.is_stopped() {
-        captioner.serve_waiting(generator, TICK);
-    }
 }
 
 /// The main thread while serving: watchdog pings while the captioning
@@ -422,10 +425,11 @@ fn status_line(shared: &Shared) -> String {
     use metrics::Origin;
     let report = shared.health_report();
     let mut line = format!(
-        "{}: {} stream captions, {} POSTed",
+        "{}: {} stream captions, {} POSTed, {} questions",
         report.status,
         shared.metrics.captions(Origin::Stream),
-        shared.metrics.captions(Origin::Http)
+        shared.metrics.captions(Origin::Http),
+        shared.metrics.questions()
     );
     if let Some(source) = &report.source {
         line.push_str(&format!("; source {}", source.state));

@@ -1,8 +1,9 @@
-//! The captioning thread's side of the service: it owns the generator (one
-//! model, one KV pool) and serves the camera, through the stream loop
-//! ([`crate::stream::run`], with [`Captioner`] as its sink), and `POST
-//! /caption`, whose requests arrive as [`Job`]s on a bounded channel and are
-//! captioned between frames. One caption at a time, whoever asked.
+//! The captioning thread: it owns the generator (one model, one KV pool)
+//! and runs one loop ([`work`]) that chooses the next piece of work: a
+//! waiting request first (`POST /caption`, `POST /memory/ask`: a client
+//! holds a connection open), then the camera's newest frame when its
+//! interval is due, else a short wait for a request. One piece at a time,
+//! whoever asked; requests arrive as [`Job`]s on a bounded channel.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
@@ -15,22 +16,34 @@ use super::metrics::{kind, CaptionFigures, Origin};
 use super::Shared;
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, ImageInput};
-use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord};
+use crate::source::{Grabber, NextFrame, StopFlag};
+use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord, Stream};
 
-/// One `POST /caption`: the image's bytes, the question, where to answer.
-pub struct Job {
-    pub image: Vec<u8>,
-    pub prompt: Option<String>,
-    /// Capacity 1: the answer never blocks the captioning thread.
-    pub reply: SyncSender<std::result::Result<PostCaption, JobError>>,
+/// A request for the captioning thread.
+pub enum Job {
+    /// `POST /caption`: the image's bytes and the question.
+    Caption {
+        image: Vec<u8>,
+        prompt: Option<String>,
+        /// Capacity 1: the answer never blocks the captioning thread.
+        reply: SyncSender<std::result::Result<PostCaption, JobError>>,
+    },
+    /// `POST /memory/ask`: a question over the camera's memory.
+    Ask {
+        question: String,
+        max_tokens: usize,
+        reply: SyncSender<std::result::Result<AnswerRecord, JobError>>,
+    },
 }
 
 /// Why a job failed, as HTTP sees it.
 #[derive(Debug)]
 pub enum JobError {
     /// The client's fault (an image that does not decode, a prompt that
-    /// does not fit): 400.
+    /// does not fit, more tokens than the budget holds): 400.
     BadRequest(String),
+    /// Not possible in this state (no frame in the memory yet): 409.
+    Conflict(String),
     /// Ours: 500.
     Failed(String),
 }
@@ -45,71 +58,129 @@ pub struct PostCaption {
     pub result: CaptionResult,
 }
 
-/// The stream loop's sink, and the server of jobs between frames.
+/// The stream's sink (records to `/caption/latest`, the event stream and
+/// the output file) and the answerer of jobs.
 pub struct Captioner {
     shared: Arc<Shared>,
-    jobs: Receiver<Job>,
     /// The caption file: a failed write (a full disk) is logged, counted and
     /// shown by health; the next record tries again.
     output: Option<JsonLines<std::fs::File>>,
-    /// For POSTs (the stream loop has its own copy).
+    /// For POSTs (the stream has its own copy).
     params: GenerateParams,
     /// The configured question, for a POST without `?prompt=`.
     prompt: Option<String>,
 }
 
+/// The captioning thread's loop, until `stop`: see the module's comment.
+/// `grabber` is the camera (`None`: requests only); when its source ends
+/// the loop goes on serving requests.
+pub fn work(
+    generator: &mut Generator<'_>,
+    stream: &mut Stream<'_>,
+    grabber: Option<&Grabber>,
+    every: Duration,
+    jobs: &Receiver<Job>,
+    stop: &StopFlag,
+    captioner: &mut Captioner,
+) {
+    let mut camera = grabber;
+    let mut next_frame = Instant::now();
+    while !stop.is_stopped() {
+        captioner.shared.health.beat(true);
+        // 1. A waiting request.
+        match jobs.try_recv() {
+            Ok(job) => {
+                captioner.serve(generator, stream, job);
+                continue;
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+        }
+        // 2. The camera's newest frame, once its interval is due.
+        if let Some(source) = camera.filter(|_| Instant::now() >= next_frame) {
+            match source.next_frame(stream::POLL) {
+                NextFrame::Frame(frame) => {
+                    next_frame = Instant::now() + every;
+                    if let Err(e) = stream.take(generator, frame, source.counters(), captioner) {
+                        // Only with a limit on failures in a row, which a
+                        // service does not set: stop taking frames.
+                        log::error!("the stream stopped: {}", error_chain(&e));
+                        camera = None;
+                    }
+                }
+                NextFrame::TimedOut => {}
+                NextFrame::Ended => {
+                    log::info!(
+                        "the stream ended after {} frames; serving requests only",
+                        stream.counters().captions
+                    );
+                    camera = None;
+                }
+                NextFrame::Stopped => return,
+            }
+            continue;
+        }
+        // 3. Nothing due: wait for a request until the next frame is.
+        let wait = match camera {
+            Some(_) => next_frame.saturating_duration_since(Instant::now()).min(super::TICK),
+            None => super::TICK,
+        };
+        match jobs.recv_timeout(wait) {
+            Ok(job) => captioner.serve(generator, stream, job),
+            Err(RecvTimeoutError::Timeout) => {}
+            // The HTTP side is gone (shutting down): nothing more will come.
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+        }
+    }
+}
+
 impl Captioner {
     pub fn new(
         shared: Arc<Shared>,
-        jobs: Receiver<Job>,
         output: Option<JsonLines<std::fs::File>>,
         params: GenerateParams,
         prompt: Option<String>,
     ) -> Self {
         Captioner {
             shared,
-            jobs,
             output,
             params,
             prompt,
         }
     }
 
-    /// Captions every job waiting now.
-    pub fn serve_pending(&mut self, generator: &mut Generator<'_>) {
-        loop {
-            match self.jobs.try_recv() {
-                Ok(job) => self.caption_job(generator, job),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+    fn serve(&mut self, generator: &mut Generator<'_>, stream: &mut Stream<'_>, job: Job) {
+        match job {
+            Job::Caption { image, prompt, reply } => {
+                let outcome = self.caption(generator, &image, prompt.as_deref());
+                // The requester may have given up (timed out, disconnected).
+                let _ = reply.try_send(outcome);
+            }
+            Job::Ask {
+                question,
+                max_tokens,
+                reply,
+            } => {
+                let outcome = self.ask(generator, stream, &question, max_tokens);
+                let _ = reply.try_send(outcome);
             }
         }
     }
 
-    /// Waits up to `timeout` for a job and captions it (the loop without a
-    /// camera).
-    pub fn serve_waiting(&mut self, generator: &mut Generator<'_>, timeout: Duration) {
-        self.shared.health.beat(true);
-        match self.jobs.recv_timeout(timeout) {
-            Ok(job) => {
-                self.caption_job(generator, job);
-                self.serve_pending(generator);
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            // The HTTP side is gone (shutting down): nothing more will come.
-            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(timeout),
-        }
-    }
-
-    fn caption_job(&mut self, generator: &mut Generator<'_>, job: Job) {
+    fn caption(
+        &mut self,
+        generator: &mut Generator<'_>,
+        image: &[u8],
+        prompt: Option<&str>,
+    ) -> std::result::Result<PostCaption, JobError> {
         let health = &self.shared.health;
         health.beat(false);
         let started = Instant::now();
-        let prompt = job.prompt.as_deref().or(self.prompt.as_deref());
-        let generated = generator.generate(&[ImageInput::Bytes(&job.image)], prompt, &self.params, &mut |_| {
+        let prompt = prompt.or(self.prompt.as_deref());
+        let generated = generator.generate(&[ImageInput::Bytes(image)], prompt, &self.params, &mut |_| {
             health.beat(false)
         });
         health.beat(true);
-        let outcome = match generated {
+        match generated {
             Ok(generation) => {
                 let caption_ms = started.elapsed().as_secs_f64() * 1e3;
                 let result = CaptionResult::new(&generation, generator.cache(), caption_ms);
@@ -121,30 +192,61 @@ impl Captioner {
                     result,
                 })
             }
-            Err(err) => {
-                let message = error_chain(&err);
-                let (kind, outcome) = match &err {
-                    Error::Image(_) => (kind::IMAGE, JobError::BadRequest(message.clone())),
-                    Error::Prompt(_) | Error::CapacityExceeded { .. } => {
-                        (kind::REQUEST, JobError::BadRequest(message.clone()))
-                    }
-                    _ => (kind::CAPTION, JobError::Failed(message.clone())),
-                };
-                log::warn!("POST /caption: {message}");
-                self.shared.metrics.error(kind);
-                self.shared.health.error(kind, &message);
-                Err(outcome)
-            }
+            Err(err) => Err(self.job_error("POST /caption", &err)),
+        }
+    }
+
+    /// A question over the memory; the answer also goes to the event
+    /// stream and the output file, beside the frames it was asked about.
+    fn ask(
+        &mut self,
+        generator: &mut Generator<'_>,
+        stream: &mut Stream<'_>,
+        question: &str,
+        max_tokens: usize,
+    ) -> std::result::Result<AnswerRecord, JobError> {
+        self.shared.health.beat(false);
+        let params = GenerateParams {
+            max_new_tokens: max_tokens,
+            ..self.params.clone()
         };
-        // The requester may have given up (timed out, disconnected).
-        let _ = job.reply.try_send(outcome);
+        let answered = stream.ask(generator, question, &params, self);
+        self.shared.health.beat(true);
+        match answered {
+            Ok(record) => {
+                self.shared.metrics.question(record.answer_ms, &record.memory);
+                let _ = self.publish(record.frame_id, &record, false);
+                Ok(record)
+            }
+            Err(err @ Error::MemoryEmpty) => {
+                self.shared.metrics.error(kind::REQUEST);
+                Err(JobError::Conflict(err.to_string()))
+            }
+            Err(err) => Err(self.job_error("POST /memory/ask", &err)),
+        }
+    }
+
+    /// Counts, logs and sorts a failed job into the client's fault or ours.
+    fn job_error(&self, route: &str, err: &Error) -> JobError {
+        let message = error_chain(err);
+        let (kind, outcome) = match err {
+            Error::Image(_) => (kind::IMAGE, JobError::BadRequest(message.clone())),
+            Error::Prompt(_) | Error::CapacityExceeded { .. } | Error::Request(_) => {
+                (kind::REQUEST, JobError::BadRequest(message.clone()))
+            }
+            _ => (kind::CAPTION, JobError::Failed(message.clone())),
+        };
+        log::warn!("{route}: {message}");
+        self.shared.metrics.error(kind);
+        self.shared.health.error(kind, &message);
+        outcome
     }
 }
 
 impl Captioner {
-    /// A memory stream's record to `/caption/latest`, the event stream and
-    /// the output file.
-    fn publish(&mut self, id: u64, record: &impl Serialize) -> Result<()> {
+    /// A memory stream's record to the event stream, the output file and
+    /// (`latest`: a frame's record) `/caption/latest`.
+    fn publish(&mut self, id: u64, record: &impl Serialize, latest: bool) -> Result<()> {
         let shared = &self.shared;
         let data: Arc<str> = match serde_json::to_string(record) {
             Ok(json) => json.into(),
@@ -154,7 +256,9 @@ impl Captioner {
                 return Ok(());
             }
         };
-        shared.set_latest(Arc::clone(&data));
+        if latest {
+            shared.set_latest(Arc::clone(&data));
+        }
         shared.events.publish(&Event {
             id,
             data: Arc::clone(&data),
@@ -213,12 +317,14 @@ impl CaptionSink for Captioner {
     fn on_memory_record(&mut self, record: &MemoryRecord) -> Result<()> {
         self.shared.health.beat(true);
         self.shared.health.stream_caption(Ok(()));
-        self.publish(record.frame_id, record)
+        self.shared.metrics.remembered(record.frame_ms, &record.memory);
+        self.publish(record.frame_id, record, true)
     }
 
     fn on_answer(&mut self, record: &AnswerRecord) -> Result<()> {
         self.shared.health.beat(true);
-        self.publish(record.frame_id, record)
+        self.shared.metrics.question(record.answer_ms, &record.memory);
+        self.publish(record.frame_id, record, false)
     }
 
     fn on_caption_error(&mut self, frame_id: u64, error: &Error) {
@@ -230,11 +336,6 @@ impl CaptionSink for Captioner {
         self.shared.metrics.error(kind);
         self.shared.health.error(kind, &message);
         self.shared.health.stream_caption(Err(&message));
-    }
-
-    fn on_idle(&mut self, generator: &mut Generator<'_>) {
-        self.shared.health.beat(true);
-        self.serve_pending(generator);
     }
 
     fn on_text(&mut self, _piece: &str) {

@@ -2,8 +2,10 @@
 //! `every` interval the newest frame is captioned with one [`Generator`]
 //! (one model, one KV pool, one set of sessions for the whole stream); each
 //! caption becomes a [`CaptionRecord`] handed to a [`CaptionSink`]. The
-//! `stream` command's sink writes JSON Lines; a service's sink can publish
-//! records and serve requests between captions ([`CaptionSink::on_idle`]).
+//! `stream` command's sink writes JSON Lines; a service's sink publishes
+//! them. [`Stream`] is the state between frames, so a service's own loop
+//! can take frames and answer requests in between ([`run`] is the
+//! `stream` command's loop).
 //!
 //! With a memory ([`StreamConfig::memory`], `stream --memory`) the frames
 //! go into one continuing context instead ([`crate::memory`]): each frame
@@ -145,12 +147,6 @@ pub trait CaptionSink {
     /// A frame could not be captioned (already logged and counted).
     fn on_caption_error(&mut self, _frame_id: u64, _error: &Error) {}
 
-    /// Called at least every few tens of milliseconds while waiting for the
-    /// next interval or frame, and once between any two captions, with the
-    /// stream's generator: work that must share the model and pool (a
-    /// one-off caption request) goes here.
-    fn on_idle(&mut self, _generator: &mut Generator<'_>) {}
-
     /// Each piece of a caption's text as it is generated (a service's
     /// watchdog hears from a long caption through this).
     fn on_text(&mut self, _piece: &str) {}
@@ -266,35 +262,166 @@ pub struct StreamSummary {
     pub counters: StreamCounters,
 }
 
-/// How often waits look at the stop flag and call `on_idle`.
-const POLL: Duration = Duration::from_millis(20);
+/// How long a wait for the next frame blocks before it looks at the stop
+/// flag again (and, in a service, at the queue of requests).
+pub const POLL: Duration = Duration::from_millis(20);
 
-/// Captions the grabber's newest frame every `config.every` until the
-/// source ends, `stop` is set (after the caption in flight) or
-/// `max_captions` are made. Returns an error only for a configuration that
-/// cannot work (an empty prompt) or `max_consecutive_errors` failed
-/// captions in a row.
-pub fn run(
-    generator: &mut Generator<'_>,
-    grabber: &Grabber,
-    config: &StreamConfig,
-    stop: &StopFlag,
-    sink: &mut dyn CaptionSink,
-) -> Result<StreamSummary> {
-    check_prompt(generator, config)?;
-    let mut remembering = match &config.memory {
-        Some(m) => Some((
-            Memory::new(generator, m.options.clone(), false)?,
-            memory::DueQuestions::new(&m.questions),
-        )),
-        None => None,
-    };
-    let mut counters = StreamCounters::default();
-    let mut consecutive_errors = 0u32;
-    let mut next_due = Instant::now();
-    let summary = |end, mut counters: StreamCounters, remembering: &Option<(Memory, memory::DueQuestions)>| {
-        counters.source = grabber.counters();
-        if let Some((_, due)) = remembering {
+/// A stream between two frames: what has been counted, the memory when
+/// there is one, the questions still due. A loop hands it each frame it
+/// chooses to take ([`Stream::take`]): [`run`] for the `stream` command,
+/// the service's work loop for `serve`, which also asks the memory
+/// questions between frames ([`Stream::ask`]).
+pub struct Stream<'c> {
+    config: &'c StreamConfig,
+    memory: Option<(Memory, memory::DueQuestions)>,
+    counters: StreamCounters,
+    consecutive_errors: u32,
+}
+
+impl<'c> Stream<'c> {
+    /// Checks the prompt (or, for a memory, that one frame fits the budget)
+    /// before the first frame.
+    pub fn new(generator: &mut Generator<'_>, config: &'c StreamConfig) -> Result<Self> {
+        check_prompt(generator, config)?;
+        let memory = match &config.memory {
+            Some(m) => Some((
+                Memory::new(generator, m.options.clone(), false)?,
+                memory::DueQuestions::new(&m.questions),
+            )),
+            None => None,
+        };
+        Ok(Stream {
+            config,
+            memory,
+            counters: StreamCounters::default(),
+            consecutive_errors: 0,
+        })
+    }
+
+    pub fn counters(&self) -> StreamCounters {
+        self.counters
+    }
+
+    /// Whether `max_captions` frames have been taken.
+    pub fn is_done(&self) -> bool {
+        self.config
+            .max_captions
+            .is_some_and(|max| self.counters.captions >= max)
+    }
+
+    /// Whether frames go into a memory (and questions may be asked).
+    pub fn remembers(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// Captions `frame` (or takes it into the memory, then answers the
+    /// questions due after it) and hands the records to `sink`. A failed
+    /// frame is logged, counted and told to the sink; the error comes back
+    /// only after `max_consecutive_errors` failures in a row.
+    pub fn take(
+        &mut self,
+        generator: &mut Generator<'_>,
+        frame: Frame,
+        source: GrabberCounters,
+        sink: &mut dyn CaptionSink,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let frame_age_ms = started.saturating_duration_since(frame.captured_instant).as_secs_f64() * 1e3;
+        let outcome = match self.memory.as_mut() {
+            Some((memory, _)) => remember(
+                generator,
+                memory,
+                &frame,
+                frame_age_ms,
+                &mut self.counters,
+                source,
+                sink,
+            ),
+            None => caption(
+                generator,
+                self.config,
+                &frame,
+                frame_age_ms,
+                &mut self.counters,
+                source,
+                sink,
+            ),
+        };
+        match outcome {
+            Ok(()) => self.consecutive_errors = 0,
+            Err(err) => {
+                self.counters.caption_errors += 1;
+                self.consecutive_errors += 1;
+                log::error!("frame {}: {}", frame.id, error_chain(&err));
+                sink.on_caption_error(frame.id, &err);
+                if self
+                    .config
+                    .max_consecutive_errors
+                    .is_some_and(|max| self.consecutive_errors >= max)
+                {
+                    return Err(err);
+                }
+                return Ok(());
+            }
+        }
+        if let (Some((memory, due)), Some(memory_config)) = (self.memory.as_mut(), &self.config.memory) {
+            while let Some(question) = due.next_due(frame.id) {
+                let mut params = memory_config.answer_params.clone();
+                if let Some(max) = question.max_tokens {
+                    params.max_new_tokens = max;
+                }
+                match answer(generator, memory, &question.question, &params, sink) {
+                    Ok(mut record) => {
+                        self.counters.questions_answered += 1;
+                        record.line = Some(question.line);
+                        if let Err(err) = sink.on_answer(&record) {
+                            self.counters.output_errors += 1;
+                            log::error!(
+                                "questions line {}: the answer could not be written ({}): {:?}",
+                                question.line,
+                                error_chain(&err),
+                                record.answer
+                            );
+                        }
+                    }
+                    Err(err) => {
+                        self.counters.questions_skipped += 1;
+                        log::error!("questions line {}: not answered: {}", question.line, error_chain(&err));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers `question` from the memory now (a service's `POST
+    /// /memory/ask`); the question and its answer stay in the memory. Not
+    /// handed to a sink: the caller publishes it. [`Error::MemoryEmpty`]
+    /// before the first frame; [`Error::Request`] when the stream has no
+    /// memory, or `params` ask for no tokens or more than the budget holds.
+    pub fn ask(
+        &mut self,
+        generator: &mut Generator<'_>,
+        question: &str,
+        params: &GenerateParams,
+        sink: &mut dyn CaptionSink,
+    ) -> Result<AnswerRecord> {
+        let Some((memory, _)) = self.memory.as_mut() else {
+            return Err(Error::Request("this stream has no memory".into()));
+        };
+        if memory.frame_ids().next().is_none() {
+            return Err(Error::MemoryEmpty);
+        }
+        let record = answer(generator, memory, question, params, sink)?;
+        self.counters.questions_answered += 1;
+        Ok(record)
+    }
+
+    /// The stream's end: questions whose frame never came are logged and
+    /// counted.
+    pub fn finish(mut self, end: StreamEnd, source: GrabberCounters) -> StreamSummary {
+        self.counters.source = source;
+        if let Some((_, due)) = &self.memory {
             for q in due.remaining() {
                 log::warn!(
                     "questions line {}: frame {} never came; {:?} was not asked",
@@ -302,123 +429,99 @@ pub fn run(
                     q.at_frame,
                     q.question
                 );
-                counters.questions_skipped += 1;
+                self.counters.questions_skipped += 1;
             }
         }
-        Ok(StreamSummary { end, counters })
-    };
+        StreamSummary {
+            end,
+            counters: self.counters,
+        }
+    }
+}
+
+/// Takes the grabber's newest frame every `config.every` until the source
+/// ends, `stop` is set (after the frame in flight) or `max_captions` are
+/// made. Returns an error only for a configuration that cannot work (an
+/// empty prompt, a budget too small for the memory) or
+/// `max_consecutive_errors` failed frames in a row.
+pub fn run(
+    generator: &mut Generator<'_>,
+    grabber: &Grabber,
+    config: &StreamConfig,
+    stop: &StopFlag,
+    sink: &mut dyn CaptionSink,
+) -> Result<StreamSummary> {
+    let mut stream = Stream::new(generator, config)?;
+    let mut next_due = Instant::now();
     loop {
-        // Between two captions, even when frames come faster than the
-        // model: queued work must not wait for a gap that never comes.
-        sink.on_idle(generator);
         // Wait for the interval, then for a frame newer than the last.
         while Instant::now() < next_due {
             if stop.is_stopped() {
-                return summary(StreamEnd::Stopped, counters, &remembering);
+                return Ok(stream.finish(StreamEnd::Stopped, grabber.counters()));
             }
-            sink.on_idle(generator);
             std::thread::sleep(POLL.min(next_due.saturating_duration_since(Instant::now())));
         }
         let frame = loop {
             if stop.is_stopped() {
-                return summary(StreamEnd::Stopped, counters, &remembering);
+                return Ok(stream.finish(StreamEnd::Stopped, grabber.counters()));
             }
             match grabber.next_frame(POLL) {
                 NextFrame::Frame(frame) => break frame,
-                NextFrame::TimedOut => sink.on_idle(generator),
-                NextFrame::Ended => return summary(StreamEnd::SourceEnded, counters, &remembering),
-                NextFrame::Stopped => return summary(StreamEnd::Stopped, counters, &remembering),
+                NextFrame::TimedOut => {}
+                NextFrame::Ended => return Ok(stream.finish(StreamEnd::SourceEnded, grabber.counters())),
+                NextFrame::Stopped => return Ok(stream.finish(StreamEnd::Stopped, grabber.counters())),
             }
         };
-
-        let started = Instant::now();
-        next_due = started + config.every;
-        let frame_age_ms = started.saturating_duration_since(frame.captured_instant).as_secs_f64() * 1e3;
-        if let (Some((memory, due)), Some(memory_config)) = (remembering.as_mut(), &config.memory) {
-            match remember(generator, memory, &frame, frame_age_ms, &mut counters, grabber, sink) {
-                Ok(()) => {
-                    consecutive_errors = 0;
-                    while let Some(question) = due.next_due(frame.id) {
-                        answer(
-                            generator,
-                            memory,
-                            memory_config,
-                            &question,
-                            frame.id,
-                            &mut counters,
-                            sink,
-                        );
-                    }
-                }
-                Err(err) => {
-                    counters.caption_errors += 1;
-                    consecutive_errors += 1;
-                    log::error!("frame {}: remembering failed: {}", frame.id, error_chain(&err));
-                    sink.on_caption_error(frame.id, &err);
-                    if config
-                        .max_consecutive_errors
-                        .is_some_and(|max| consecutive_errors >= max)
-                    {
-                        return Err(err);
-                    }
-                }
-            }
-            if config.max_captions.is_some_and(|max| counters.captions >= max) {
-                return summary(StreamEnd::MaxCaptions, counters, &remembering);
-            }
-            continue;
-        }
-        let generated = generator.generate(
-            &[ImageInput::Rgb8(&frame.image)],
-            config.prompt.as_deref(),
-            &config.params,
-            &mut |piece| sink.on_text(piece),
-        );
-        let generation = match generated {
-            Ok(generation) => generation,
-            Err(err) => {
-                counters.caption_errors += 1;
-                consecutive_errors += 1;
-                log::error!("frame {}: captioning failed: {}", frame.id, error_chain(&err));
-                sink.on_caption_error(frame.id, &err);
-                if config
-                    .max_consecutive_errors
-                    .is_some_and(|max| consecutive_errors >= max)
-                {
-                    return Err(err);
-                }
-                continue;
-            }
-        };
-        consecutive_errors = 0;
-        counters.captions += 1;
-        counters.source = grabber.counters();
-        let finished = SystemTime::now();
-        let record = CaptionRecord {
-            time: rfc3339(finished),
-            unix_ms: unix_ms(finished),
-            frame_id: frame.id,
-            frame_time: rfc3339(frame.captured_at),
-            frame_path: frame.path,
-            frame_width: frame.image.width(),
-            frame_height: frame.image.height(),
-            frame_age_ms,
-            result: CaptionResult::new(&generation, generator.cache(), started.elapsed().as_secs_f64() * 1e3),
-            counters,
-        };
-        if let Err(err) = sink.on_record(&record) {
-            counters.output_errors += 1;
-            log::error!(
-                "frame {}: the caption could not be written ({}): {:?}",
-                frame.id,
-                error_chain(&err),
-                record.result.caption
-            );
-        }
-        if config.max_captions.is_some_and(|max| counters.captions >= max) {
-            return summary(StreamEnd::MaxCaptions, counters, &remembering);
+        next_due = Instant::now() + config.every;
+        stream.take(generator, frame, grabber.counters(), sink)?;
+        if stream.is_done() {
+            return Ok(stream.finish(StreamEnd::MaxCaptions, grabber.counters()));
         }
     }
+}
+
+/// Captions one frame and hands its record to the sink.
+fn caption(
+    generator: &mut Generator<'_>,
+    config: &StreamConfig,
+    frame: &Frame,
+    frame_age_ms: f64,
+    counters: &mut StreamCounters,
+    source: GrabberCounters,
+    sink: &mut dyn CaptionSink,
+) -> Result<()> {
+    let started = Instant::now();
+    let generation = generator.generate(
+        &[ImageInput::Rgb8(&frame.image)],
+        config.prompt.as_deref(),
+        &config.params,
+        &mut |piece| sink.on_text(piece),
+    )?;
+    counters.captions += 1;
+    counters.source = source;
+    let finished = SystemTime::now();
+    let record = CaptionRecord {
+        time: rfc3339(finished),
+        unix_ms: unix_ms(finished),
+        frame_id: frame.id,
+        frame_time: rfc3339(frame.captured_at),
+        frame_path: frame.path.clone(),
+        frame_width: frame.image.width(),
+        frame_height: frame.image.height(),
+        frame_age_ms,
+        result: CaptionResult::new(&generation, generator.cache(), started.elapsed().as_secs_f64() * 1e3),
+        counters: *counters,
+    };
+    if let Err(err) = sink.on_record(&record) {
+        counters.output_errors += 1;
+        log::error!(
+            "frame {}: the caption could not be written ({}): {:?}",
+            frame.id,
+            error_chain(&err),
+            record.result.caption
+        );
+    }
+    Ok(())
 }
 
 /// Takes one frame into the memory and hands its record to the sink.
@@ -428,7 +531,7 @@ fn remember(
     frame: &Frame,
     frame_age_ms: f64,
     counters: &mut StreamCounters,
-    grabber: &Grabber,
+    source: GrabberCounters,
     sink: &mut dyn CaptionSink,
 ) -> Result<()> {
     let added = memory.add_frame(
@@ -439,7 +542,7 @@ fn remember(
         &mut |piece| sink.on_text(piece),
     )?;
     counters.captions += 1;
-    counters.source = grabber.counters();
+    counters.source = source;
     let (time, unix_ms) = memory::now();
     let record = MemoryRecord {
         time,
@@ -470,39 +573,25 @@ fn remember(
     Ok(())
 }
 
-/// Answers one due question from the memory; a failure is logged and
-/// counted, and the stream goes on.
+/// Answers one question from the memory; the record names the newest
+/// frame in memory.
 fn answer(
     generator: &mut Generator<'_>,
     memory: &mut Memory,
-    config: &MemoryStreamConfig,
-    question: &Question,
-    frame_id: u64,
-    counters: &mut StreamCounters,
+    question: &str,
+    params: &GenerateParams,
     sink: &mut dyn CaptionSink,
-) {
-    let mut params = config.answer_params.clone();
-    if let Some(max) = question.max_tokens {
-        params.max_new_tokens = max;
-    }
+) -> Result<AnswerRecord> {
     let started = Instant::now();
-    let generation = match memory.ask(generator, &question.question, &params, &mut |piece| sink.on_text(piece)) {
-        Ok(generation) => generation,
-        Err(err) => {
-            counters.questions_skipped += 1;
-            log::error!("questions line {}: not answered: {}", question.line, error_chain(&err));
-            return;
-        }
-    };
-    counters.questions_answered += 1;
+    let generation = memory.ask(generator, question, params, &mut |piece| sink.on_text(piece))?;
     let (time, unix_ms) = memory::now();
-    let record = AnswerRecord {
+    Ok(AnswerRecord {
         time,
         unix_ms,
-        question: question.question.clone(),
+        question: question.to_string(),
         answer: generation.text.trim().to_string(),
-        frame_id,
-        line: Some(question.line),
+        frame_id: memory.frame_ids().last().unwrap_or(0),
+        line: None,
         tokens: generation.token_ids.len(),
         prompt_tokens: generation.prompt_tokens,
         stop: generation.stop,
@@ -510,16 +599,7 @@ fn answer(
         timings_ms: generation.timings,
         policy: generator.cache().policy(),
         memory: memory.figures(generator),
-    };
-    if let Err(err) = sink.on_answer(&record) {
-        counters.output_errors += 1;
-        log::error!(
-            "questions line {}: the answer could not be written ({}): {:?}",
-            question.line,
-            error_chain(&err),
-            record.answer
-        );
-    }
+    })
 }
 
 /// Fails now, not at every frame, when the prompt is empty or cannot fit the
