@@ -169,7 +169,8 @@ pub fn run(
             references[k].entries_after_frames as f64,
             *scores,
             true,
-            0,
+            // The full cache's answer is its own reference.
+            1,
         ));
     }
 
