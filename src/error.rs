@@ -29,6 +29,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Request(String),
 
+    /// An answer length that cannot be generated (none, past the limit, or
+    /// more than the model's positions hold).
+    #[error("max_new_tokens {max_new_tokens}: {reason}")]
+    NewTokens { max_new_tokens: usize, reason: String },
+
     /// A question to a memory that holds no frame yet.
     #[error("the memory holds no frame yet: ask after the first frame")]
     MemoryEmpty,

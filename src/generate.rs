@@ -43,6 +43,41 @@ pub struct GenerateParams {
     pub ignore_stop: bool,
 }
 
+/// The most tokens one answer may ask for on the command line, in a
+/// service's config or in a request: a typo guard, as buffers are sized
+/// for the answer before it starts.
+pub const MAX_NEW_TOKENS_LIMIT: usize = 4096;
+
+impl GenerateParams {
+    /// Refuses, before any work, an answer length that cannot be right:
+    /// none, more than [`MAX_NEW_TOKENS_LIMIT`], or as many as the model's
+    /// positions (the prompt needs at least one of them).
+    pub fn check(&self, manifest: &Manifest) -> Result<()> {
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(Error::NewTokens {
+                max_new_tokens: self.max_new_tokens,
+                reason: format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}"),
+            });
+        }
+        check_positions(self.max_new_tokens, manifest)
+    }
+}
+
+/// An answer of `max_new_tokens` must leave the prompt at least one of the
+/// model's positions.
+fn check_positions(max_new_tokens: usize, manifest: &Manifest) -> Result<()> {
+    if max_new_tokens >= manifest.max_positions {
+        return Err(Error::NewTokens {
+            max_new_tokens,
+            reason: format!(
+                "model {} has {} positions, which must hold the prompt and the answer",
+                manifest.name, manifest.max_positions
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
@@ -342,6 +377,8 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        // Before anything is sized for the answer.
+        check_positions(params.max_new_tokens, &self.model.manifest)?;
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
         self.trace.start(params.max_new_tokens);

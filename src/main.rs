@@ -249,8 +249,8 @@ struct EvalArgs {
     #[arg(long = "keep", value_delimiter = ',', default_value = "0.1,0.2,0.3,0.5,0.7,0.9", value_parser = parse_keep)]
     keeps: Vec<KeepRatio>,
 
-    /// Most tokens per answer.
-    #[arg(long, default_value_t = 256)]
+    /// Most tokens per answer (1 to 4096, and fewer than the model's positions).
+    #[arg(long, default_value_t = 256, value_parser = parse_max_new_tokens)]
     max_new_tokens: usize,
 
     /// Hard KV budget of every run (large enough that only the keep ratio binds).
@@ -366,8 +366,8 @@ struct CacheArgs {
 
 #[derive(Args)]
 struct SamplingArgs {
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 64)]
+    /// Most tokens to generate (1 to 4096, and fewer than the model's positions).
+    #[arg(long, default_value_t = 64, value_parser = parse_max_new_tokens)]
     max_new_tokens: usize,
 
     /// Sampling temperature; 0 is greedy.
@@ -450,6 +450,25 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         KvBudget::Bytes(bytes) => Ok(bytes),
         KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
     }
+}
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let limit = elastic_edge::generate::MAX_NEW_TOKENS_LIMIT;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=limit).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {limit}")),
+    }
+}
+
+/// The answer length against the model's positions, before any pool is
+/// sized or image read.
+fn check_new_tokens(model: &Model, params: &GenerateParams) -> anyhow::Result<()> {
+    params.check(&model.manifest).map_err(|e| match e {
+        elastic_edge::Error::NewTokens { max_new_tokens, reason } => {
+            anyhow::anyhow!("--max-new-tokens {max_new_tokens}: {reason}")
+        }
+        other => other.into(),
+    })
 }
 
 fn parse_dtype(s: &str) -> Result<KvDtype, String> {
@@ -582,6 +601,13 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     let mut model = load_model(onnxruntime, &args.model)?;
+    check_new_tokens(
+        &model,
+        &GenerateParams {
+            max_new_tokens: args.max_new_tokens,
+            ..GenerateParams::default()
+        },
+    )?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -768,10 +794,11 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     // The source first: a bad spec or pipeline fails before the model loads.
     let source = args.source.open(&options, &stop)?;
     let mut model = load_model(onnxruntime, &args.model)?;
+    let params = generate_params(&args.sampling);
+    check_new_tokens(&model, &params)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
-    let params = generate_params(&args.sampling);
     let memory = match args.memory {
         false => None,
         true => {
@@ -889,10 +916,11 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
         anyhow::ensure!(!prompt.trim().is_empty(), "the prompt is empty");
     }
     let mut model = load_model(onnxruntime, &args.model)?;
+    let params = generate_params(&args.sampling);
+    check_new_tokens(&model, &params)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
-    let params = generate_params(&args.sampling);
     let several = args.images.len() > 1;
     let mut failed = 0;
     for image in &args.images {

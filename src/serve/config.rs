@@ -19,9 +19,7 @@ use crate::model::Device;
 use crate::source::SourceSpec;
 use crate::stream::parse_interval;
 
-/// The most tokens one caption may ask for (a typo guard: the pool is
-/// sized for the prompt plus these).
-pub const MAX_NEW_TOKENS_LIMIT: usize = 4096;
+pub use crate::generate::MAX_NEW_TOKENS_LIMIT;
 
 /// The service's settings, checked.
 #[derive(Clone, Debug)]

@@ -1,0 +1,200 @@
+//! Bad input against the real binary on the tiny model: each case must end
+//! with a non-zero exit, one clear line on stderr naming the problem and
+//! nothing on stdout, within a bounded time and under an address-space
+//! limit (`prlimit --as`, where it is installed), so a case that tries to
+//! allocate gigabytes fails instead of taking the machine.
+//!
+//! Flag values that do not parse are clap's errors: exit code 2, the first
+//! line names the flag and the reason, then clap's hint to try `--help`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Address space each run may use: the tiny model, ONNX Runtime, a 32 MiB
+/// pool and thread stacks fit with room to spare.
+const ADDRESS_SPACE: u64 = 2 << 30;
+/// Wall-clock limit of one run (a debug build on a busy machine).
+const TIME_LIMIT: Duration = Duration::from_secs(60);
+/// A refusal must come sooner: before any real work.
+const ERROR_TIME: Duration = Duration::from_secs(20);
+
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    /// Non-zero exit, one line on stderr containing every one of `wanted`,
+    /// nothing on stdout. Returns the line.
+    fn one_error_line(&self, wanted: &[&str]) -> String {
+        let what = format!("exit {:?}, stderr: {}", self.status, self.stderr);
+        assert_eq!(self.status.code(), Some(1), "{what}");
+        assert!(
+            self.stdout.is_empty(),
+            "stdout: {:?}",
+            String::from_utf8_lossy(&self.stdout)
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one error line: {what}");
+        let line = lines[0];
+        assert!(line.starts_with("elastic-edge: "), "{line}");
+        for w in wanted {
+            assert!(line.contains(w), "{line:?} does not name {w:?}");
+        }
+        assert!(!self.stderr.contains("panicked") && !self.stderr.contains("backtrace"));
+        assert!(self.took < ERROR_TIME, "{line}: took {:?}", self.took);
+        line.to_string()
+    }
+
+    /// A flag value clap refused: exit code 2, nothing on stdout, the first
+    /// line naming the flag and containing every one of `wanted`.
+    fn flag_error(&self, flag: &str, wanted: &[&str]) -> String {
+        let what = format!("exit {:?}, stderr: {}", self.status, self.stderr);
+        assert_eq!(self.status.code(), Some(2), "{what}");
+        assert!(
+            self.stdout.is_empty(),
+            "stdout: {:?}",
+            String::from_utf8_lossy(&self.stdout)
+        );
+        let first = self.stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: ") && first.contains(flag), "{what}");
+        for w in wanted {
+            assert!(first.contains(w), "{first:?} does not name {w:?}");
+        }
+        first.to_string()
+    }
+
+    fn succeeded(&self) {
+        assert!(self.status.success(), "exit {:?}, stderr: {}", self.status, self.stderr);
+    }
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn tiny() -> String {
+    repo("models/tiny").display().to_string()
+}
+
+fn gradient() -> String {
+    repo("models/tiny/gradient.png").display().to_string()
+}
+
+/// The binary with `args`, stdin from `/dev/null`, under the limits.
+fn run(args: &[&str]) -> Run {
+    run_with(args, |_| {})
+}
+
+fn run_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Run {
+    let binary = env!("CARGO_BIN_EXE_elastic-edge");
+    let mut command = if Path::new("/usr/bin/prlimit").exists() {
+        let mut c = Command::new("/usr/bin/prlimit");
+        c.arg(format!("--as={ADDRESS_SPACE}")).arg("--").arg(binary);
+        c
+    } else {
+        Command::new(binary)
+    };
+    command
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("ELASTIC_EDGE_MODEL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut command);
+    let started = Instant::now();
+    let mut child = command.spawn().expect("the binary starts");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > TIME_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} ran past {TIME_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    Run {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: String::from_utf8_lossy(&err.join().expect("stderr reader")).into_owned(),
+        took,
+    }
+}
+
+/// `caption` of the tiny model's picture with `extra` flags.
+fn caption(extra: &[&str]) -> Run {
+    let (model, image) = (tiny(), gradient());
+    let mut args = vec!["caption", "--model", &model, "--image", &image];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// `stream` of the tiny model's picture with `extra` flags.
+fn stream(extra: &[&str]) -> Run {
+    let (model, image) = (tiny(), gradient());
+    let source = format!("file:{image}");
+    let mut args = vec!["stream", "--model", &model, "--source", &source];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// A service config for the tiny model with `extra` tables, in `dir`.
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("serve.toml");
+    std::fs::write(&path, format!("[model]\ndir = {:?}\n{extra}", tiny())).unwrap();
+    path
+}
+
+fn serve_check(config: &Path) -> Run {
+    run(&["serve", "--config", &config.display().to_string(), "--check"])
+}
+
+#[test]
+fn answer_lengths_are_checked_before_any_work() {
+    // 10^12 tokens once reserved 8 TB for the step trace and aborted.
+    for huge in ["1000000000000", "4097", "0", "99999999999999999999999"] {
+        let run = caption(&["--max-new-tokens", huge]);
+        run.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+        let run = stream(&["--max-new-tokens", huge]);
+        run.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+    }
+    // Within the limit but not within the tiny model's 1024 positions.
+    let line = caption(&["--max-new-tokens", "1024"]).one_error_line(&["--max-new-tokens 1024", "1024 positions"]);
+    eprintln!("{line}");
+    stream(&["--max-new-tokens", "2000"]).one_error_line(&["--max-new-tokens 2000", "1024 positions"]);
+    let eval = run(&[
+        "eval",
+        "--model",
+        &tiny(),
+        "--data",
+        &repo("datasets/dev.jsonl").display().to_string(),
+        "--max-new-tokens",
+        "5000",
+    ]);
+    eval.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[caption]\nmax_new_tokens = 2000\n");
+    serve_check(&config).one_error_line(&["caption.max_new_tokens", "1024 positions"]);
+    // The largest that fits still captions.
+    caption(&["--max-new-tokens", "8"]).succeeded();
+}
