@@ -250,7 +250,7 @@ struct EvalArgs {
     keeps: Vec<KeepRatio>,
 
     /// Most tokens per answer (1 to 4096, and fewer than the model's positions).
-    #[arg(long, default_value_t = 256, value_parser = parse_max_new_tokens)]
+    #[arg(long, default_value_t = 256, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
 
     /// Hard KV budget of every run (large enough that only the keep ratio binds).
@@ -319,8 +319,9 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     device_id: i32,
 
-    /// Intra-op threads per graph (default: one per core).
-    #[arg(long)]
+    /// Intra-op threads per graph, at most the CPUs this process may use
+    /// (default: one per core).
+    #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
     threads: Option<usize>,
 
     /// TensorRT: cache built engines in this folder.
@@ -367,7 +368,7 @@ struct CacheArgs {
 #[derive(Args)]
 struct SamplingArgs {
     /// Most tokens to generate (1 to 4096, and fewer than the model's positions).
-    #[arg(long, default_value_t = 64, value_parser = parse_max_new_tokens)]
+    #[arg(long, default_value_t = 64, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
 
     /// Sampling temperature; 0 is greedy.
@@ -450,6 +451,12 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         KvBudget::Bytes(bytes) => Ok(bytes),
         KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
     }
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let threads: usize = s.trim().parse().map_err(|_| "not a whole number".to_string())?;
+    model::check_threads(threads)?;
+    Ok(threads)
 }
 
 fn parse_max_new_tokens(s: &str) -> Result<usize, String> {

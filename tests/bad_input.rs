@@ -172,7 +172,7 @@ fn serve_check(config: &Path) -> Run {
 #[test]
 fn answer_lengths_are_checked_before_any_work() {
     // 10^12 tokens once reserved 8 TB for the step trace and aborted.
-    for huge in ["1000000000000", "4097", "0", "99999999999999999999999"] {
+    for huge in ["1000000000000", "4097", "0", "-5", "99999999999999999999999"] {
         let run = caption(&["--max-new-tokens", huge]);
         run.flag_error("--max-new-tokens", &["from 1 to 4096"]);
         let run = stream(&["--max-new-tokens", huge]);
@@ -197,4 +197,20 @@ fn answer_lengths_are_checked_before_any_work() {
     serve_check(&config).one_error_line(&["caption.max_new_tokens", "1024 positions"]);
     // The largest that fits still captions.
     caption(&["--max-new-tokens", "8"]).succeeded();
+}
+
+#[test]
+fn thread_counts_are_bounded_by_the_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let over = (cpus + 1).to_string();
+    for bad in ["100000", over.as_str()] {
+        caption(&["--threads", bad]).flag_error("--threads", &["more than the", "CPUs"]);
+        stream(&["--threads", bad]).flag_error("--threads", &["more than the", "CPUs"]);
+    }
+    caption(&["--threads", "0"]).flag_error("--threads", &["at least 1"]);
+    caption(&["--threads", "-3"]).flag_error("--threads", &["not a whole number"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "threads = 100000\n");
+    serve_check(&config).one_error_line(&["model.threads", "100000 is more than the"]);
+    caption(&["--threads", &cpus.to_string(), "--max-new-tokens", "4"]).succeeded();
 }

@@ -204,11 +204,8 @@ impl ServeConfig {
         if raw.model.dir.as_os_str().is_empty() {
             return Err(bad("model.dir", "is empty".into()));
         }
-        if raw.model.threads == Some(0) {
-            return Err(bad(
-                "model.threads",
-                "must be at least 1 (leave it out for one per core)".into(),
-            ));
+        if let Some(threads) = raw.model.threads {
+            crate::model::check_threads(threads).map_err(|reason| bad("model.threads", reason))?;
         }
         let model = ModelConfig {
             dir: anchor(raw.model.dir),
@@ -518,6 +515,11 @@ mod tests {
                 "unknown variant",
             ),
             ("[model]\ndir = \"m\"\nthreads = 0\n", "model.threads", "at least 1"),
+            (
+                "[model]\ndir = \"m\"\nthreads = 100000\n",
+                "model.threads",
+                "more than the",
+            ),
             ("[model]\ndir = \"m\"\nthreads = -2\n", "model.threads", "invalid value"),
             (
                 "[model]\ndir = \"m\"\ndevice = \"tpu\"\n",
