@@ -214,3 +214,79 @@ fn thread_counts_are_bounded_by_the_cpus() {
     serve_check(&config).one_error_line(&["model.threads", "100000 is more than the"]);
     caption(&["--threads", &cpus.to_string(), "--max-new-tokens", "4"]).succeeded();
 }
+
+/// A FIFO at `path` (nothing ever writes to it).
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().expect("mkfifo runs");
+    assert!(status.success());
+}
+
+/// A copy of the tiny model in `dir/model`, for altering.
+fn tiny_copy(dir: &Path) -> PathBuf {
+    let copy = dir.join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(repo("models/tiny")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
+#[test]
+fn fifos_and_devices_are_refused_before_they_are_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("frame.png");
+    mkfifo(&fifo);
+    let fifo_name = fifo.display().to_string();
+
+    // Pictures: a FIFO blocked for ever, /dev/zero was "empty (0 bytes)".
+    let (model, image) = (tiny(), gradient());
+    let line = run(&["caption", "--model", &model, "--image", &fifo_name])
+        .one_error_line(&[&fifo_name, "not a regular file (a FIFO)"]);
+    eprintln!("{line}");
+    let line = run(&["caption", "--model", &model, "--image", "/dev/zero"])
+        .one_error_line(&["/dev/zero", "a character device"]);
+    assert!(!line.contains("empty"), "{line}");
+    eprintln!("{line}");
+
+    // Model files: the manifest, a graph, the tokenizer; a folder as a graph was "4096 bytes".
+    for (name, kind) in [
+        ("manifest.json", "a FIFO"),
+        ("decoder.onnx", "a FIFO"),
+        ("tokenizer.json", "a FIFO"),
+        ("embed_tokens.bin", "a directory"),
+        ("vision.onnx", "a directory"),
+    ] {
+        let case = tempfile::tempdir().unwrap();
+        let copy = tiny_copy(case.path());
+        let file = copy.join(name);
+        std::fs::remove_file(&file).unwrap();
+        if kind == "a FIFO" {
+            mkfifo(&file);
+        } else {
+            std::fs::create_dir(&file).unwrap();
+        }
+        let copy_name = copy.display().to_string();
+        let line = run(&["caption", "--model", &copy_name, "--image", &image])
+            .one_error_line(&[name, &format!("not a regular file ({kind})")]);
+        eprintln!("{line}");
+        let doctor = run(&["doctor", "--model", &copy_name]);
+        doctor.succeeded();
+        let stdout = String::from_utf8_lossy(&doctor.stdout);
+        assert!(stdout.contains(&format!("not a regular file ({kind})")), "{stdout}");
+    }
+
+    // A config file and the ONNX Runtime library.
+    let config = dir.path().join("serve.toml");
+    mkfifo(&config);
+    serve_check(&config).one_error_line(&["serve.toml", "not a regular file (a FIFO)"]);
+    let library = dir.path().join("libonnxruntime.so");
+    mkfifo(&library);
+    run(&["--onnxruntime", &library.display().to_string(), "doctor"])
+        .one_error_line(&["libonnxruntime.so", "not a regular file (a FIFO)"]);
+    // A stream of one FIFO.
+    let source = format!("file:{fifo_name}");
+    run(&["stream", "--model", &model, "--source", &source]).one_error_line(&["not a regular file"]);
+}

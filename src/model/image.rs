@@ -27,7 +27,6 @@
 
 mod resample;
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
@@ -359,11 +358,8 @@ pub fn decode_file_rgb8(path: &Path, max_pixels: u64) -> Result<(RgbImage, &'sta
         path: name.clone(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(std::io::Error::other("is a directory")));
-    }
+    // Not a FIFO or a device (which would block or never end).
+    let (file, meta) = crate::regular_file::open(path).map_err(read_err)?;
     if meta.len() == 0 {
         return Err(ImageError::Empty { input: name });
     }
@@ -536,6 +532,7 @@ mod tests {
     use image::{ImageEncoder, Luma, LumaA, Rgb, Rgba};
     use serde_json::Value;
     use sha2::{Digest, Sha256};
+    use std::fs::File;
     use std::path::PathBuf;
 
     fn repo(rel: &str) -> PathBuf {

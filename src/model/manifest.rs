@@ -4,7 +4,6 @@
 //! size and sha256.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -19,6 +18,9 @@ use crate::model::prompt::ChatTemplate;
 /// The manifest format this build reads.
 pub const FORMAT: &str = "elastic-edge-model";
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The largest `manifest.json` read (the demo model's is 30 KB).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -114,10 +116,11 @@ impl Manifest {
     /// [`Manifest::verify_files`].
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::ModelMissing {
-            dir: dir.to_path_buf(),
-            reason: format!("cannot read {}: {source}", path.display()),
-        })?;
+        let text =
+            crate::regular_file::read_to_string(&path, MAX_MANIFEST_BYTES).map_err(|source| Error::ModelMissing {
+                dir: dir.to_path_buf(),
+                reason: format!("cannot read {}: {source}", path.display()),
+            })?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&path, "(json)", format!("{e}")))?;
         manifest.validate(&path)?;
         Ok(manifest)
@@ -345,7 +348,9 @@ impl Manifest {
         }
         for (name, expected) in &self.file_hashes {
             let path = dir.join(name);
-            let meta = std::fs::metadata(&path).map_err(|e| Error::ModelFile {
+            // Not a FIFO, a device or a folder: those would block, never
+            // end or be misread as a size.
+            let meta = crate::regular_file::check(&path).map_err(|e| Error::ModelFile {
                 path: path.clone(),
                 reason: format!("cannot read: {e}"),
             })?;
@@ -428,7 +433,7 @@ fn expect_tensor(path: &Path, field: &str, list: &[TensorSpec], name: &str, dtyp
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::ModelFile {
+    let (mut file, _) = crate::regular_file::open(path).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
         reason: format!("cannot open: {e}"),
     })?;

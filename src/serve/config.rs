@@ -21,6 +21,9 @@ use crate::stream::parse_interval;
 
 pub use crate::generate::MAX_NEW_TOKENS_LIMIT;
 
+/// The largest config file read (the commented example is 4 KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The service's settings, checked.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -181,7 +184,7 @@ struct RawHttp {
 impl ServeConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        let text = crate::regular_file::read_to_string(path, MAX_CONFIG_BYTES).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             key: "(file)".into(),
             reason: format!("cannot read it: {e}"),
