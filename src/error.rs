@@ -122,6 +122,15 @@ pub enum Error {
     #[error("{path}: line {line}: {reason}")]
     Dataset { path: PathBuf, line: usize, reason: String },
 
+    /// A dataset file that cannot be used as a whole (not a regular file,
+    /// too large, no usable line).
+    #[error("{path}: {reason}")]
+    DatasetFile { path: PathBuf, reason: String },
+
+    /// One sample of a sweep that failed, with its line in the dataset.
+    #[error("sample {id} (line {line}): {reason}")]
+    Sample { id: String, line: usize, reason: String },
+
     /// A service configuration (`serve --config`) that cannot be used: a
     /// syntax error, an unknown key, a value of the wrong type or out of
     /// range. `key` is the dotted path (`cache.keep`).

@@ -599,15 +599,22 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         anyhow::bail!("--data is required");
     };
     let (samples, skipped) = dataset::load(data, args.strict)?;
-    for skip in &skipped {
-        eprintln!(
-            "elastic-edge: {}: line {}: {} (skipped)",
-            data.display(),
-            skip.line,
-            skip.reason
-        );
-    }
+    let report_skipped = |skipped: &[dataset::Skipped]| {
+        for skip in skipped {
+            eprintln!(
+                "elastic-edge: {}: line {}: {} (skipped)",
+                data.display(),
+                skip.line,
+                skip.reason
+            );
+        }
+    };
+    report_skipped(&skipped);
     let mut model = load_model(onnxruntime, &args.model)?;
+    // Every picture read once the way the model reads it, before the sweep.
+    let (samples, bad_pictures) = dataset::check_pictures(data, samples, model.preprocess.as_ref(), args.strict)?;
+    report_skipped(&bad_pictures);
+    let skipped = [skipped, bad_pictures].concat();
     check_new_tokens(
         &model,
         &GenerateParams {

@@ -290,3 +290,76 @@ fn fifos_and_devices_are_refused_before_they_are_opened() {
     let source = format!("file:{fifo_name}");
     run(&["stream", "--model", &model, "--source", &source]).one_error_line(&["not a regular file"]);
 }
+
+/// `eval` of `data` on the tiny model: one cheap policy and keep, short answers.
+fn eval(data: &Path, out: &Path, extra: &[&str]) -> Run {
+    let (model, data, out) = (tiny(), data.display().to_string(), out.display().to_string());
+    let mut args = vec![
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--policies",
+        "local",
+        "--keep",
+        "0.5",
+        "--max-new-tokens",
+        "4",
+        "--kv-budget",
+        "1MiB",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn dataset_files_and_lines_are_bounded_and_reported_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Not a regular file: /dev/zero once read 9.5 GB in 30 s.
+    eval(Path::new("/dev/zero"), &out, &[]).one_error_line(&["/dev/zero", "not a regular file (a character device)"]);
+    let fifo = dir.path().join("fifo.jsonl");
+    mkfifo(&fifo);
+    eval(&fifo, &out, &[]).one_error_line(&["not a regular file (a FIFO)"]);
+
+    // Every line bad: the reasons, not "line 0".
+    let data = dir.path().join("bad.jsonl");
+    let mut bytes = vec![b'{'; 3 << 20];
+    bytes.extend_from_slice(b"\n{\"prompt\": \"\xff\"}\nnot json\n");
+    std::fs::write(&data, bytes).unwrap();
+    let run = eval(&data, &out, &[]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    for wanted in [
+        "no usable sample: line 1: longer than 1048576 bytes",
+        "line 2: not UTF-8",
+        "line 3: not a JSON sample",
+    ] {
+        assert!(last.contains(wanted), "{last}");
+    }
+    assert!(!run.stderr.contains("line 0"), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    // With --strict, the first bad line stops it.
+    eval(&data, &out, &["--strict"]).one_error_line(&["line 1: longer than 1048576 bytes"]);
+
+    // One undecodable picture among good ones: skipped by line; the sweep runs.
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\n and then nothing").unwrap();
+    std::fs::copy(gradient(), dir.path().join("good.png")).unwrap();
+    let data = dir.path().join("mixed.jsonl");
+    std::fs::write(
+        &data,
+        "{\"image\": \"good.png\", \"prompt\": \"What is it?\"}\n{\"image\": \"broken.png\", \"prompt\": \"And this?\"}\n",
+    )
+    .unwrap();
+    let run = eval(&data, &out, &[]);
+    run.succeeded();
+    assert!(
+        run.stderr.contains("line 2: image") && run.stderr.contains("broken.png") && run.stderr.contains("(skipped)"),
+        "{}",
+        run.stderr
+    );
+    eval(&data, &out, &["--strict"]).one_error_line(&["mixed.jsonl: line 2: image", "broken.png"]);
+}
