@@ -363,3 +363,61 @@ fn dataset_files_and_lines_are_bounded_and_reported_by_line() {
     );
     eval(&data, &out, &["--strict"]).one_error_line(&["mixed.jsonl: line 2: image", "broken.png"]);
 }
+
+/// A copy of the tiny model whose manifest asks for `resize` (the tiny
+/// vision graph takes 32 x 32 whatever brings the picture there).
+fn tiny_with_resize(dir: &Path, resize: &str) -> String {
+    let copy = tiny_copy(dir);
+    let manifest = copy.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["vision"]["resize"] = resize.into();
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    copy.display().to_string()
+}
+
+/// A gray PNG of `width` x `height` (small on disk: it compresses well).
+fn gray_png(path: &Path, width: u32, height: u32) {
+    use image::ImageEncoder;
+    let pixels: Vec<u8> = (0..u64::from(width) * u64::from(height))
+        .map(|i| (i % 7 * 30) as u8)
+        .collect();
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    image::codecs::png::PngEncoder::new_with_quality(
+        file,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::NoFilter,
+    )
+    .write_image(&pixels, width, height, image::ExtendedColorType::L8)
+    .unwrap();
+}
+
+#[test]
+fn extreme_aspect_pictures_are_resized_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let picture = |name: &str, width: u32, height: u32| {
+        let path = dir.path().join(name);
+        gray_png(&path, width, height);
+        path.display().to_string()
+    };
+    let wide = picture("wide.png", 2_000_000, 1);
+    let tall = picture("tall.png", 1, 2_000_000);
+    // Shortest edge to 32, then the centre crop: the resized picture was
+    // 64 million columns (or rows) by 32, 6 GB; under the 2 GiB limit it
+    // must caption.
+    let crop = tempfile::tempdir().unwrap();
+    let crop = tiny_with_resize(crop.path(), "bicubic_shortest_edge_center_crop");
+    for image in [&wide, &tall] {
+        run(&["caption", "--model", &crop, "--image", image, "--max-new-tokens", "2"]).succeeded();
+    }
+    // Squashed: the horizontal pass once held every row of a tall picture
+    // (a debug build takes seconds per 100,000 rows, hence a shorter one).
+    let shorter = picture("shorter.png", 1, 200_000);
+    let squash = tempfile::tempdir().unwrap();
+    let bicubic = tiny_with_resize(squash.path(), "bicubic_squash");
+    for model in [&tiny(), &bicubic] {
+        for image in [&wide, &shorter] {
+            run(&["caption", "--model", model, "--image", image, "--max-new-tokens", "2"]).succeeded();
+        }
+    }
+}

@@ -32,7 +32,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
-use resample::{resize_rgb8, Filter};
+use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
 
 /// Default cap on an input's pixel count (width x height, before resizing).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
@@ -310,14 +310,16 @@ impl Preprocess {
             Resize::BilinearSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bilinear),
             Resize::BicubicSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
             Resize::BicubicShortestEdgeCenterCrop => {
+                // Only the centre crop is computed: the resized picture of a
+                // 60000 x 1 source would be 20 million columns wide.
                 let (nw, nh) = shortest_edge_size(sw, sh, tw);
-                let big = resize_rgb8(src, sw, sh, nw, nh, Filter::Bicubic);
-                let (top, left) = ((nh - th) / 2, (nw - tw) / 2);
-                let mut out = Vec::with_capacity(tw * th * 3);
-                for y in top..top + th {
-                    out.extend_from_slice(&big[(y * nw + left) * 3..(y * nw + left + tw) * 3]);
-                }
-                out
+                let crop = Window {
+                    x0: (nw - tw) / 2,
+                    y0: (nh - th) / 2,
+                    width: tw,
+                    height: th,
+                };
+                resize_rgb8_window(src, sw, sh, nw, nh, crop, Filter::Bicubic)
             }
         }
     }
