@@ -421,3 +421,123 @@ fn extreme_aspect_pictures_are_resized_in_bounded_memory() {
         }
     }
 }
+
+/// A copy of the tiny model with `change` applied to its manifest.
+fn tiny_with_manifest(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) -> String {
+    let copy = tiny_copy(dir);
+    let manifest = copy.join("manifest.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    change(&mut json);
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    copy.display().to_string()
+}
+
+#[test]
+fn hostile_manifests_are_refused_naming_the_field() {
+    use serde_json::{json, Value};
+    // `/a/b`: the key b of the object a, inserted if missing.
+    let set = |pointer: &'static str, value: Value| {
+        move |m: &mut Value| {
+            let mut at = m;
+            for key in pointer.trim_start_matches('/').split('/') {
+                at = &mut at[key];
+            }
+            *at = value;
+        }
+    };
+    type Change = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        // 2^61: once a "capacity overflow" panic in the pool's sizing.
+        (
+            "head_dim",
+            Box::new(set("/head_dim", json!(1u64 << 61))),
+            "more than the 4096",
+        ),
+        (
+            "layers",
+            Box::new(set("/layers", json!(1u64 << 40))),
+            "more than the 1024",
+        ),
+        ("kv_heads", Box::new(set("/kv_heads", json!(u64::MAX))), "more than the"),
+        (
+            "hidden",
+            Box::new(set("/hidden", json!(1_000_000_000))),
+            "more than the",
+        ),
+        ("vocab", Box::new(set("/vocab", json!(0))), "must be positive"),
+        (
+            "max_positions",
+            Box::new(set("/max_positions", json!(1u64 << 62))),
+            "more than the",
+        ),
+        (
+            "rope_theta",
+            Box::new(set("/rope_theta", json!(-1.0))),
+            "positive and finite",
+        ),
+        (
+            "bos_token_id",
+            Box::new(set("/bos_token_id", json!(1_000_000))),
+            "outside the vocabulary",
+        ),
+        // 2^64 - 1 once disabled the pixel limit.
+        (
+            "vision.max_pixels",
+            Box::new(set("/vision/max_pixels", json!(u64::MAX))),
+            "outside 1..=",
+        ),
+        (
+            "vision.width",
+            Box::new(set("/vision/width", json!(100_000))),
+            "outside 1..=4096",
+        ),
+        (
+            "vision.image_tokens",
+            Box::new(set("/vision/image_tokens", json!(1u64 << 40))),
+            "outside",
+        ),
+        // Names that point outside the folder are never opened.
+        (
+            "files.decoder",
+            Box::new(set("/files/decoder", json!("../../../../../../etc/passwd"))),
+            "outside the model folder",
+        ),
+        (
+            "files.tokenizer",
+            Box::new(set("/files/tokenizer", json!("/etc/passwd"))),
+            "absolute path",
+        ),
+        (
+            "embed_tokens.file",
+            Box::new(set("/embed_tokens/file", json!("/dev/zero"))),
+            "absolute path",
+        ),
+        (
+            "file_hashes.../secret",
+            Box::new(|m: &mut Value| {
+                m["file_hashes"]["../secret"] = json!({"sha256": "00", "bytes": 1});
+            }),
+            "outside the model folder",
+        ),
+    ];
+    let image = gradient();
+    for (field, change, reason) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_with_manifest(dir.path(), change);
+        let line = run(&["caption", "--model", &model, "--image", &image]).one_error_line(&[
+            "manifest.json",
+            &format!("field {field}: "),
+            reason,
+        ]);
+        eprintln!("{line}");
+        let doctor = run(&["doctor", "--model", &model]);
+        doctor.succeeded();
+        assert!(String::from_utf8_lossy(&doctor.stdout).contains(&format!("field {field}: ")));
+    }
+    // The pool's geometry from doctor's flags, when no model is found.
+    // (doctor has printed the runtime's lines by then.)
+    let doctor = run(&["doctor", "--model", "/nonexistent", "--head-dim", "2305843009213693952"]);
+    assert_eq!(doctor.status.code(), Some(1), "{}", doctor.stderr);
+    assert_eq!(doctor.stderr.lines().count(), 1, "{}", doctor.stderr);
+    assert!(doctor.stderr.contains("one slot's size overflows"), "{}", doctor.stderr);
+}

@@ -37,8 +37,13 @@ use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
 /// Default cap on an input's pixel count (width x height, before resizing).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
 
-/// Largest target width or height accepted for the model input.
-const MAX_TARGET_SIDE: u32 = 16_384;
+/// Largest target width or height accepted for the model input (4096 x
+/// 4096 is 200 MB of `pixel_values`; vision encoders take a few hundred).
+pub const MAX_TARGET_SIDE: u32 = 4096;
+
+/// The largest `max_pixels` a manifest may set: 256 megapixels, which
+/// bounds a decode at about 2 GiB.
+pub const MAX_PIXELS_LIMIT: u64 = 256_000_000;
 
 /// Bytes a decoder may use per input pixel (covers 16-bit RGBA) plus a fixed
 /// allowance for its own working memory; with the default cap this bounds a
@@ -207,8 +212,11 @@ impl Preprocess {
         if !self.rescale.is_finite() || self.rescale <= 0.0 {
             return bad(format!("rescale {} must be positive and finite", self.rescale));
         }
-        if self.max_pixels == 0 {
-            return bad("max_pixels must be at least 1".into());
+        if self.max_pixels == 0 || self.max_pixels > MAX_PIXELS_LIMIT {
+            return bad(format!(
+                "max_pixels {} must be between 1 and {MAX_PIXELS_LIMIT}",
+                self.max_pixels
+            ));
         }
         Ok(())
     }
