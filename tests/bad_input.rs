@@ -541,3 +541,32 @@ fn hostile_manifests_are_refused_naming_the_field() {
     assert_eq!(doctor.stderr.lines().count(), 1, "{}", doctor.stderr);
     assert!(doctor.stderr.contains("one slot's size overflows"), "{}", doctor.stderr);
 }
+
+#[test]
+fn truncated_jpegs_are_refused_not_captioned() {
+    use image::ImageEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let picture = image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, (x ^ y) as u8]));
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .write_image(picture.as_raw(), 96, 64, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let whole = dir.path().join("whole.jpg");
+    std::fs::write(&whole, &jpeg).unwrap();
+    let (model, whole) = (tiny(), whole.display().to_string());
+    run(&["caption", "--model", &model, "--image", &whole, "--max-new-tokens", "2"]).succeeded();
+    // Cut in the middle of the scan data: it was decoded with grey for the
+    // rest, captioned, exit 0.
+    let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..sos + (jpeg.len() - sos) / 2]).unwrap();
+    let cut = cut.display().to_string();
+    let line =
+        run(&["caption", "--model", &model, "--image", &cut]).one_error_line(&[&cut, "corrupt or truncated (jpeg)"]);
+    eprintln!("{line}");
+    // In a stream it is a corrupt frame, skipped and counted.
+    let source = format!("file:{cut}");
+    let stream = run(&["stream", "--model", &model, "--source", &source]);
+    assert!(stream.stderr.contains("1 corrupt"), "{}", stream.stderr);
+    assert!(stream.stdout.is_empty());
+}
