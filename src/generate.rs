@@ -156,6 +156,14 @@ impl StepTrace {
     }
 }
 
+/// A text callback that cannot fail, as one that can.
+fn infallible<'a>(on_text: &'a mut dyn FnMut(&str)) -> impl FnMut(&str) -> Result<()> + 'a {
+    move |piece| {
+        on_text(piece);
+        Ok(())
+    }
+}
+
 /// What the prompt is: a chat turn (image and text through the template)
 /// or token ids as they are.
 #[derive(Clone, Copy)]
@@ -342,6 +350,19 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.try_generate(images, user_text, params, &mut infallible(on_text))
+    }
+
+    /// As [`Self::generate`], with a text callback that may fail (a
+    /// caption streamed to a pipe whose reader left): its error ends the
+    /// generation at once and is returned.
+    pub fn try_generate(
+        &mut self,
+        images: &[ImageInput<'_>],
+        user_text: Option<&str>,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Generation> {
         self.generate_input(PromptInput::Chat { images, user_text }, params, on_text)
     }
 
@@ -356,14 +377,14 @@ impl<'m> Generator<'m> {
         if prompt_ids.is_empty() {
             return Err(Error::Shape("the prompt has no tokens".into()));
         }
-        self.generate_input(PromptInput::Ids(prompt_ids), params, on_text)
+        self.generate_input(PromptInput::Ids(prompt_ids), params, &mut infallible(on_text))
     }
 
     fn generate_input(
         &mut self,
         input: PromptInput<'_>,
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Generation> {
         match self.model.manifest.kv_dtype() {
             KvDtype::F32 => self.generate_typed::<f32>(input, params, on_text),
@@ -375,7 +396,7 @@ impl<'m> Generator<'m> {
         &mut self,
         input: PromptInput<'_>,
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Generation> {
         // Before anything is sized for the answer.
         check_positions(params.max_new_tokens, &self.model.manifest)?;
@@ -417,7 +438,7 @@ impl<'m> Generator<'m> {
             let piece = detokenizer.push(token)?;
             if !piece.is_empty() {
                 text.push_str(piece);
-                on_text(piece);
+                on_text(piece)?;
             }
             if token_ids.len() == params.max_new_tokens {
                 break;
@@ -435,7 +456,7 @@ impl<'m> Generator<'m> {
         let tail = detokenizer.finish()?;
         if !tail.is_empty() {
             text.push_str(tail);
-            on_text(tail);
+            on_text(tail)?;
         }
         timings.decode_ms = ms(decode_start);
         timings.decode_run_ms = self.step.run_ms;
@@ -489,7 +510,7 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_input(PromptInput::Encoded(prompt), params, on_text)
+        self.generate_input(PromptInput::Encoded(prompt), params, &mut infallible(on_text))
     }
 
     /// [`Self::score`] from a prompt encoded before.
@@ -510,7 +531,7 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_input(PromptInput::Piece { prompt, images }, params, on_text)
+        self.generate_input(PromptInput::Piece { prompt, images }, params, &mut infallible(on_text))
     }
 
     /// Appends `prompt` to the sequence in the pool and generates nothing.

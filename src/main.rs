@@ -27,6 +27,63 @@ use elastic_edge::stream::{
     StreamEnd,
 };
 
+/// `println!` that returns a closed stdout (a pipe whose reader left) as an
+/// error instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+fn stdout_error(source: std::io::Error) -> elastic_edge::Error {
+    elastic_edge::Error::Output {
+        target: "stdout".into(),
+        source,
+    }
+}
+
+/// Whether file descriptor 1 was closed when the process started
+/// (`elastic-edge caption ... >&-`). Rust's runtime then opens /dev/null on
+/// it before `main`, so every write would succeed and the output be lost;
+/// this looks before that, from the program's initialisers.
+#[cfg(target_os = "linux")]
+mod stdout_at_start {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn look() {
+        // SAFETY: fcntl(F_GETFD) on a descriptor number only reads the
+        // process's descriptor table; it fails with EBADF for a closed one.
+        let closed = unsafe { libc::fcntl(1, libc::F_GETFD) } == -1;
+        CLOSED.store(closed, Ordering::Relaxed);
+    }
+
+    // Run by the C runtime before main, hence before Rust's runtime fills in
+    // closed standard descriptors.
+    #[used]
+    #[link_section = ".init_array"]
+    static LOOK: extern "C" fn() = look;
+
+    pub fn closed() -> bool {
+        CLOSED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod stdout_at_start {
+    pub fn closed() -> bool {
+        false
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "elastic-edge",
@@ -503,13 +560,33 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the context, then each cause not already quoted.
-            eprintln!("elastic-edge: {}", error_chain(err.as_ref()));
+            // (A closed stderr is not worth a panic.)
+            let _ = writeln!(std::io::stderr(), "elastic-edge: {}", error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Whether the command's results go to stdout.
+fn writes_stdout(command: &Command) -> bool {
+    match command {
+        Command::Stream(args) => args.output.is_none(),
+        Command::Serve(args) => args.check,
+        Command::Caption(_) | Command::Doctor(_) | Command::Eval(_) | Command::Bench(_) => true,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if writes_stdout(&cli.command) && stdout_at_start::closed() {
+        anyhow::bail!("stdout is closed: the results would be lost (redirect it to a file, or to /dev/null)");
+    }
+    run_command(cli)?;
+    // What is still buffered (a line without its newline) must get out too.
+    std::io::stdout().flush().map_err(stdout_error)?;
+    Ok(())
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Caption(args) => caption(cli.onnxruntime, &args),
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
@@ -539,9 +616,9 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
     if args.memory_bandwidth {
         let bw = measure_bandwidth()?;
         if args.json {
-            println!("{}", serde_json::to_string(&bw)?);
+            outln!("{}", serde_json::to_string(&bw)?);
         } else {
-            println!(
+            outln!(
                 "memory bandwidth (streaming read, {} threads, {} MiB buffer, best of {}): {:.2} GB/s (median {:.2} GB/s)",
                 bw.threads,
                 bw.buffer_bytes >> 20,
@@ -582,9 +659,9 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
     };
     let report = bench::run(&mut model, &config, bandwidth, &mut |line| eprintln!("[bench] {line}"))?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", bench::markdown(&report));
+        out!("{}", bench::markdown(&report));
     }
     Ok(())
 }
@@ -592,7 +669,7 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
 fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
     if args.replot {
         let rows = sweep::replot(&args.out)?;
-        println!("redrew {} rows in {}", rows.len(), args.out.display());
+        outln!("redrew {} rows in {}", rows.len(), args.out.display());
         return Ok(());
     }
     let Some(data) = &args.data else {
@@ -641,11 +718,11 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
             bar.set_message(what.to_string());
         })?;
         bar.finish_and_clear();
-        print!(
+        out!(
             "{}",
             std::fs::read_to_string(args.out.join("memory.md")).unwrap_or_default()
         );
-        println!("{} runs; results in {}", rows.len(), args.out.display());
+        outln!("{} runs; results in {}", rows.len(), args.out.display());
         return Ok(());
     }
     let config = SweepConfig {
@@ -662,15 +739,15 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "{} samples ({} skipped); results in {}",
         samples.len(),
         skipped.len(),
         args.out.display()
     );
-    println!("{:<12} {:>5} {:>8} {:>9}", "policy", "keep", "ROUGE-L", "PPL");
+    outln!("{:<12} {:>5} {:>8} {:>9}", "policy", "keep", "ROUGE-L", "PPL");
     for row in rows {
-        println!(
+        outln!(
             "{:<12} {:>5} {:>8.3} {:>9.3}",
             row.policy.name(),
             row.keep,
@@ -742,10 +819,10 @@ fn serve(onnxruntime: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<()> {
     }
     if args.check {
         let report = serve::check(&config)?;
-        println!("config ok: {}", config.path.display());
-        println!("model {}: {} bytes of files", report.model, report.model_bytes);
-        println!("kv pool: {} bytes, {} slots", report.pool_bytes, report.pool_slots);
-        println!("memory_max_bytes={}", report.memory_max_bytes);
+        outln!("config ok: {}", config.path.display());
+        outln!("model {}: {} bytes of files", report.model, report.model_bytes);
+        outln!("kv pool: {} bytes, {} slots", report.pool_bytes, report.pool_slots);
+        outln!("memory_max_bytes={}", report.memory_max_bytes);
         return Ok(());
     }
     let stop = stop_on_signals()?;
@@ -756,6 +833,31 @@ fn serve(onnxruntime: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<()> {
 /// The stream command's sink: JSON lines out, a progress line on stderr.
 struct StreamOutput<W: Write> {
     lines: JsonLines<W>,
+    /// Stopped when the output's reader is gone (a closed pipe): nothing
+    /// more could be shown, so nothing more is captioned.
+    stop: StopFlag,
+    broken: Option<String>,
+}
+
+impl<W: Write> StreamOutput<W> {
+    fn new(lines: JsonLines<W>, stop: &StopFlag) -> Self {
+        StreamOutput {
+            lines,
+            stop: stop.clone(),
+            broken: None,
+        }
+    }
+
+    fn write(&mut self, record: &impl serde::Serialize) -> elastic_edge::Result<()> {
+        let result = self.lines.write(record);
+        if let Err(err @ elastic_edge::Error::Output { source, .. }) = &result {
+            if source.kind() == std::io::ErrorKind::BrokenPipe && self.broken.is_none() {
+                self.broken = Some(err.to_string());
+                self.stop.stop();
+            }
+        }
+        result
+    }
 }
 
 impl<W: Write> CaptionSink for StreamOutput<W> {
@@ -772,7 +874,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             m.max_position,
             record.caption.as_ref().map(|c| format!(": {c:?}")).unwrap_or_default()
         );
-        self.lines.write(record)
+        self.write(record)
     }
 
     fn on_answer(&mut self, record: &AnswerRecord) -> elastic_edge::Result<()> {
@@ -780,7 +882,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             "elastic-edge: after frame {}: {:?} -> {:?}",
             record.frame_id, record.question, record.answer
         );
-        self.lines.write(record)
+        self.write(record)
     }
 
     fn on_record(&mut self, record: &CaptionRecord) -> elastic_edge::Result<()> {
@@ -795,7 +897,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             c.source.source_losses,
             record.result.caption
         );
-        self.lines.write(record)
+        self.write(record)
     }
 }
 
@@ -846,24 +948,27 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
         ..StreamConfig::default()
     };
     stream::check_prompt(&generator, &config)?;
-    let summary = match &args.output {
+    let (summary, broken) = match &args.output {
         Some(path) => {
-            let mut output = StreamOutput {
-                lines: JsonLines::append_to(path)?,
-            };
-            run_stream(&mut generator, source, &config, &stop, &mut output)?
+            let mut output = StreamOutput::new(JsonLines::append_to(path)?, &stop);
+            (
+                run_stream(&mut generator, source, &config, &stop, &mut output)?,
+                output.broken,
+            )
         }
         None => {
-            let mut output = StreamOutput {
-                lines: JsonLines::new(std::io::stdout(), "stdout"),
-            };
-            run_stream(&mut generator, source, &config, &stop, &mut output)?
+            let mut output = StreamOutput::new(JsonLines::new(std::io::stdout(), "stdout"), &stop);
+            (
+                run_stream(&mut generator, source, &config, &stop, &mut output)?,
+                output.broken,
+            )
         }
     };
     let (end, status) = summary;
     let c = status.counters;
     let why = match end {
         StreamEnd::SourceEnded => "the source ended",
+        StreamEnd::Stopped if broken.is_some() => "the output is closed",
         StreamEnd::Stopped => "stopped",
         StreamEnd::MaxCaptions => "--max-frames reached",
     };
@@ -884,6 +989,9 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
             "elastic-edge: memory: {} questions answered, {} skipped",
             c.questions_answered, c.questions_skipped
         );
+    }
+    if let Some(broken) = broken {
+        anyhow::bail!("{broken}: its reader is gone; stopped after {} captions", c.captions);
     }
     if let SourceState::Failed { error } = status.state {
         anyhow::bail!("{error}");
@@ -940,18 +1048,19 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     for image in &args.images {
         let mut stdout = std::io::stdout().lock();
         let mut started = false;
-        let mut stream = |piece: &str| {
+        // A closed stdout ends the generation at the next piece.
+        let mut stream = |piece: &str| -> elastic_edge::Result<()> {
             if args.json {
-                return;
+                return Ok(());
             }
             if !started && several {
-                let _ = write!(stdout, "{}: ", image.display());
+                write!(stdout, "{}: ", image.display()).map_err(stdout_error)?;
             }
             started = true;
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
+            stdout.write_all(piece.as_bytes()).map_err(stdout_error)?;
+            stdout.flush().map_err(stdout_error)
         };
-        match generator.generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
+        match generator.try_generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
             Ok(generation) => {
                 if args.json {
                     let record = serde_json::json!({
@@ -969,14 +1078,16 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
                         "merged": generation.cache.merged,
                         "evicted": generation.cache.evicted,
                     });
-                    writeln!(stdout, "{record}")?;
+                    writeln!(stdout, "{record}").map_err(stdout_error)?;
                 } else {
-                    writeln!(stdout)?;
+                    writeln!(stdout).map_err(stdout_error)?;
                 }
             }
+            // Nothing more can be shown: stop, whatever is left to caption.
+            Err(err @ elastic_edge::Error::Output { .. }) => return Err(err.into()),
             Err(err) => {
                 if started {
-                    writeln!(stdout)?;
+                    writeln!(stdout).map_err(stdout_error)?;
                 }
                 if !several {
                     return Err(anyhow::Error::new(err).context(image.display().to_string()));
@@ -992,19 +1103,19 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {
     let library = runtime::load(onnxruntime)?;
-    println!("onnxruntime {}: {}", library.version, library.path.display());
-    println!("  found by: {}", library.found_by);
-    println!("  build: {}", library.build_info);
+    outln!("onnxruntime {}: {}", library.version, library.path.display());
+    outln!("  found by: {}", library.found_by);
+    outln!("  build: {}", library.build_info);
     let providers = runtime::available_providers()?;
-    println!("  execution providers in this build: {}", providers.join(", "));
+    outln!("  execution providers in this build: {}", providers.join(", "));
     for device in [Device::Cuda, Device::Tensorrt] {
         let options = ProviderOptions {
             device,
             ..ProviderOptions::default()
         };
         match model::providers::check(library.environment(), &options) {
-            Ok(()) => println!("  --device {device}: available"),
-            Err(err) => println!("  --device {device}: unavailable: {}", error_chain(&err)),
+            Ok(()) => outln!("  --device {device}: available"),
+            Err(err) => outln!("  --device {device}: unavailable: {}", error_chain(&err)),
         }
     }
 
@@ -1021,7 +1132,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         Ok(manifest) => {
             weights_bytes = manifest.file_hashes.values().map(|f| f.bytes).sum();
             shape = manifest.kv_shape();
-            println!(
+            outln!(
                 "model {}: {} (files check out: sizes and sha256)\n  {} layers, {} KV heads of {}, {}, {} image tokens, {:.0} MB of files",
                 manifest.name,
                 dir.display(),
@@ -1033,7 +1144,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
                 weights_bytes as f64 / 1e6
             );
         }
-        Err(err) => println!("model: {}", error_chain(&err)),
+        Err(err) => outln!("model: {}", error_chain(&err)),
     }
 
     shape.validate()?;
@@ -1049,20 +1160,20 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     )
     .with_context(|| format!("sizing the KV pool from {}", args.pool.kv_budget))?;
     let pool = cache.pool();
-    println!(
+    outln!(
         "kv pool: {} slots, {} bytes ({} per slot)",
         pool.capacity(),
         pool.bytes(),
         per_slot
     );
-    println!(
+    outln!(
         "  shape: {} layers x {} kv heads x {} dims, {}",
         shape.layers,
         shape.kv_heads,
         shape.head_dim,
         shape.dtype.name()
     );
-    println!(
+    outln!(
         "  policy {} at keep {}: holds a sequence of up to {} processed tokens before the budget binds",
         args.policy,
         cache.keep().get(),
@@ -1073,7 +1184,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         // for activations, the runtime and this process.
         let margin: u64 = 150 << 20;
         let largest = available.saturating_sub(weights_bytes + margin);
-        println!(
+        outln!(
             "memory: {:.1} GiB available; after the model files and a 150 MiB margin the largest --kv-budget is {:.2} GiB ({} slots)",
             available as f64 / (1u64 << 30) as f64,
             largest as f64 / (1u64 << 30) as f64,

@@ -109,11 +109,14 @@ fn run_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Run {
     setup(&mut command);
     let started = Instant::now();
     let mut child = command.spawn().expect("the binary starts");
-    let mut stdout = child.stdout.take().expect("stdout");
+    // (Not piped when the caller gave stdout elsewhere.)
+    let stdout = child.stdout.take();
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {
         let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut v);
+        }
         v
     });
     let err = std::thread::spawn(move || {
@@ -569,4 +572,119 @@ fn truncated_jpegs_are_refused_not_captioned() {
     let stream = run(&["stream", "--model", &model, "--source", &source]);
     assert!(stream.stderr.contains("1 corrupt"), "{}", stream.stderr);
     assert!(stream.stdout.is_empty());
+}
+
+/// The binary with `args` under the limits, its stdout the write end of a
+/// pipe whose read end `reader` decides about: `None` closes it before the
+/// binary starts, `Some(n)` reads `n` bytes (or up to the first newline when
+/// `n` is 0) and then closes it. Returns the run and the bytes read.
+fn run_into_pipe(args: &[&str], read: Option<usize>) -> (Run, Vec<u8>) {
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let mut got = Vec::new();
+    let reading = match read {
+        None => {
+            drop(reader);
+            None
+        }
+        Some(n) => Some(std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            while reader.read(&mut byte).unwrap_or(0) == 1 {
+                got.push(byte[0]);
+                if (n > 0 && got.len() == n) || (n == 0 && byte[0] == b'\n') {
+                    break;
+                }
+            }
+            got
+        })),
+    };
+    let run = run_with(args, move |c| {
+        c.stdout(writer);
+    });
+    let got = reading.map(|t| t.join().expect("reader")).unwrap_or_default();
+    (run, got)
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
+    let (model, image) = (tiny(), gradient());
+    // doctor | (a reader already gone): a panic with a backtrace, exit 101.
+    let (doctor, _) = run_into_pipe(&["doctor", "--model", &model], None);
+    assert_eq!(doctor.status.code(), Some(1), "{}", doctor.stderr);
+    assert_eq!(
+        doctor.stderr.trim_end(),
+        "elastic-edge: writing stdout: Broken pipe (os error 32)"
+    );
+
+    // caption | head -c 10: the whole answer was generated first.
+    let long = [
+        "caption",
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "1000",
+        "--ignore-stop",
+    ];
+    let (whole, text) = run_into_pipe(&long, Some(usize::MAX));
+    whole.succeeded();
+    assert!(text.len() > 1000, "{} bytes", text.len());
+    let (cut, got) = run_into_pipe(&long, Some(10));
+    assert_eq!(got.len(), 10);
+    assert_eq!(cut.status.code(), Some(1), "{}", cut.stderr);
+    assert!(
+        cut.stderr
+            .trim_end()
+            .ends_with("writing stdout: Broken pipe (os error 32)"),
+        "{}",
+        cut.stderr
+    );
+    let (closed, _) = run_into_pipe(&long, None);
+    assert_eq!(closed.status.code(), Some(1), "{}", closed.stderr);
+    assert!(
+        closed.took * 2 < whole.took,
+        "stopped at the first piece: {:?} against {:?} for the whole answer",
+        closed.took,
+        whole.took
+    );
+    let json: Vec<&str> = long.iter().copied().chain(["--json"]).collect();
+    let (json, _) = run_into_pipe(&json, None);
+    assert_eq!(json.status.code(), Some(1), "{}", json.stderr);
+
+    // stream --loop | head -1: it went on captioning for ever.
+    let source = format!("file:{image}");
+    let looping = [
+        "stream",
+        "--model",
+        &model,
+        "--source",
+        &source,
+        "--loop",
+        "--max-new-tokens",
+        "2",
+    ];
+    let (stream, line) = run_into_pipe(&looping, Some(0));
+    assert!(line.ends_with(b"}\n"), "{}", String::from_utf8_lossy(&line));
+    assert_eq!(stream.status.code(), Some(1), "{}", stream.stderr);
+    let last = stream.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("writing stdout: Broken pipe") && last.contains("its reader is gone"),
+        "{last}"
+    );
+    assert!(!stream.stderr.contains("panicked"));
+
+    // caption >&- : exit 0 and the caption lost.
+    let closed = run_with(&["caption", "--model", &model, "--image", &image], |c| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: close(2) is async-signal-safe; the child closes its own stdout.
+        unsafe {
+            c.pre_exec(|| {
+                libc::close(1);
+                Ok(())
+            });
+        }
+    });
+    assert_eq!(closed.status.code(), Some(1), "{}", closed.stderr);
+    assert!(closed.stderr.contains("stdout is closed"), "{}", closed.stderr);
+    assert_eq!(closed.stderr.lines().count(), 1);
 }
