@@ -34,6 +34,15 @@ pub enum Error {
     #[error("max_new_tokens {max_new_tokens}: {reason}")]
     NewTokens { max_new_tokens: usize, reason: String },
 
+    /// A sampling setting that cannot be used (a NaN or negative
+    /// temperature, a top-p outside (0, 1]).
+    #[error("{what} {value}: {reason}")]
+    Sampling {
+        what: &'static str,
+        value: f32,
+        reason: &'static str,
+    },
+
     /// A question to a memory that holds no frame yet.
     #[error("the memory holds no frame yet: ask after the first frame")]
     MemoryEmpty,

@@ -59,8 +59,45 @@ impl GenerateParams {
                 reason: format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}"),
             });
         }
-        check_positions(self.max_new_tokens, manifest)
+        check_positions(self.max_new_tokens, manifest)?;
+        self.sampling.check()
     }
+}
+
+impl Sampling {
+    /// A temperature that is finite and not negative (0 is greedy), and a
+    /// nucleus in (0, 1]: NaN or infinity would make every probability NaN.
+    pub fn check(&self) -> Result<()> {
+        let Sampling::TopP { temperature, top_p, .. } = *self else {
+            return Ok(());
+        };
+        check_temperature(temperature).map_err(|reason| Error::Sampling {
+            what: "temperature",
+            value: temperature,
+            reason,
+        })?;
+        check_top_p(top_p).map_err(|reason| Error::Sampling {
+            what: "top_p",
+            value: top_p,
+            reason,
+        })
+    }
+}
+
+/// Why a sampling temperature cannot be used, if it cannot.
+pub fn check_temperature(temperature: f32) -> std::result::Result<(), &'static str> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err("must be a finite number, 0 or more (0 is greedy)");
+    }
+    Ok(())
+}
+
+/// Why a nucleus (top-p) cannot be used, if it cannot.
+pub fn check_top_p(top_p: f32) -> std::result::Result<(), &'static str> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err("must be a number in (0, 1]: the probability the kept tokens reach");
+    }
+    Ok(())
 }
 
 /// An answer of `max_new_tokens` must leave the prompt at least one of the
@@ -400,6 +437,7 @@ impl<'m> Generator<'m> {
     ) -> Result<Generation> {
         // Before anything is sized for the answer.
         check_positions(params.max_new_tokens, &self.model.manifest)?;
+        params.sampling.check()?;
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
         self.trace.start(params.max_new_tokens);
@@ -1048,6 +1086,38 @@ fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_settings_are_checked() {
+        let top_p = |temperature: f32, top_p: f32| Sampling::TopP {
+            temperature,
+            top_p,
+            seed: 0,
+        };
+        assert!(Sampling::Greedy.check().is_ok());
+        assert!(top_p(0.0, 1.0).check().is_ok() && top_p(0.7, 0.9).check().is_ok());
+        for (t, p) in [
+            (-1.0, 0.9),
+            (f32::NAN, 0.9),
+            (f32::INFINITY, 0.9),
+            (0.7, f32::NAN),
+            (0.7, 0.0),
+            (0.7, 1.5),
+        ] {
+            let err = top_p(t, p).check().unwrap_err();
+            assert!(matches!(err, Error::Sampling { .. }), "{t} {p}: {err}");
+        }
+        assert!(top_p(-1.0, 0.9)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("temperature -1: "));
+        assert!(top_p(0.5, 2.0)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("top_p 2: "));
+    }
 
     #[test]
     fn log_softmax_is_normalised() {

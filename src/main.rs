@@ -180,8 +180,9 @@ struct StreamArgs {
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
 
-    /// Stop after this many captions (with --memory: frames taken in).
-    #[arg(long, value_name = "N")]
+    /// Stop after this many captions (with --memory: frames taken in), at
+    /// least 1; without it the stream runs until its source ends.
+    #[arg(long, value_name = "N", value_parser = parse_max_frames, allow_negative_numbers = true)]
     max_frames: Option<u64>,
 
     /// Camera memory: keep one continuing context across frames instead of
@@ -428,12 +429,13 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 64, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
 
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 or more; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature, allow_hyphen_values = true)]
     temperature: f32,
 
-    /// Nucleus sampling: smallest set of tokens whose probability reaches this.
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling: smallest set of tokens whose probability reaches
+    /// this, in (0, 1].
+    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_hyphen_values = true)]
     top_p: f32,
 
     /// Seed of the sampler.
@@ -508,6 +510,26 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         KvBudget::Bytes(bytes) => Ok(bytes),
         KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
     }
+}
+
+fn parse_max_frames(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1 (leave it out to run until the source ends)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let value: f32 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    elastic_edge::generate::check_temperature(value)?;
+    Ok(value)
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    let value: f32 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    elastic_edge::generate::check_top_p(value)?;
+    Ok(value)
 }
 
 fn parse_threads(s: &str) -> Result<usize, String> {

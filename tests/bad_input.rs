@@ -688,3 +688,22 @@ fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
     assert!(closed.stderr.contains("stdout is closed"), "{}", closed.stderr);
     assert_eq!(closed.stderr.lines().count(), 1);
 }
+
+#[test]
+fn sampling_flags_and_frame_counts_are_checked() {
+    for bad in ["-1", "NaN", "inf", "-inf", "1e39", "warm"] {
+        caption(&["--temperature", bad]).flag_error("--temperature", &[]);
+        stream(&["--temperature", bad]).flag_error("--temperature", &[]);
+    }
+    let line = caption(&["--temperature", "-1"]).flag_error("--temperature", &["0 or more"]);
+    eprintln!("{line}");
+    for bad in ["NaN", "0", "1.5", "-0.1", "inf"] {
+        caption(&["--temperature", "0.7", "--top-p", bad]).flag_error("--top-p", &["(0, 1]"]);
+    }
+    // --max-frames 0 captioned one frame; it is refused (at least 1).
+    let line = stream(&["--max-frames", "0"]).flag_error("--max-frames", &["at least 1"]);
+    stream(&["--max-frames", "-2"]).flag_error("--max-frames", &["not a whole number"]);
+    eprintln!("{line}");
+    caption(&["--temperature", "0.7", "--top-p", "1", "--max-new-tokens", "4"]).succeeded();
+    stream(&["--max-frames", "1", "--max-new-tokens", "2"]).succeeded();
+}
