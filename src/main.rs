@@ -505,11 +505,9 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
     s.parse().map_err(|e: elastic_edge::Error| e.to_string())
 }
 
+/// A byte size that is not a KV budget (the bandwidth buffer).
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    match s.parse::<KvBudget>().map_err(|e| e.to_string())? {
-        KvBudget::Bytes(bytes) => Ok(bytes),
-        KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
-    }
+    elastic_edge::kv::parse_bytes(s).map_err(|reason| format!("{reason} (examples: 256MiB, 1GiB, 1073741824)"))
 }
 
 fn parse_max_frames(s: &str) -> Result<u64, String> {

@@ -707,3 +707,28 @@ fn sampling_flags_and_frame_counts_are_checked() {
     caption(&["--temperature", "0.7", "--top-p", "1", "--max-new-tokens", "4"]).succeeded();
     stream(&["--max-frames", "1", "--max-new-tokens", "2"]).succeeded();
 }
+
+#[test]
+fn size_messages_point_the_right_way() {
+    // 1e30 said "must be at least one byte"; it is too large.
+    for huge in ["1e30", "1000000000000000000000000000000", "2PiB"] {
+        let line = run(&["doctor", "--kv-budget", huge]).flag_error("--kv-budget", &["more than the largest accepted"]);
+        assert!(!line.contains("at least one byte"), "{line}");
+    }
+    run(&["doctor", "--kv-budget", "0.5"]).flag_error("--kv-budget", &["at least one byte"]);
+    // 1TiB was "unknown unit": it parses (clap stops at the first bad value,
+    // which here is the one after it).
+    for big in ["1TiB", "1TB", "1tib", "2T"] {
+        caption(&["--kv-budget", big, "--temperature", "-1"]).flag_error("--temperature", &[]);
+    }
+    // --bandwidth-buffer 0 said "invalid KV budget".
+    let line = run(&["bench", "--memory-bandwidth", "--bandwidth-buffer", "0"])
+        .flag_error("--bandwidth-buffer", &["at least one byte"]);
+    assert!(!line.contains("KV budget"), "{line}");
+    eprintln!("{line}");
+    run(&["bench", "--memory-bandwidth", "--bandwidth-buffer", "8tokens"])
+        .flag_error("--bandwidth-buffer", &["a token count is not a size"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[http]\nmax_body = \"1e30\"\n");
+    serve_check(&config).one_error_line(&["http.max_body", "more than the largest accepted"]);
+}

@@ -393,12 +393,7 @@ fn one_line(text: &str) -> String {
 
 /// `8MiB`, `512KiB`, `1000000`: a positive byte count.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
-    match text.parse::<KvBudget>() {
-        Ok(KvBudget::Bytes(bytes)) => Ok(bytes),
-        Ok(KvBudget::Tokens(_)) => Err(format!("{text:?} is a token count; give bytes (like 8MiB)")),
-        Err(Error::BudgetSyntax { reason, .. }) => Err(format!("{text:?}: {reason} (like 8MiB, 512KiB)")),
-        Err(e) => Err(e.to_string()),
-    }
+    crate::kv::parse_bytes(text).map_err(|reason| format!("{text:?}: {reason} (like 8MiB, 512KiB)"))
 }
 
 #[cfg(test)]
@@ -537,7 +532,7 @@ mod tests {
             (
                 "[model]\ndir = \"m\"\n[http]\nmax_body = \"10tokens\"\n",
                 "http.max_body",
-                "token count",
+                "a token count is not a size",
             ),
             (
                 "[model]\ndir = \"m\"\n[stream]\ninterval = \"2 days\"\n",
