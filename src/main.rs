@@ -929,6 +929,10 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     };
     // The source first: a bad spec or pipeline fails before the model loads.
     let source = args.source.open(&options, &stop)?;
+    if let Some(path) = &args.questions {
+        // Not a FIFO or a device, and before the model loads.
+        elastic_edge::regular_file::check(path).with_context(|| format!("--questions {}", path.display()))?;
+    }
     let mut model = load_model(onnxruntime, &args.model)?;
     let params = generate_params(&args.sampling);
     check_new_tokens(&model, &params)?;

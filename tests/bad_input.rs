@@ -292,6 +292,21 @@ fn fifos_and_devices_are_refused_before_they_are_opened() {
     // A stream of one FIFO.
     let source = format!("file:{fifo_name}");
     run(&["stream", "--model", &model, "--source", &source]).one_error_line(&["not a regular file"]);
+    // Questions for a memory stream.
+    let source = format!("file:{image}");
+    for questions in [fifo_name.as_str(), "/dev/zero"] {
+        let args = [
+            "stream",
+            "--model",
+            &model,
+            "--source",
+            &source,
+            "--memory",
+            "--questions",
+            questions,
+        ];
+        run(&args).one_error_line(&["--questions", questions, "not a regular file ("]);
+    }
 }
 
 /// `eval` of `data` on the tiny model: one cheap policy and keep, short answers.
