@@ -29,6 +29,20 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Request(String),
 
+    /// An answer length that cannot be generated (none, past the limit, or
+    /// more than the model's positions hold).
+    #[error("max_new_tokens {max_new_tokens}: {reason}")]
+    NewTokens { max_new_tokens: usize, reason: String },
+
+    /// A sampling setting that cannot be used (a NaN or negative
+    /// temperature, a top-p outside (0, 1]).
+    #[error("{what} {value}: {reason}")]
+    Sampling {
+        what: &'static str,
+        value: f32,
+        reason: &'static str,
+    },
+
     /// A question to a memory that holds no frame yet.
     #[error("the memory holds no frame yet: ask after the first frame")]
     MemoryEmpty,
@@ -116,6 +130,15 @@ pub enum Error {
     /// A dataset file or line that cannot be used.
     #[error("{path}: line {line}: {reason}")]
     Dataset { path: PathBuf, line: usize, reason: String },
+
+    /// A dataset file that cannot be used as a whole (not a regular file,
+    /// too large, no usable line).
+    #[error("{path}: {reason}")]
+    DatasetFile { path: PathBuf, reason: String },
+
+    /// One sample of a sweep that failed, with its line in the dataset.
+    #[error("sample {id} (line {line}): {reason}")]
+    Sample { id: String, line: usize, reason: String },
 
     /// A service configuration (`serve --config`) that cannot be used: a
     /// syntax error, an unknown key, a value of the wrong type or out of

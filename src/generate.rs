@@ -43,6 +43,78 @@ pub struct GenerateParams {
     pub ignore_stop: bool,
 }
 
+/// The most tokens one answer may ask for on the command line, in a
+/// service's config or in a request: a typo guard, as buffers are sized
+/// for the answer before it starts.
+pub const MAX_NEW_TOKENS_LIMIT: usize = 4096;
+
+impl GenerateParams {
+    /// Refuses, before any work, an answer length that cannot be right:
+    /// none, more than [`MAX_NEW_TOKENS_LIMIT`], or as many as the model's
+    /// positions (the prompt needs at least one of them).
+    pub fn check(&self, manifest: &Manifest) -> Result<()> {
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(Error::NewTokens {
+                max_new_tokens: self.max_new_tokens,
+                reason: format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}"),
+            });
+        }
+        check_positions(self.max_new_tokens, manifest)?;
+        self.sampling.check()
+    }
+}
+
+impl Sampling {
+    /// A temperature that is finite and not negative (0 is greedy), and a
+    /// nucleus in (0, 1]: NaN or infinity would make every probability NaN.
+    pub fn check(&self) -> Result<()> {
+        let Sampling::TopP { temperature, top_p, .. } = *self else {
+            return Ok(());
+        };
+        check_temperature(temperature).map_err(|reason| Error::Sampling {
+            what: "temperature",
+            value: temperature,
+            reason,
+        })?;
+        check_top_p(top_p).map_err(|reason| Error::Sampling {
+            what: "top_p",
+            value: top_p,
+            reason,
+        })
+    }
+}
+
+/// Why a sampling temperature cannot be used, if it cannot.
+pub fn check_temperature(temperature: f32) -> std::result::Result<(), &'static str> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err("must be a finite number, 0 or more (0 is greedy)");
+    }
+    Ok(())
+}
+
+/// Why a nucleus (top-p) cannot be used, if it cannot.
+pub fn check_top_p(top_p: f32) -> std::result::Result<(), &'static str> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err("must be a number in (0, 1]: the probability the kept tokens reach");
+    }
+    Ok(())
+}
+
+/// An answer of `max_new_tokens` must leave the prompt at least one of the
+/// model's positions.
+fn check_positions(max_new_tokens: usize, manifest: &Manifest) -> Result<()> {
+    if max_new_tokens >= manifest.max_positions {
+        return Err(Error::NewTokens {
+            max_new_tokens,
+            reason: format!(
+                "model {} has {} positions, which must hold the prompt and the answer",
+                manifest.name, manifest.max_positions
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
@@ -118,6 +190,14 @@ impl StepTrace {
             self.ms.push(ms);
             self.entries.push(u32::try_from(entries).unwrap_or(u32::MAX));
         }
+    }
+}
+
+/// A text callback that cannot fail, as one that can.
+fn infallible<'a>(on_text: &'a mut dyn FnMut(&str)) -> impl FnMut(&str) -> Result<()> + 'a {
+    move |piece| {
+        on_text(piece);
+        Ok(())
     }
 }
 
@@ -307,6 +387,19 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.try_generate(images, user_text, params, &mut infallible(on_text))
+    }
+
+    /// As [`Self::generate`], with a text callback that may fail (a
+    /// caption streamed to a pipe whose reader left): its error ends the
+    /// generation at once and is returned.
+    pub fn try_generate(
+        &mut self,
+        images: &[ImageInput<'_>],
+        user_text: Option<&str>,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Generation> {
         self.generate_input(PromptInput::Chat { images, user_text }, params, on_text)
     }
 
@@ -321,14 +414,14 @@ impl<'m> Generator<'m> {
         if prompt_ids.is_empty() {
             return Err(Error::Shape("the prompt has no tokens".into()));
         }
-        self.generate_input(PromptInput::Ids(prompt_ids), params, on_text)
+        self.generate_input(PromptInput::Ids(prompt_ids), params, &mut infallible(on_text))
     }
 
     fn generate_input(
         &mut self,
         input: PromptInput<'_>,
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Generation> {
         match self.model.manifest.kv_dtype() {
             KvDtype::F32 => self.generate_typed::<f32>(input, params, on_text),
@@ -340,8 +433,11 @@ impl<'m> Generator<'m> {
         &mut self,
         input: PromptInput<'_>,
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Generation> {
+        // Before anything is sized for the answer.
+        check_positions(params.max_new_tokens, &self.model.manifest)?;
+        params.sampling.check()?;
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
         self.trace.start(params.max_new_tokens);
@@ -380,7 +476,7 @@ impl<'m> Generator<'m> {
             let piece = detokenizer.push(token)?;
             if !piece.is_empty() {
                 text.push_str(piece);
-                on_text(piece);
+                on_text(piece)?;
             }
             if token_ids.len() == params.max_new_tokens {
                 break;
@@ -398,7 +494,7 @@ impl<'m> Generator<'m> {
         let tail = detokenizer.finish()?;
         if !tail.is_empty() {
             text.push_str(tail);
-            on_text(tail);
+            on_text(tail)?;
         }
         timings.decode_ms = ms(decode_start);
         timings.decode_run_ms = self.step.run_ms;
@@ -452,7 +548,7 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_input(PromptInput::Encoded(prompt), params, on_text)
+        self.generate_input(PromptInput::Encoded(prompt), params, &mut infallible(on_text))
     }
 
     /// [`Self::score`] from a prompt encoded before.
@@ -473,7 +569,7 @@ impl<'m> Generator<'m> {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_input(PromptInput::Piece { prompt, images }, params, on_text)
+        self.generate_input(PromptInput::Piece { prompt, images }, params, &mut infallible(on_text))
     }
 
     /// Appends `prompt` to the sequence in the pool and generates nothing.
@@ -990,6 +1086,38 @@ fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_settings_are_checked() {
+        let top_p = |temperature: f32, top_p: f32| Sampling::TopP {
+            temperature,
+            top_p,
+            seed: 0,
+        };
+        assert!(Sampling::Greedy.check().is_ok());
+        assert!(top_p(0.0, 1.0).check().is_ok() && top_p(0.7, 0.9).check().is_ok());
+        for (t, p) in [
+            (-1.0, 0.9),
+            (f32::NAN, 0.9),
+            (f32::INFINITY, 0.9),
+            (0.7, f32::NAN),
+            (0.7, 0.0),
+            (0.7, 1.5),
+        ] {
+            let err = top_p(t, p).check().unwrap_err();
+            assert!(matches!(err, Error::Sampling { .. }), "{t} {p}: {err}");
+        }
+        assert!(top_p(-1.0, 0.9)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("temperature -1: "));
+        assert!(top_p(0.5, 2.0)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("top_p 2: "));
+    }
 
     #[test]
     fn log_softmax_is_normalised() {

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod kv;
 pub mod memory;
 pub mod model;
+pub mod regular_file;
 pub mod runtime;
 pub mod serve;
 pub mod source;

@@ -27,6 +27,63 @@ use elastic_edge::stream::{
     StreamEnd,
 };
 
+/// `println!` that returns a closed stdout (a pipe whose reader left) as an
+/// error instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+fn stdout_error(source: std::io::Error) -> elastic_edge::Error {
+    elastic_edge::Error::Output {
+        target: "stdout".into(),
+        source,
+    }
+}
+
+/// Whether file descriptor 1 was closed when the process started
+/// (`elastic-edge caption ... >&-`). Rust's runtime then opens /dev/null on
+/// it before `main`, so every write would succeed and the output be lost;
+/// this looks before that, from the program's initialisers.
+#[cfg(target_os = "linux")]
+mod stdout_at_start {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn look() {
+        // SAFETY: fcntl(F_GETFD) on a descriptor number only reads the
+        // process's descriptor table; it fails with EBADF for a closed one.
+        let closed = unsafe { libc::fcntl(1, libc::F_GETFD) } == -1;
+        CLOSED.store(closed, Ordering::Relaxed);
+    }
+
+    // Run by the C runtime before main, hence before Rust's runtime fills in
+    // closed standard descriptors.
+    #[used]
+    #[link_section = ".init_array"]
+    static LOOK: extern "C" fn() = look;
+
+    pub fn closed() -> bool {
+        CLOSED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod stdout_at_start {
+    pub fn closed() -> bool {
+        false
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "elastic-edge",
@@ -123,8 +180,9 @@ struct StreamArgs {
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
 
-    /// Stop after this many captions (with --memory: frames taken in).
-    #[arg(long, value_name = "N")]
+    /// Stop after this many captions (with --memory: frames taken in), at
+    /// least 1; without it the stream runs until its source ends.
+    #[arg(long, value_name = "N", value_parser = parse_max_frames, allow_negative_numbers = true)]
     max_frames: Option<u64>,
 
     /// Camera memory: keep one continuing context across frames instead of
@@ -249,8 +307,8 @@ struct EvalArgs {
     #[arg(long = "keep", value_delimiter = ',', default_value = "0.1,0.2,0.3,0.5,0.7,0.9", value_parser = parse_keep)]
     keeps: Vec<KeepRatio>,
 
-    /// Most tokens per answer.
-    #[arg(long, default_value_t = 256)]
+    /// Most tokens per answer (1 to 4096, and fewer than the model's positions).
+    #[arg(long, default_value_t = 256, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
 
     /// Hard KV budget of every run (large enough that only the keep ratio binds).
@@ -319,8 +377,9 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     device_id: i32,
 
-    /// Intra-op threads per graph (default: one per core).
-    #[arg(long)]
+    /// Intra-op threads per graph, at most the CPUs this process may use
+    /// (default: one per core).
+    #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
     threads: Option<usize>,
 
     /// TensorRT: cache built engines in this folder.
@@ -366,16 +425,17 @@ struct CacheArgs {
 
 #[derive(Args)]
 struct SamplingArgs {
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 64)]
+    /// Most tokens to generate (1 to 4096, and fewer than the model's positions).
+    #[arg(long, default_value_t = 64, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
 
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 or more; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature, allow_hyphen_values = true)]
     temperature: f32,
 
-    /// Nucleus sampling: smallest set of tokens whose probability reaches this.
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling: smallest set of tokens whose probability reaches
+    /// this, in (0, 1].
+    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_hyphen_values = true)]
     top_p: f32,
 
     /// Seed of the sampler.
@@ -445,11 +505,54 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
     s.parse().map_err(|e: elastic_edge::Error| e.to_string())
 }
 
+/// A byte size that is not a KV budget (the bandwidth buffer).
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    match s.parse::<KvBudget>().map_err(|e| e.to_string())? {
-        KvBudget::Bytes(bytes) => Ok(bytes),
-        KvBudget::Tokens(_) => Err(format!("{s:?} is a token count; give bytes (512MiB, 1GB)")),
+    elastic_edge::kv::parse_bytes(s).map_err(|reason| format!("{reason} (examples: 256MiB, 1GiB, 1073741824)"))
+}
+
+fn parse_max_frames(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1 (leave it out to run until the source ends)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
     }
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let value: f32 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    elastic_edge::generate::check_temperature(value)?;
+    Ok(value)
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    let value: f32 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    elastic_edge::generate::check_top_p(value)?;
+    Ok(value)
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let threads: usize = s.trim().parse().map_err(|_| "not a whole number".to_string())?;
+    model::check_threads(threads)?;
+    Ok(threads)
+}
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let limit = elastic_edge::generate::MAX_NEW_TOKENS_LIMIT;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=limit).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {limit}")),
+    }
+}
+
+/// The answer length against the model's positions, before any pool is
+/// sized or image read.
+fn check_new_tokens(model: &Model, params: &GenerateParams) -> anyhow::Result<()> {
+    params.check(&model.manifest).map_err(|e| match e {
+        elastic_edge::Error::NewTokens { max_new_tokens, reason } => {
+            anyhow::anyhow!("--max-new-tokens {max_new_tokens}: {reason}")
+        }
+        other => other.into(),
+    })
 }
 
 fn parse_dtype(s: &str) -> Result<KvDtype, String> {
@@ -477,13 +580,33 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the context, then each cause not already quoted.
-            eprintln!("elastic-edge: {}", error_chain(err.as_ref()));
+            // (A closed stderr is not worth a panic.)
+            let _ = writeln!(std::io::stderr(), "elastic-edge: {}", error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Whether the command's results go to stdout.
+fn writes_stdout(command: &Command) -> bool {
+    match command {
+        Command::Stream(args) => args.output.is_none(),
+        Command::Serve(args) => args.check,
+        Command::Caption(_) | Command::Doctor(_) | Command::Eval(_) | Command::Bench(_) => true,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if writes_stdout(&cli.command) && stdout_at_start::closed() {
+        anyhow::bail!("stdout is closed: the results would be lost (redirect it to a file, or to /dev/null)");
+    }
+    run_command(cli)?;
+    // What is still buffered (a line without its newline) must get out too.
+    std::io::stdout().flush().map_err(stdout_error)?;
+    Ok(())
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Caption(args) => caption(cli.onnxruntime, &args),
         Command::Doctor(args) => doctor(cli.onnxruntime.as_deref(), &args),
@@ -513,9 +636,9 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
     if args.memory_bandwidth {
         let bw = measure_bandwidth()?;
         if args.json {
-            println!("{}", serde_json::to_string(&bw)?);
+            outln!("{}", serde_json::to_string(&bw)?);
         } else {
-            println!(
+            outln!(
                 "memory bandwidth (streaming read, {} threads, {} MiB buffer, best of {}): {:.2} GB/s (median {:.2} GB/s)",
                 bw.threads,
                 bw.buffer_bytes >> 20,
@@ -556,9 +679,9 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
     };
     let report = bench::run(&mut model, &config, bandwidth, &mut |line| eprintln!("[bench] {line}"))?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", bench::markdown(&report));
+        out!("{}", bench::markdown(&report));
     }
     Ok(())
 }
@@ -566,22 +689,36 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
 fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
     if args.replot {
         let rows = sweep::replot(&args.out)?;
-        println!("redrew {} rows in {}", rows.len(), args.out.display());
+        outln!("redrew {} rows in {}", rows.len(), args.out.display());
         return Ok(());
     }
     let Some(data) = &args.data else {
         anyhow::bail!("--data is required");
     };
     let (samples, skipped) = dataset::load(data, args.strict)?;
-    for skip in &skipped {
-        eprintln!(
-            "elastic-edge: {}: line {}: {} (skipped)",
-            data.display(),
-            skip.line,
-            skip.reason
-        );
-    }
+    let report_skipped = |skipped: &[dataset::Skipped]| {
+        for skip in skipped {
+            eprintln!(
+                "elastic-edge: {}: line {}: {} (skipped)",
+                data.display(),
+                skip.line,
+                skip.reason
+            );
+        }
+    };
+    report_skipped(&skipped);
     let mut model = load_model(onnxruntime, &args.model)?;
+    // Every picture read once the way the model reads it, before the sweep.
+    let (samples, bad_pictures) = dataset::check_pictures(data, samples, model.preprocess.as_ref(), args.strict)?;
+    report_skipped(&bad_pictures);
+    let skipped = [skipped, bad_pictures].concat();
+    check_new_tokens(
+        &model,
+        &GenerateParams {
+            max_new_tokens: args.max_new_tokens,
+            ..GenerateParams::default()
+        },
+    )?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -601,11 +738,11 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
             bar.set_message(what.to_string());
         })?;
         bar.finish_and_clear();
-        print!(
+        out!(
             "{}",
             std::fs::read_to_string(args.out.join("memory.md")).unwrap_or_default()
         );
-        println!("{} runs; results in {}", rows.len(), args.out.display());
+        outln!("{} runs; results in {}", rows.len(), args.out.display());
         return Ok(());
     }
     let config = SweepConfig {
@@ -622,15 +759,15 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "{} samples ({} skipped); results in {}",
         samples.len(),
         skipped.len(),
         args.out.display()
     );
-    println!("{:<12} {:>5} {:>8} {:>9}", "policy", "keep", "ROUGE-L", "PPL");
+    outln!("{:<12} {:>5} {:>8} {:>9}", "policy", "keep", "ROUGE-L", "PPL");
     for row in rows {
-        println!(
+        outln!(
             "{:<12} {:>5} {:>8.3} {:>9.3}",
             row.policy.name(),
             row.keep,
@@ -702,10 +839,10 @@ fn serve(onnxruntime: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<()> {
     }
     if args.check {
         let report = serve::check(&config)?;
-        println!("config ok: {}", config.path.display());
-        println!("model {}: {} bytes of files", report.model, report.model_bytes);
-        println!("kv pool: {} bytes, {} slots", report.pool_bytes, report.pool_slots);
-        println!("memory_max_bytes={}", report.memory_max_bytes);
+        outln!("config ok: {}", config.path.display());
+        outln!("model {}: {} bytes of files", report.model, report.model_bytes);
+        outln!("kv pool: {} bytes, {} slots", report.pool_bytes, report.pool_slots);
+        outln!("memory_max_bytes={}", report.memory_max_bytes);
         return Ok(());
     }
     let stop = stop_on_signals()?;
@@ -716,6 +853,31 @@ fn serve(onnxruntime: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<()> {
 /// The stream command's sink: JSON lines out, a progress line on stderr.
 struct StreamOutput<W: Write> {
     lines: JsonLines<W>,
+    /// Stopped when the output's reader is gone (a closed pipe): nothing
+    /// more could be shown, so nothing more is captioned.
+    stop: StopFlag,
+    broken: Option<String>,
+}
+
+impl<W: Write> StreamOutput<W> {
+    fn new(lines: JsonLines<W>, stop: &StopFlag) -> Self {
+        StreamOutput {
+            lines,
+            stop: stop.clone(),
+            broken: None,
+        }
+    }
+
+    fn write(&mut self, record: &impl serde::Serialize) -> elastic_edge::Result<()> {
+        let result = self.lines.write(record);
+        if let Err(err @ elastic_edge::Error::Output { source, .. }) = &result {
+            if source.kind() == std::io::ErrorKind::BrokenPipe && self.broken.is_none() {
+                self.broken = Some(err.to_string());
+                self.stop.stop();
+            }
+        }
+        result
+    }
 }
 
 impl<W: Write> CaptionSink for StreamOutput<W> {
@@ -732,7 +894,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             m.max_position,
             record.caption.as_ref().map(|c| format!(": {c:?}")).unwrap_or_default()
         );
-        self.lines.write(record)
+        self.write(record)
     }
 
     fn on_answer(&mut self, record: &AnswerRecord) -> elastic_edge::Result<()> {
@@ -740,7 +902,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             "elastic-edge: after frame {}: {:?} -> {:?}",
             record.frame_id, record.question, record.answer
         );
-        self.lines.write(record)
+        self.write(record)
     }
 
     fn on_record(&mut self, record: &CaptionRecord) -> elastic_edge::Result<()> {
@@ -755,7 +917,7 @@ impl<W: Write> CaptionSink for StreamOutput<W> {
             c.source.source_losses,
             record.result.caption
         );
-        self.lines.write(record)
+        self.write(record)
     }
 }
 
@@ -767,11 +929,16 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
     };
     // The source first: a bad spec or pipeline fails before the model loads.
     let source = args.source.open(&options, &stop)?;
+    if let Some(path) = &args.questions {
+        // Not a FIFO or a device, and before the model loads.
+        elastic_edge::regular_file::check(path).with_context(|| format!("--questions {}", path.display()))?;
+    }
     let mut model = load_model(onnxruntime, &args.model)?;
+    let params = generate_params(&args.sampling);
+    check_new_tokens(&model, &params)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
-    let params = generate_params(&args.sampling);
     let memory = match args.memory {
         false => None,
         true => {
@@ -805,24 +972,27 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
         ..StreamConfig::default()
     };
     stream::check_prompt(&generator, &config)?;
-    let summary = match &args.output {
+    let (summary, broken) = match &args.output {
         Some(path) => {
-            let mut output = StreamOutput {
-                lines: JsonLines::append_to(path)?,
-            };
-            run_stream(&mut generator, source, &config, &stop, &mut output)?
+            let mut output = StreamOutput::new(JsonLines::append_to(path)?, &stop);
+            (
+                run_stream(&mut generator, source, &config, &stop, &mut output)?,
+                output.broken,
+            )
         }
         None => {
-            let mut output = StreamOutput {
-                lines: JsonLines::new(std::io::stdout(), "stdout"),
-            };
-            run_stream(&mut generator, source, &config, &stop, &mut output)?
+            let mut output = StreamOutput::new(JsonLines::new(std::io::stdout(), "stdout"), &stop);
+            (
+                run_stream(&mut generator, source, &config, &stop, &mut output)?,
+                output.broken,
+            )
         }
     };
     let (end, status) = summary;
     let c = status.counters;
     let why = match end {
         StreamEnd::SourceEnded => "the source ended",
+        StreamEnd::Stopped if broken.is_some() => "the output is closed",
         StreamEnd::Stopped => "stopped",
         StreamEnd::MaxCaptions => "--max-frames reached",
     };
@@ -843,6 +1013,9 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
             "elastic-edge: memory: {} questions answered, {} skipped",
             c.questions_answered, c.questions_skipped
         );
+    }
+    if let Some(broken) = broken {
+        anyhow::bail!("{broken}: its reader is gone; stopped after {} captions", c.captions);
     }
     if let SourceState::Failed { error } = status.state {
         anyhow::bail!("{error}");
@@ -889,27 +1062,29 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
         anyhow::ensure!(!prompt.trim().is_empty(), "the prompt is empty");
     }
     let mut model = load_model(onnxruntime, &args.model)?;
+    let params = generate_params(&args.sampling);
+    check_new_tokens(&model, &params)?;
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
-    let params = generate_params(&args.sampling);
     let several = args.images.len() > 1;
     let mut failed = 0;
     for image in &args.images {
         let mut stdout = std::io::stdout().lock();
         let mut started = false;
-        let mut stream = |piece: &str| {
+        // A closed stdout ends the generation at the next piece.
+        let mut stream = |piece: &str| -> elastic_edge::Result<()> {
             if args.json {
-                return;
+                return Ok(());
             }
             if !started && several {
-                let _ = write!(stdout, "{}: ", image.display());
+                write!(stdout, "{}: ", image.display()).map_err(stdout_error)?;
             }
             started = true;
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
+            stdout.write_all(piece.as_bytes()).map_err(stdout_error)?;
+            stdout.flush().map_err(stdout_error)
         };
-        match generator.generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
+        match generator.try_generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
             Ok(generation) => {
                 if args.json {
                     let record = serde_json::json!({
@@ -927,14 +1102,16 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
                         "merged": generation.cache.merged,
                         "evicted": generation.cache.evicted,
                     });
-                    writeln!(stdout, "{record}")?;
+                    writeln!(stdout, "{record}").map_err(stdout_error)?;
                 } else {
-                    writeln!(stdout)?;
+                    writeln!(stdout).map_err(stdout_error)?;
                 }
             }
+            // Nothing more can be shown: stop, whatever is left to caption.
+            Err(err @ elastic_edge::Error::Output { .. }) => return Err(err.into()),
             Err(err) => {
                 if started {
-                    writeln!(stdout)?;
+                    writeln!(stdout).map_err(stdout_error)?;
                 }
                 if !several {
                     return Err(anyhow::Error::new(err).context(image.display().to_string()));
@@ -950,19 +1127,19 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {
     let library = runtime::load(onnxruntime)?;
-    println!("onnxruntime {}: {}", library.version, library.path.display());
-    println!("  found by: {}", library.found_by);
-    println!("  build: {}", library.build_info);
+    outln!("onnxruntime {}: {}", library.version, library.path.display());
+    outln!("  found by: {}", library.found_by);
+    outln!("  build: {}", library.build_info);
     let providers = runtime::available_providers()?;
-    println!("  execution providers in this build: {}", providers.join(", "));
+    outln!("  execution providers in this build: {}", providers.join(", "));
     for device in [Device::Cuda, Device::Tensorrt] {
         let options = ProviderOptions {
             device,
             ..ProviderOptions::default()
         };
         match model::providers::check(library.environment(), &options) {
-            Ok(()) => println!("  --device {device}: available"),
-            Err(err) => println!("  --device {device}: unavailable: {}", error_chain(&err)),
+            Ok(()) => outln!("  --device {device}: available"),
+            Err(err) => outln!("  --device {device}: unavailable: {}", error_chain(&err)),
         }
     }
 
@@ -979,7 +1156,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         Ok(manifest) => {
             weights_bytes = manifest.file_hashes.values().map(|f| f.bytes).sum();
             shape = manifest.kv_shape();
-            println!(
+            outln!(
                 "model {}: {} (files check out: sizes and sha256)\n  {} layers, {} KV heads of {}, {}, {} image tokens, {:.0} MB of files",
                 manifest.name,
                 dir.display(),
@@ -991,7 +1168,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
                 weights_bytes as f64 / 1e6
             );
         }
-        Err(err) => println!("model: {}", error_chain(&err)),
+        Err(err) => outln!("model: {}", error_chain(&err)),
     }
 
     shape.validate()?;
@@ -1007,20 +1184,20 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     )
     .with_context(|| format!("sizing the KV pool from {}", args.pool.kv_budget))?;
     let pool = cache.pool();
-    println!(
+    outln!(
         "kv pool: {} slots, {} bytes ({} per slot)",
         pool.capacity(),
         pool.bytes(),
         per_slot
     );
-    println!(
+    outln!(
         "  shape: {} layers x {} kv heads x {} dims, {}",
         shape.layers,
         shape.kv_heads,
         shape.head_dim,
         shape.dtype.name()
     );
-    println!(
+    outln!(
         "  policy {} at keep {}: holds a sequence of up to {} processed tokens before the budget binds",
         args.policy,
         cache.keep().get(),
@@ -1031,7 +1208,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         // for activations, the runtime and this process.
         let margin: u64 = 150 << 20;
         let largest = available.saturating_sub(weights_bytes + margin);
-        println!(
+        outln!(
             "memory: {:.1} GiB available; after the model files and a 150 MiB margin the largest --kv-budget is {:.2} GiB ({} slots)",
             available as f64 / (1u64 << 30) as f64,
             largest as f64 / (1u64 << 30) as f64,

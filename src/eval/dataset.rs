@@ -13,14 +13,27 @@
 //! multi-image for two or more. A kind that contradicts the pictures (text
 //! with a picture, multi-image with fewer than two) is a bad line.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{error_chain, Error, Result};
+use crate::model::image::Preprocess;
 
 /// The most pictures one sample may have.
 pub const MAX_IMAGES: usize = 3;
+
+/// The longest line read: a longer one is reported and skipped without
+/// being held (the dev set's longest is 12 KB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The largest dataset file read.
+pub const MAX_DATASET_BYTES: u64 = 256 << 20;
+
+/// Reasons listed when no line is usable.
+const REASONS_LISTED: usize = 5;
 
 /// What a prompt asks for; the reports split their tables by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -100,6 +113,8 @@ impl std::str::FromStr for PromptKind {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub id: String,
+    /// Its line in the dataset file (from 1).
+    pub line: usize,
     pub kind: PromptKind,
     /// The pictures, in prompt order (none for a text-only sample).
     pub images: Vec<PathBuf>,
@@ -137,24 +152,46 @@ struct Line {
     source: Option<String>,
 }
 
-/// Reads a dataset. A bad line (not JSON, no prompt, an unknown kind, a
-/// missing picture, too many pictures, a kind the pictures contradict) is an
-/// error naming its line number with `strict`, else skipped and reported.
+/// Reads a dataset. A bad line (longer than [`MAX_LINE_BYTES`], not UTF-8,
+/// not JSON, no prompt, an unknown kind, a missing picture, too many
+/// pictures, a kind the pictures contradict) is an error naming its line
+/// number with `strict`, else skipped and reported. A path that is not a
+/// regular file, or is larger than [`MAX_DATASET_BYTES`], is refused
+/// before it is read; when no line is usable, the error gives the first
+/// lines' reasons.
 pub fn load(path: &Path, strict: bool) -> Result<(Vec<Sample>, Vec<Skipped>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Dataset {
+    let file_error = |reason: String| Error::DatasetFile {
         path: path.to_path_buf(),
-        line: 0,
-        reason: format!("cannot read: {e}"),
-    })?;
+        reason,
+    };
+    let (file, meta) = crate::regular_file::open(path).map_err(|e| file_error(format!("cannot read: {e}")))?;
+    if meta.len() > MAX_DATASET_BYTES {
+        return Err(file_error(format!(
+            "{} bytes, more than the {MAX_DATASET_BYTES} a dataset may have",
+            meta.len()
+        )));
+    }
     let base = path.parent().unwrap_or(Path::new("."));
+    let mut reader = BufReader::new(file);
+    let mut raw = Vec::new();
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let line = index + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        match parse(raw, base, line) {
+    let mut line = 0;
+    loop {
+        let read = read_line(&mut reader, &mut raw).map_err(|e| Error::Dataset {
+            path: path.to_path_buf(),
+            line: line + 1,
+            reason: format!("cannot read: {e}"),
+        })?;
+        let Some(length) = read else { break };
+        line += 1;
+        let parsed = match (length, std::str::from_utf8(&raw)) {
+            (Length::TooLong, _) => Err(format!("longer than {MAX_LINE_BYTES} bytes")),
+            (Length::Fits, Err(e)) => Err(format!("not UTF-8 (byte {} of the line)", e.valid_up_to() + 1)),
+            (Length::Fits, Ok(text)) if text.trim().is_empty() => continue,
+            (Length::Fits, Ok(text)) => parse(text, base, line),
+        };
+        match parsed {
             Ok(sample) => samples.push(sample),
             Err(reason) if strict => {
                 return Err(Error::Dataset {
@@ -167,13 +204,120 @@ pub fn load(path: &Path, strict: bool) -> Result<(Vec<Sample>, Vec<Skipped>)> {
         }
     }
     if samples.is_empty() {
-        return Err(Error::Dataset {
-            path: path.to_path_buf(),
-            line: 0,
-            reason: "no usable sample".into(),
-        });
+        return Err(file_error(no_usable_sample(&skipped)));
     }
     Ok((samples, skipped))
+}
+
+/// Checks every picture of `samples` the way the model will read it
+/// (`preprocess`: decoded and resized; `None`: a model without a vision
+/// graph, which takes no picture). A sample with a picture that fails is
+/// an error naming its line with `strict`, else left out and reported, so
+/// one undecodable picture does not stop a sweep hours in. Each picture is
+/// read once however many samples name it.
+pub fn check_pictures(
+    path: &Path,
+    samples: Vec<Sample>,
+    preprocess: Option<&Preprocess>,
+    strict: bool,
+) -> Result<(Vec<Sample>, Vec<Skipped>)> {
+    let mut out = vec![0f32; preprocess.map_or(0, Preprocess::output_len)];
+    let mut checked: HashMap<PathBuf, Option<String>> = HashMap::new();
+    let mut kept = Vec::with_capacity(samples.len());
+    let mut skipped = Vec::new();
+    for sample in samples {
+        let mut failure = None;
+        for picture in &sample.images {
+            let result = checked.entry(picture.clone()).or_insert_with(|| match preprocess {
+                None => Some("the model has no vision graph: it takes no picture".to_string()),
+                Some(p) => p.load_file(picture, &mut out).err().map(|e| error_chain(&e)),
+            });
+            if let Some(reason) = result {
+                failure = Some(reason.clone());
+                break;
+            }
+        }
+        match failure {
+            None => kept.push(sample),
+            Some(reason) if strict => {
+                return Err(Error::Dataset {
+                    path: path.to_path_buf(),
+                    line: sample.line,
+                    reason,
+                })
+            }
+            Some(reason) => skipped.push(Skipped {
+                line: sample.line,
+                reason,
+            }),
+        }
+    }
+    if kept.is_empty() {
+        return Err(Error::DatasetFile {
+            path: path.to_path_buf(),
+            reason: no_usable_sample(&skipped),
+        });
+    }
+    Ok((kept, skipped))
+}
+
+/// "no usable sample", with the first lines' reasons.
+fn no_usable_sample(skipped: &[Skipped]) -> String {
+    if skipped.is_empty() {
+        return "no usable sample: the file has no lines".into();
+    }
+    let mut text = String::from("no usable sample: ");
+    let listed: Vec<String> = skipped
+        .iter()
+        .take(REASONS_LISTED)
+        .map(|s| format!("line {}: {}", s.line, s.reason))
+        .collect();
+    text.push_str(&listed.join("; "));
+    if skipped.len() > REASONS_LISTED {
+        text.push_str(&format!("; and {} more bad lines", skipped.len() - REASONS_LISTED));
+    }
+    text
+}
+
+/// Whether a line fitted [`MAX_LINE_BYTES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Length {
+    Fits,
+    TooLong,
+}
+
+/// Reads one line into `line` (without its newline), keeping at most
+/// [`MAX_LINE_BYTES`] of it: the rest of a longer line is read past, not
+/// held. `None` at the end of the file.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<Option<Length>> {
+    line.clear();
+    let mut length = Length::Fits;
+    let mut any = false;
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(any.then_some(length));
+        }
+        any = true;
+        let (chunk, ended) = match buffer.iter().position(|&b| b == b'\n') {
+            Some(end) => (&buffer[..end], true),
+            None => (buffer, false),
+        };
+        if line.len() + chunk.len() > MAX_LINE_BYTES {
+            length = Length::TooLong;
+            line.clear();
+        } else if length == Length::Fits {
+            line.extend_from_slice(chunk);
+        }
+        let used = chunk.len() + usize::from(ended);
+        reader.consume(used);
+        if ended {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Some(length));
+        }
+    }
 }
 
 fn parse(raw: &str, base: &Path, line: usize) -> std::result::Result<Sample, String> {
@@ -205,6 +349,7 @@ fn parse(raw: &str, base: &Path, line: usize) -> std::result::Result<Sample, Str
     }
     Ok(Sample {
         id: parsed.id.unwrap_or_else(|| format!("line-{line}")),
+        line,
         kind,
         images,
         prompt,
@@ -332,6 +477,90 @@ mod tests {
         std::fs::write(dir.path().join("a.png"), b"x").unwrap();
         let err = load(&data, true).unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("\"text\""), "{err}");
+    }
+
+    #[test]
+    fn long_and_undecodable_lines_are_skipped_by_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.jsonl");
+        let mut bytes = b"{\"prompt\": \"first\"}\r\n".to_vec();
+        bytes.extend(std::iter::repeat_n(b'x', 2 * MAX_LINE_BYTES + 17));
+        bytes.extend_from_slice(b"\n{\"prompt\": \"caf\xe9\"}\n{\"prompt\": \"last\"}");
+        std::fs::write(&data, &bytes).unwrap();
+        let (samples, skipped) = load(&data, false).unwrap();
+        let prompts: Vec<(&str, usize)> = samples.iter().map(|s| (s.prompt.as_str(), s.line)).collect();
+        assert_eq!(prompts, vec![("first", 1), ("last", 4)]);
+        let reasons: Vec<(usize, &str)> = skipped.iter().map(|s| (s.line, s.reason.as_str())).collect();
+        assert_eq!(
+            reasons,
+            vec![(2, "longer than 1048576 bytes"), (3, "not UTF-8 (byte 16 of the line)")]
+        );
+        let err = load(&data, true).unwrap_err().to_string();
+        assert!(err.ends_with("line 2: longer than 1048576 bytes"), "{err}");
+    }
+
+    #[test]
+    fn no_usable_sample_says_why_and_devices_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.jsonl");
+        let lines: Vec<String> = (0..7).map(|i| format!("{{\"id\": \"{i}\"}}")).collect();
+        std::fs::write(&data, format!("not json\n{}\n", lines.join("\n"))).unwrap();
+        let err = load(&data, false).unwrap_err().to_string();
+        assert!(
+            err.contains("no usable sample: line 1: not a JSON sample")
+                && err.contains("line 2: no \"prompt\"")
+                && err.contains("and 3 more bad lines")
+                && !err.contains("line 0"),
+            "{err}"
+        );
+        std::fs::write(&data, "\n\n").unwrap();
+        let err = load(&data, false).unwrap_err().to_string();
+        assert!(err.contains("the file has no lines"), "{err}");
+        let err = load(Path::new("/dev/zero"), false).unwrap_err().to_string();
+        assert_eq!(err, "/dev/zero: cannot read: not a regular file (a character device)");
+        let err = load(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("not a regular file (a directory)"), "{err}");
+    }
+
+    #[test]
+    fn pictures_that_do_not_decode_are_skipped_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = image::RgbImage::from_pixel(8, 6, image::Rgb([10, 20, 30]));
+        good.save(dir.path().join("good.png")).unwrap();
+        std::fs::write(dir.path().join("bad.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+        let data = dir.path().join("data.jsonl");
+        std::fs::write(
+            &data,
+            concat!(
+                "{\"image\": \"good.png\", \"prompt\": \"p\"}\n",
+                "{\"images\": [\"good.png\", \"bad.png\"], \"prompt\": \"p\"}\n",
+                "{\"prompt\": \"text only\"}\n",
+                "{\"image\": \"bad.png\", \"prompt\": \"again\"}\n",
+            ),
+        )
+        .unwrap();
+        let (samples, _) = load(&data, false).unwrap();
+        let preprocess: Preprocess = serde_json::from_value(serde_json::json!({
+            "width": 4, "height": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+            "rescale": 0.00392156862745098, "resize": "bilinear_squash",
+        }))
+        .unwrap();
+        let (kept, skipped) = check_pictures(&data, samples.clone(), Some(&preprocess), false).unwrap();
+        assert_eq!(kept.iter().map(|s| s.line).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(skipped.iter().map(|s| s.line).collect::<Vec<_>>(), vec![2, 4]);
+        assert!(skipped[0].reason.contains("bad.png") && skipped[0].reason.contains("corrupt"));
+        let err = check_pictures(&data, samples.clone(), Some(&preprocess), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2: image") && err.contains("bad.png"), "{err}");
+        let pictures: Vec<Sample> = samples.iter().filter(|s| !s.images.is_empty()).cloned().collect();
+        let (kept, skipped) = check_pictures(&data, pictures.clone(), None, false).unwrap_or_default();
+        assert!(kept.is_empty() && skipped.is_empty());
+        let err = check_pictures(&data, pictures, None, false).unwrap_err().to_string();
+        assert!(
+            err.contains("no usable sample: line 1: the model has no vision graph"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::dataset::{PromptKind, Sample};
 use super::report::{self, io_error};
 use super::rouge::rouge_l_f;
-use crate::error::{Error, Result};
+use crate::error::{error_chain, Error, Result};
 use crate::generate::{EncodedPrompt, GenerateParams, Generator, Sampling};
 use crate::kv::{KeepRatio, KvBudget, KvCache, PolicyConfig, PolicyKind, PoolBacking};
 use crate::model::Model;
@@ -126,8 +126,9 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
         let mut generator = Generator::new(model, cache)?;
         let (mut rouge_sum, mut nll, mut tokens, mut entries) = (0.0, 0.0, 0, 0usize);
         for (index, (sample, reference)) in samples.iter().zip(&references).enumerate() {
+            let at = at_sample(sample);
             let images = sample.image_inputs();
-            let prompt = prompts.get(&mut generator, index, sample)?;
+            let prompt = prompts.get(&mut generator, index, sample).map_err(at)?;
             let answer = if policy == PolicyKind::Full {
                 reference.text.clone()
             } else {
@@ -137,10 +138,16 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
                     ignore_stop: false,
                 };
                 match prompt.as_ref() {
-                    Some(prompt) => generator.generate_encoded(prompt, &params, &mut |_| {})?.text,
+                    Some(prompt) => {
+                        generator
+                            .generate_encoded(prompt, &params, &mut |_| {})
+                            .map_err(at)?
+                            .text
+                    }
                     None => {
                         generator
-                            .generate(&images, Some(&sample.prompt), &params, &mut |_| {})?
+                            .generate(&images, Some(&sample.prompt), &params, &mut |_| {})
+                            .map_err(at)?
                             .text
                     }
                 }
@@ -150,15 +157,16 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
             done += 1;
             progress(done, total, &label);
             let target = match &sample.reference {
-                Some(text) => generator.model().prompt.encode(text)?,
+                Some(text) => generator.model().prompt.encode(text).map_err(|e| at(e.into()))?,
                 None => reference.ids.clone(),
             };
             let mut result = SampleResult::unscored(policy, keep, sample, rouge); // per-sample results
             if !target.is_empty() {
                 let (sample_nll, count) = match prompt.as_ref() {
-                    Some(prompt) => generator.score_encoded(prompt, &target)?,
-                    None => generator.score(&images, Some(&sample.prompt), &target)?,
-                };
+                    Some(prompt) => generator.score_encoded(prompt, &target),
+                    None => generator.score(&images, Some(&sample.prompt), &target),
+                }
+                .map_err(at)?;
                 nll += sample_nll;
                 tokens += count;
                 entries += generator.cache().pool().len();
@@ -301,7 +309,9 @@ fn full_cache_references(
                     ignore_stop: false,
                 };
                 let images = sample.image_inputs();
-                let generation = generator.generate(&images, Some(&sample.prompt), &params, &mut |_| {})?;
+                let generation = generator
+                    .generate(&images, Some(&sample.prompt), &params, &mut |_| {})
+                    .map_err(at_sample(sample))?;
                 let mut ids = generation.token_ids;
                 ids.extend(generation.stop_token);
                 let reference = Reference {
@@ -320,6 +330,15 @@ fn full_cache_references(
         progress(*done, total, "full-cache answers");
     }
     Ok(references)
+}
+
+/// A sample's failure, with its id and its line in the dataset.
+fn at_sample(sample: &Sample) -> impl Fn(Error) -> Error + Copy + '_ {
+    move |e| Error::Sample {
+        id: sample.id.clone(),
+        line: sample.line,
+        reason: error_chain(&e),
+    }
 }
 
 fn reference_key(model_key: &str, sample: &Sample, max_new_tokens: usize) -> String {

@@ -36,44 +36,110 @@ impl FromStr for KvBudget {
     type Err = Error;
 
     fn from_str(input: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::BudgetSyntax {
+        let bad = |reason: String| Error::BudgetSyntax {
             input: input.to_string(),
-            reason: reason.to_string(),
+            reason,
         };
-        let text = input.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        if number.is_empty() {
-            return Err(bad("it does not start with a number"));
-        }
-        let unit = unit.trim().to_ascii_lowercase();
-        if matches!(unit.as_str(), "tokens" | "token" | "tok" | "slots") {
-            let tokens: usize = number
-                .parse()
-                .map_err(|_| bad("a token count must be a whole number"))?;
+        let (number, unit) = split_number(input.trim());
+        if matches!(unit.to_ascii_lowercase().as_str(), "tokens" | "token" | "tok" | "slots") {
+            let tokens: u64 = match number.parse() {
+                Ok(tokens) => tokens,
+                Err(_) if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
+                Err(_) => return Err(bad("a token count must be a whole number".into())),
+            };
             if tokens == 0 {
-                return Err(bad("the budget must be positive"));
+                return Err(bad("the budget must be at least one token".into()));
             }
-            return Ok(KvBudget::Tokens(tokens));
+            if tokens > MAX_TOKENS {
+                return Err(bad(format!(
+                    "{number} tokens is more than the largest budget accepted, {MAX_TOKENS} tokens"
+                )));
+            }
+            return Ok(KvBudget::Tokens(tokens as usize));
         }
-        let scale: u64 = match unit.as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            _ => return Err(bad("unknown unit")),
-        };
-        let value: f64 = number.parse().map_err(|_| bad("not a number"))?;
-        let bytes = value * scale as f64;
-        if bytes.is_nan() || bytes < 1.0 || bytes > u64::MAX as f64 {
-            return Err(bad("the budget must be at least one byte"));
+        parse_bytes(input).map(KvBudget::Bytes).map_err(bad)
+    }
+}
+
+/// The largest byte count accepted (a typo guard; far above any memory).
+pub const MAX_BYTES: u64 = 1 << 50;
+
+/// The largest slot count accepted (positions are 32-bit).
+pub const MAX_TOKENS: u64 = u32::MAX as u64;
+
+/// `text` as its number (digits, a decimal point, an exponent: `1.5`,
+/// `1e9`) and what follows it.
+fn split_number(text: &str) -> (&str, &str) {
+    let bytes = text.as_bytes();
+    let mut end = bytes.iter().take_while(|b| b.is_ascii_digit() || **b == b'.').count();
+    // An exponent only when digits follow it: `1e9`, `2.5E+3`; `1e` is not one.
+    if end > 0 && matches!(bytes.get(end), Some(b'e' | b'E')) {
+        let mut at = end + 1;
+        if matches!(bytes.get(at), Some(b'+' | b'-')) {
+            at += 1;
         }
-        Ok(KvBudget::Bytes(bytes as u64))
+        let digits = bytes[at.min(bytes.len())..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits > 0 {
+            end = at + digits;
+        }
+    }
+    let (number, unit) = text.split_at(end);
+    (number, unit.trim())
+}
+
+/// A byte count: a number and an optional unit (`B`; `k`/`kB`, `M`/`MB`,
+/// `G`/`GB`, `T`/`TB`, `P`/`PB` in powers of 1000; `KiB`, `MiB`, `GiB`,
+/// `TiB`, `PiB` in powers of 1024; any case), from one byte to
+/// [`MAX_BYTES`]. The error is the reason, for the caller to name the value.
+pub fn parse_bytes(input: &str) -> std::result::Result<u64, String> {
+    let (number, unit) = split_number(input.trim());
+    if number.is_empty() {
+        return Err("it does not start with a number".into());
+    }
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "tokens" | "token" | "tok" | "slots" => {
+            return Err("a token count is not a size: give bytes (like 256MiB)".into())
+        }
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        "p" | "pb" => 1_000_000_000_000_000,
+        "pib" => 1 << 50,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} (use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    let value: f64 = number.parse().map_err(|_| format!("{number:?} is not a number"))?;
+    let bytes = value * scale as f64;
+    if bytes.is_nan() || bytes < 1.0 {
+        return Err("it must be at least one byte".into());
+    }
+    if bytes > MAX_BYTES as f64 {
+        return Err(format!(
+            "{} bytes is more than the largest accepted, 1 PiB ({MAX_BYTES} bytes)",
+            number_of_bytes(bytes)
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+/// A large byte count as written in a message: `1e30`, not 31 digits.
+fn number_of_bytes(bytes: f64) -> String {
+    if bytes < 1e18 {
+        format!("{}", bytes as u64)
+    } else {
+        format!("{bytes:e}")
     }
 }
 
@@ -137,11 +203,56 @@ mod tests {
 
     #[test]
     fn rejects_nonsense_budgets() {
-        for bad in ["", "MiB", "12XB", "0", "0tokens", "1.5tokens", "-3MiB", "0.1"] {
+        for bad in [
+            "",
+            "MiB",
+            "12XB",
+            "0",
+            "0tokens",
+            "1.5tokens",
+            "-3MiB",
+            "0.1",
+            "1e",
+            "NaN",
+            "inf",
+        ] {
             assert!(bad.parse::<KvBudget>().is_err(), "{bad:?} parsed");
         }
         let err = "12XB".parse::<KvBudget>().unwrap_err().to_string();
-        assert!(err.contains("12XB") && err.contains("unknown unit"), "{err}");
+        assert!(err.contains("12XB") && err.contains("unknown unit \"XB\""), "{err}");
+    }
+
+    #[test]
+    fn large_budgets_are_told_they_are_large() {
+        assert_eq!("1TiB".parse::<KvBudget>().unwrap(), KvBudget::Bytes(1 << 40));
+        assert_eq!("2TB".parse::<KvBudget>().unwrap(), KvBudget::Bytes(2_000_000_000_000));
+        assert_eq!("1PiB".parse::<KvBudget>().unwrap(), KvBudget::Bytes(MAX_BYTES));
+        assert_eq!("1e9".parse::<KvBudget>().unwrap(), KvBudget::Bytes(1_000_000_000));
+        assert_eq!("2.5e3KiB".parse::<KvBudget>().unwrap(), KvBudget::Bytes(2_560_000));
+        for (big, said) in [
+            ("1e30", "1e30 bytes is more than the largest accepted, 1 PiB"),
+            ("1000000000000000000000000000000", "1e30 bytes is more than"),
+            ("2PiB", "2251799813685248 bytes is more than"),
+            (
+                "99999999999999999999999tokens",
+                "tokens is more than the largest budget accepted",
+            ),
+            (
+                "5000000000tokens",
+                "more than the largest budget accepted, 4294967295 tokens",
+            ),
+        ] {
+            let err = big.parse::<KvBudget>().unwrap_err().to_string();
+            assert!(err.contains(said) && !err.contains("at least one"), "{big}: {err}");
+        }
+        let err = "0.1".parse::<KvBudget>().unwrap_err().to_string();
+        assert!(err.contains("at least one byte"), "{err}");
+        // The plain size parser says nothing of a KV budget.
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("0"), Err("it must be at least one byte".into()));
+        assert!(parse_bytes("10tokens")
+            .unwrap_err()
+            .contains("a token count is not a size"));
     }
 
     #[test]

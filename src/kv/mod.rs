@@ -9,7 +9,7 @@ pub mod policy;
 pub mod pool;
 pub mod rope;
 
-pub use budget::{KeepRatio, KvBudget};
+pub use budget::{parse_bytes, KeepRatio, KvBudget};
 pub use cache::{CacheStats, KvCache, PositionMap, PromptSnapshot};
 pub use kind::{KindClass, TokenKind};
 pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};

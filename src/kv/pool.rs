@@ -157,6 +157,9 @@ impl KvShape {
         }
     }
 
+    /// Every dimension positive, and one slot's bytes (K, V and metadata
+    /// of every layer) a number that fits: the sizes below are only
+    /// meaningful for a shape that passes.
     pub fn validate(&self) -> Result<()> {
         if self.layers == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err(Error::Shape(format!(
@@ -164,22 +167,41 @@ impl KvShape {
                 self.layers, self.kv_heads, self.head_dim
             )));
         }
+        let kv = self
+            .kv_heads
+            .checked_mul(self.head_dim)
+            .and_then(|row| row.checked_mul(2 * self.dtype.size()))
+            .and_then(|layer| layer.checked_mul(self.layers))
+            .and_then(|kv| u64::try_from(kv).ok());
+        let meta = (self.layers as u64).checked_mul(META_BYTES_PER_LAYER_SLOT);
+        if kv.zip(meta).and_then(|(kv, meta)| kv.checked_add(meta)).is_none() {
+            return Err(Error::Shape(format!(
+                "{} layers x {} kv heads x {} dims: one slot's size overflows",
+                self.layers, self.kv_heads, self.head_dim
+            )));
+        }
         Ok(())
     }
 
-    /// Elements in one entry's K (or V) for one layer.
+    /// Elements in one entry's K (or V) for one layer (saturating: see
+    /// [`Self::validate`]).
     pub const fn row_len(&self) -> usize {
-        self.kv_heads * self.head_dim
+        self.kv_heads.saturating_mul(self.head_dim)
     }
 
-    /// Bytes of K and V for one slot across all layers.
+    /// Bytes of K and V for one slot across all layers (saturating).
     pub const fn kv_bytes_per_slot(&self) -> u64 {
-        (self.layers * 2 * self.row_len() * self.dtype.size()) as u64
+        (self.layers as u64)
+            .saturating_mul(2)
+            .saturating_mul(self.row_len() as u64)
+            .saturating_mul(self.dtype.size() as u64)
     }
 
-    /// Everything one slot costs: K, V and metadata in every layer.
+    /// Everything one slot costs: K, V and metadata in every layer
+    /// (saturating).
     pub const fn bytes_per_slot(&self) -> u64 {
-        self.kv_bytes_per_slot() + self.layers as u64 * META_BYTES_PER_LAYER_SLOT
+        self.kv_bytes_per_slot()
+            .saturating_add((self.layers as u64).saturating_mul(META_BYTES_PER_LAYER_SLOT))
     }
 }
 
@@ -943,6 +965,21 @@ mod tests {
     fn key_of(pool: &KvPool, layer: usize, slot: usize) -> f32 {
         let row = pool.shape().row_len();
         pool.keys::<f32>(layer).unwrap()[slot * row]
+    }
+
+    #[test]
+    fn a_shape_whose_slot_size_overflows_is_refused() {
+        let huge = KvShape {
+            layers: 30,
+            kv_heads: 3,
+            head_dim: 1 << 61,
+            dtype: KvDtype::F32,
+        };
+        let err = huge.validate().unwrap_err().to_string();
+        assert!(err.contains("one slot's size overflows"), "{err}");
+        assert_eq!(huge.bytes_per_slot(), u64::MAX, "saturates, never panics");
+        assert!(KvPool::with_budget(huge, 1 << 20, &PoolBacking::Anonymous).is_err());
+        assert!(KvShape::smollm2_135m(KvDtype::F16).validate().is_ok());
     }
 
     #[test]

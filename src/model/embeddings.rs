@@ -2,7 +2,6 @@
 //! `[vocab, hidden]` little-endian table in the decoder's dtype. Looking up
 //! a token is a row copy; nothing is loaded into the heap.
 
-use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -23,9 +22,12 @@ impl Embeddings {
             path: path.to_path_buf(),
             reason,
         };
-        let file = File::open(path).map_err(|e| file_error(format!("cannot open: {e}")))?;
-        let expected = (vocab * hidden * dtype.size()) as u64;
-        let actual = file.metadata().map_err(|e| file_error(e.to_string()))?.len();
+        let (file, meta) = crate::regular_file::open(path).map_err(|e| file_error(format!("cannot open: {e}")))?;
+        let expected = (vocab as u64)
+            .checked_mul(hidden as u64)
+            .and_then(|n| n.checked_mul(dtype.size() as u64))
+            .ok_or_else(|| file_error(format!("a [{vocab}, {hidden}] table overflows")))?;
+        let actual = meta.len();
         if actual != expected {
             return Err(file_error(format!(
                 "{actual} bytes, a [{vocab}, {hidden}] {} table has {expected}",

@@ -12,9 +12,10 @@
 //! - **EXIF orientation is applied** (JPEG, WebP, TIFF): camera pictures come
 //!   out upright. PIL's `Image.open` does not rotate, so the reference sees a
 //!   sideways image; the fixtures use images without orientation tags.
-//! - **JPEG decoding** is `zune-jpeg` (through the `image` crate), not
-//!   libjpeg-turbo: the decoded pixels can differ by a few levels, so JPEG
-//!   inputs are close to, not bit-exact with, the reference.
+//! - **JPEG decoding** is `zune-jpeg` (the `image` crate's decoder, run in
+//!   strict mode: data cut short is an error), not libjpeg-turbo: the
+//!   decoded pixels can differ by a few levels, so JPEG inputs are close
+//!   to, not bit-exact with, the reference.
 //! - **16-bit images** keep the high byte of each sample (`v >> 8`), which is
 //!   what PIL does for 16-bit RGB, RGBA and LA PNGs. For 16-bit *grayscale*
 //!   PIL clips every value above 255 to white (its `I;16` to `RGB`
@@ -27,19 +28,23 @@
 
 mod resample;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Cursor, Seek};
+use std::io::{BufRead, BufReader, Cursor, Read, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
-use resample::{resize_rgb8, Filter};
+use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
 
 /// Default cap on an input's pixel count (width x height, before resizing).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
 
-/// Largest target width or height accepted for the model input.
-const MAX_TARGET_SIDE: u32 = 16_384;
+/// Largest target width or height accepted for the model input (4096 x
+/// 4096 is 200 MB of `pixel_values`; vision encoders take a few hundred).
+pub const MAX_TARGET_SIDE: u32 = 4096;
+
+/// The largest `max_pixels` a manifest may set: 256 megapixels, which
+/// bounds a decode at about 2 GiB.
+pub const MAX_PIXELS_LIMIT: u64 = 256_000_000;
 
 /// Bytes a decoder may use per input pixel (covers 16-bit RGBA) plus a fixed
 /// allowance for its own working memory; with the default cap this bounds a
@@ -208,8 +213,11 @@ impl Preprocess {
         if !self.rescale.is_finite() || self.rescale <= 0.0 {
             return bad(format!("rescale {} must be positive and finite", self.rescale));
         }
-        if self.max_pixels == 0 {
-            return bad("max_pixels must be at least 1".into());
+        if self.max_pixels == 0 || self.max_pixels > MAX_PIXELS_LIMIT {
+            return bad(format!(
+                "max_pixels {} must be between 1 and {MAX_PIXELS_LIMIT}",
+                self.max_pixels
+            ));
         }
         Ok(())
     }
@@ -311,14 +319,16 @@ impl Preprocess {
             Resize::BilinearSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bilinear),
             Resize::BicubicSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
             Resize::BicubicShortestEdgeCenterCrop => {
+                // Only the centre crop is computed: the resized picture of a
+                // 60000 x 1 source would be 20 million columns wide.
                 let (nw, nh) = shortest_edge_size(sw, sh, tw);
-                let big = resize_rgb8(src, sw, sh, nw, nh, Filter::Bicubic);
-                let (top, left) = ((nh - th) / 2, (nw - tw) / 2);
-                let mut out = Vec::with_capacity(tw * th * 3);
-                for y in top..top + th {
-                    out.extend_from_slice(&big[(y * nw + left) * 3..(y * nw + left + tw) * 3]);
-                }
-                out
+                let crop = Window {
+                    x0: (nw - tw) / 2,
+                    y0: (nh - th) / 2,
+                    width: tw,
+                    height: th,
+                };
+                resize_rgb8_window(src, sw, sh, nw, nh, crop, Filter::Bicubic)
             }
         }
     }
@@ -359,11 +369,8 @@ pub fn decode_file_rgb8(path: &Path, max_pixels: u64) -> Result<(RgbImage, &'sta
         path: name.clone(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(std::io::Error::other("is a directory")));
-    }
+    // Not a FIFO or a device (which would block or never end).
+    let (file, meta) = crate::regular_file::open(path).map_err(read_err)?;
     if meta.len() == 0 {
         return Err(ImageError::Empty { input: name });
     }
@@ -403,6 +410,10 @@ pub fn decode_rgb8<R: BufRead + Seek>(
     let limit_bytes = max_pixels
         .saturating_mul(DECODE_BYTES_PER_PIXEL)
         .saturating_add(DECODE_SLACK_BYTES);
+    if format == ImageFormat::Jpeg {
+        let img = decode_jpeg(reader.into_inner(), name, max_pixels, limit_bytes)?;
+        return rgb8_of(img, name, fmt);
+    }
     let mut limits = Limits::default();
     limits.max_alloc = Some(limit_bytes);
     reader.limits(limits);
@@ -443,12 +454,137 @@ pub fn decode_rgb8<R: BufRead + Seek>(
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(map)?;
     img.apply_orientation(orientation);
+    rgb8_of(img, name, fmt)
+}
+
+fn rgb8_of(img: DynamicImage, name: &str, fmt: &'static str) -> Result<(RgbImage, &'static str), ImageError> {
     let rgb = to_rgb8(img).ok_or_else(|| ImageError::Corrupt {
         input: name.to_string(),
         format: fmt.to_string(),
         reason: "decoded pixel buffer does not match its size".into(),
     })?;
     Ok((rgb, fmt))
+}
+
+/// A JPEG, decoded by `zune-jpeg` (as `image` does) in strict mode: data
+/// that ends before the last scan, a Huffman code that does not decode or a
+/// marker where none may be is an error, not grey filled in, so a frame
+/// cut off in transfer is counted as corrupt instead of captioned. EXIF
+/// orientation applied; the file is read whole, at most `limit_bytes`.
+fn decode_jpeg<R: BufRead + Seek>(
+    reader: R,
+    name: &str,
+    max_pixels: u64,
+    limit_bytes: u64,
+) -> Result<DynamicImage, ImageError> {
+    use zune_jpeg::zune_core::bytestream::ZCursor;
+    use zune_jpeg::zune_core::colorspace::ColorSpace;
+    use zune_jpeg::zune_core::options::DecoderOptions;
+
+    let input = || name.to_string();
+    let corrupt = |e: zune_jpeg::errors::DecodeErrors| match e {
+        zune_jpeg::errors::DecodeErrors::Unsupported(what) => ImageError::Unsupported {
+            input: input(),
+            format: "jpeg".into(),
+            reason: format!("{what:?}"),
+        },
+        zune_jpeg::errors::DecodeErrors::FormatStatic(text) => ImageError::Corrupt {
+            input: input(),
+            format: "jpeg".into(),
+            reason: text.to_lowercase(),
+        },
+        zune_jpeg::errors::DecodeErrors::Format(text) => ImageError::Corrupt {
+            input: input(),
+            format: "jpeg".into(),
+            reason: text,
+        },
+        other => ImageError::Corrupt {
+            input: input(),
+            format: "jpeg".into(),
+            reason: other.to_string(),
+        },
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(limit_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|source| ImageError::Read { path: input(), source })?;
+    if bytes.len() as u64 > limit_bytes {
+        return Err(ImageError::MemoryLimit {
+            input: input(),
+            limit_bytes,
+            reason: "the file alone is larger".into(),
+        });
+    }
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes[..]), options);
+    decoder.decode_headers().map_err(corrupt)?;
+    let (Some((width, height)), Some(colorspace)) = (decoder.dimensions(), decoder.input_colorspace()) else {
+        return Err(corrupt(zune_jpeg::errors::DecodeErrors::FormatStatic(
+            "no frame header",
+        )));
+    };
+    // A JPEG's sides are 16-bit.
+    let (width, height) = (width as u32, height as u32);
+    if width == 0 || height == 0 {
+        return Err(ImageError::ZeroSize {
+            input: input(),
+            width,
+            height,
+        });
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            input: input(),
+            width,
+            height,
+            pixels,
+            max_pixels,
+        });
+    }
+    // What `image` asks for: the layouts it has, everything else as RGB.
+    let out = match colorspace {
+        ColorSpace::RGB | ColorSpace::RGBA | ColorSpace::Luma | ColorSpace::LumaA => colorspace,
+        _ => ColorSpace::RGB,
+    };
+    decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
+    let size = decoder.output_buffer_size().unwrap_or(usize::MAX);
+    if size as u64 > limit_bytes {
+        return Err(ImageError::MemoryLimit {
+            input: input(),
+            limit_bytes,
+            reason: format!("{width}x{height} {out:?} is {size} bytes"),
+        });
+    }
+    let mut data = vec![0u8; size];
+    decoder.decode_into(&mut data).map_err(corrupt)?;
+    let orientation = decoder
+        .exif()
+        .and_then(|exif| image::metadata::Orientation::from_exif_chunk(exif))
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mismatch = || ImageError::Corrupt {
+        input: input(),
+        format: "jpeg".into(),
+        reason: "decoded pixel buffer does not match its size".into(),
+    };
+    let mut img = match out {
+        ColorSpace::RGBA => {
+            DynamicImage::ImageRgba8(image::RgbaImage::from_raw(width, height, data).ok_or_else(mismatch)?)
+        }
+        ColorSpace::Luma => {
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(width, height, data).ok_or_else(mismatch)?)
+        }
+        ColorSpace::LumaA => {
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_raw(width, height, data).ok_or_else(mismatch)?)
+        }
+        _ => DynamicImage::ImageRgb8(RgbImage::from_raw(width, height, data).ok_or_else(mismatch)?),
+    };
+    img.apply_orientation(orientation);
+    Ok(img)
 }
 
 fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
@@ -536,6 +672,7 @@ mod tests {
     use image::{ImageEncoder, Luma, LumaA, Rgb, Rgba};
     use serde_json::Value;
     use sha2::{Digest, Sha256};
+    use std::fs::File;
     use std::path::PathBuf;
 
     fn repo(rel: &str) -> PathBuf {
@@ -996,6 +1133,49 @@ mod tests {
 
         let e = p.load_bytes(&good, &mut [0f32; 5]).expect_err("short out");
         assert!(matches!(e, ImageError::OutputLength { got: 5, needed: 48, .. }), "{e}");
+    }
+
+    /// A 64 x 48 JPEG with detail in every block, and where its scan data starts.
+    fn detailed_jpeg(quality: u8) -> (Vec<u8>, usize) {
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 256) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, quality)
+            .write_image(img.as_raw(), 64, 48, image::ExtendedColorType::Rgb8)
+            .expect("jpeg");
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("SOS");
+        let length = usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
+        (jpeg, sos + 2 + length)
+    }
+
+    #[test]
+    fn truncated_jpegs_are_corrupt_not_grey() {
+        let p = pre(16, 16, Resize::BilinearSquash);
+        for quality in [50, 95] {
+            let (jpeg, scan) = detailed_jpeg(quality);
+            assert!(load(&p, &jpeg).is_ok(), "the whole file decodes");
+            // Cut anywhere in the scan data (the lenient decoder filled the
+            // rest with grey and this was captioned).
+            let scan_bytes = jpeg.len() - 2 - scan;
+            for cut in [
+                scan + 1,
+                scan + scan_bytes / 4,
+                scan + scan_bytes / 2,
+                scan + scan_bytes * 3 / 4,
+            ] {
+                let e = load(&p, &jpeg[..cut]).expect_err("truncated");
+                assert!(
+                    matches!(e, ImageError::Corrupt { .. }) && e.to_string().contains("jpeg"),
+                    "quality {quality}, cut at {cut} of {}: {e}",
+                    jpeg.len()
+                );
+            }
+            // Cut in the headers.
+            for cut in [3, scan / 2, scan - 1] {
+                assert!(load(&p, &jpeg[..cut]).is_err(), "cut at {cut}");
+            }
+        }
     }
 
     #[test]

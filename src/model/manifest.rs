@@ -4,7 +4,6 @@
 //! size and sha256.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -13,12 +12,27 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::kv::{KvDtype, KvShape};
-use crate::model::image::Preprocess;
+use crate::model::image::{Preprocess, MAX_PIXELS_LIMIT, MAX_TARGET_SIDE};
 use crate::model::prompt::ChatTemplate;
 
 /// The manifest format this build reads.
 pub const FORMAT: &str = "elastic-edge-model";
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The largest `manifest.json` read (the demo model's is 30 KB).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Upper bounds on the manifest's dimensions: far above any model this
+/// runs (SmolLM2-135M: 30 layers, 9 heads, 3 KV heads of 64, 576 hidden,
+/// 49152 tokens, 8192 positions), low enough that no size computed from
+/// them overflows or asks for absurd memory.
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_HEAD_DIM: usize = 4096;
+pub const MAX_HIDDEN: usize = 1 << 16;
+pub const MAX_VOCAB: usize = 1 << 24;
+pub const MAX_POSITIONS: usize = 1 << 22;
+pub const MAX_IMAGE_TOKENS: usize = 1 << 16;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -114,10 +128,11 @@ impl Manifest {
     /// [`Manifest::verify_files`].
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::ModelMissing {
-            dir: dir.to_path_buf(),
-            reason: format!("cannot read {}: {source}", path.display()),
-        })?;
+        let text =
+            crate::regular_file::read_to_string(&path, MAX_MANIFEST_BYTES).map_err(|source| Error::ModelMissing {
+                dir: dir.to_path_buf(),
+                reason: format!("cannot read {}: {source}", path.display()),
+            })?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&path, "(json)", format!("{e}")))?;
         manifest.validate(&path)?;
         Ok(manifest)
@@ -175,18 +190,44 @@ impl Manifest {
         if self.embed_tokens.dtype != self.dtype {
             return Err(invalid(path, "embed_tokens.dtype", "differs from the decoder's dtype"));
         }
-        for (field, value) in [
-            ("layers", self.layers),
-            ("heads", self.heads),
-            ("kv_heads", self.kv_heads),
-            ("head_dim", self.head_dim),
-            ("hidden", self.hidden),
-            ("vocab", self.vocab),
+        for (field, value, max) in [
+            ("layers", self.layers, MAX_LAYERS),
+            ("heads", self.heads, MAX_HEADS),
+            ("kv_heads", self.kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("hidden", self.hidden, MAX_HIDDEN),
+            ("vocab", self.vocab, MAX_VOCAB),
+            ("max_positions", self.max_positions, MAX_POSITIONS),
         ] {
             if value == 0 {
                 return Err(invalid(path, field, "must be positive"));
             }
+            if value > max {
+                return Err(invalid(
+                    path,
+                    field,
+                    format!("{value} is more than the {max} this build accepts"),
+                ));
+            }
         }
+        if self.max_positions < 2 {
+            return Err(invalid(
+                path,
+                "max_positions",
+                "must hold a prompt and an answer (at least 2)",
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(invalid(
+                path,
+                "rope_theta",
+                format!("{} must be positive and finite", self.rope_theta),
+            ));
+        }
+        self.kv_shape()
+            .validate()
+            .map_err(|e| invalid(path, "head_dim", e.to_string()))?;
+        self.validate_file_names(path)?;
         if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(invalid(path, "kv_heads", "must divide heads"));
         }
@@ -200,6 +241,11 @@ impl Manifest {
                 ),
             ));
         }
+        for (field, id) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab) {
+                return Err(invalid(path, field, format!("{id} is outside the vocabulary")));
+            }
+        }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&id| id as usize >= self.vocab) {
             return Err(invalid(
                 path,
@@ -210,6 +256,30 @@ impl Manifest {
         match (&self.vision, &self.files.vision, &self.graphs.vision) {
             (None, None, None) => {}
             (Some(vision), Some(_), Some(graph)) => {
+                let pre = &vision.preprocess;
+                for (field, side) in [("vision.width", pre.width), ("vision.height", pre.height)] {
+                    if side == 0 || side > MAX_TARGET_SIDE {
+                        return Err(invalid(path, field, format!("{side} is outside 1..={MAX_TARGET_SIDE}")));
+                    }
+                }
+                if pre.max_pixels == 0 || pre.max_pixels > MAX_PIXELS_LIMIT {
+                    return Err(invalid(
+                        path,
+                        "vision.max_pixels",
+                        format!("{} is outside 1..={MAX_PIXELS_LIMIT}", pre.max_pixels),
+                    ));
+                }
+                if vision.image_tokens == 0 || vision.image_tokens > MAX_IMAGE_TOKENS.min(self.max_positions - 1) {
+                    return Err(invalid(
+                        path,
+                        "vision.image_tokens",
+                        format!(
+                            "{} is outside 1..={} (and must leave room in max_positions)",
+                            vision.image_tokens, MAX_IMAGE_TOKENS
+                        ),
+                    ));
+                }
+                pre.validate().map_err(|e| invalid(path, "vision", e))?;
                 if vision.input_dtype != "float32" {
                     return Err(invalid(
                         path,
@@ -248,6 +318,32 @@ impl Manifest {
             }
         }
         self.validate_decoder(path)
+    }
+
+    /// Every file the manifest names must be inside the model folder: a
+    /// relative path without `..` (`../../etc/passwd` or an absolute path
+    /// would be opened, hashed and reported on).
+    fn validate_file_names(&self, path: &Path) -> Result<()> {
+        let mut names: Vec<(String, &str)> = vec![
+            ("files.decoder".into(), &self.files.decoder),
+            ("files.embed_tokens".into(), &self.files.embed_tokens),
+            ("files.tokenizer".into(), &self.files.tokenizer),
+            ("embed_tokens.file".into(), &self.embed_tokens.file),
+        ];
+        if let Some(vision) = &self.files.vision {
+            names.push(("files.vision".into(), vision));
+        }
+        names.extend(
+            self.file_hashes
+                .keys()
+                .map(|k| (format!("file_hashes.{k}"), k.as_str())),
+        );
+        for (field, name) in names {
+            if let Some(reason) = outside_the_folder(name) {
+                return Err(invalid(path, &field, format!("{name:?} {reason}")));
+            }
+        }
+        Ok(())
     }
 
     /// The decoder graph must follow the contract of DESIGN.md exactly.
@@ -345,7 +441,9 @@ impl Manifest {
         }
         for (name, expected) in &self.file_hashes {
             let path = dir.join(name);
-            let meta = std::fs::metadata(&path).map_err(|e| Error::ModelFile {
+            // Not a FIFO, a device or a folder: those would block, never
+            // end or be misread as a size.
+            let meta = crate::regular_file::check(&path).map_err(|e| Error::ModelFile {
                 path: path.clone(),
                 reason: format!("cannot read: {e}"),
             })?;
@@ -388,6 +486,28 @@ impl Manifest {
     }
 }
 
+/// Why a file name from the manifest is not a path inside the model
+/// folder, if it is not.
+fn outside_the_folder(name: &str) -> Option<&'static str> {
+    use std::path::Component;
+    if name.is_empty() {
+        return Some("is empty");
+    }
+    for component in Path::new(name).components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Some("points outside the model folder (..): name a file inside it"),
+            Component::RootDir | Component::Prefix(_) => {
+                return Some("is an absolute path: name a file inside the model folder")
+            }
+        }
+    }
+    if Path::new(name).components().all(|c| c == Component::CurDir) {
+        return Some("names the model folder itself, not a file");
+    }
+    None
+}
+
 enum Dim {
     Fixed(usize),
     Any,
@@ -428,7 +548,7 @@ fn expect_tensor(path: &Path, field: &str, list: &[TensorSpec], name: &str, dtyp
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::ModelFile {
+    let (mut file, _) = crate::regular_file::open(path).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
         reason: format!("cannot open: {e}"),
     })?;

@@ -107,6 +107,7 @@ fn build_session(environment: &ort::environment::Environment, path: &Path, optio
         .with_memory_pattern(false)
         .map_err(|e| fail("turning memory patterns off", e.to_string()))?;
     if let Some(threads) = options.threads {
+        check_threads(threads).map_err(|reason| fail("setting threads", reason))?;
         builder = builder
             .with_intra_threads(threads)
             .map_err(|e| fail("setting threads", e.to_string()))?;
@@ -120,6 +121,25 @@ fn build_session(environment: &ort::environment::Environment, path: &Path, optio
     builder
         .commit_from_file(path)
         .map_err(|e| fail("loading the graph", error_chain(&e)))
+}
+
+/// The most intra-op threads a graph may be given: the CPUs this process
+/// may run on (its affinity and cgroup quota counted).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// A thread count must be at least 1 and at most [`max_threads`]: more
+/// threads than CPUs only contend (100000 ran for minutes and took GBs).
+pub fn check_threads(threads: usize) -> std::result::Result<(), String> {
+    let max = max_threads();
+    if threads == 0 {
+        return Err("must be at least 1 (leave it out for one per core)".into());
+    }
+    if threads > max {
+        return Err(format!("{threads} is more than the {max} CPUs this process may use"));
+    }
+    Ok(())
 }
 
 /// Returns the heap freed while ONNX Runtime optimised the graphs to the

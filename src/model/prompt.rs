@@ -173,6 +173,9 @@ impl Prompt {
     }
 }
 
+/// The largest `tokenizer.json` read (the demo model's is 1.8 MB).
+const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
 /// Words the tokenizer's split cache holds (see [`PromptTokenizer::new`]).
 const WORD_CACHE_WORDS: usize = 256;
 
@@ -203,10 +206,14 @@ impl PromptTokenizer {
         bos: Option<u32>,
         add_bos: bool,
     ) -> Result<Self, PromptError> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json).map_err(|e| PromptError::TokenizerLoad {
+        let load_error = |reason: String| PromptError::TokenizerLoad {
             path: tokenizer_json.display().to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        // A regular file of a sane size: not a FIFO, a device or a folder.
+        let json =
+            crate::regular_file::read(tokenizer_json, MAX_TOKENIZER_BYTES).map_err(|e| load_error(e.to_string()))?;
+        let tokenizer = Tokenizer::from_bytes(&json).map_err(|e| load_error(e.to_string()))?;
         Self::new(tokenizer, template, bos, add_bos)
     }
 

@@ -123,6 +123,17 @@ fn load_from(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
             hint,
         });
     }
+    if path.components().count() > 1 {
+        // dlopen of a FIFO blocks, of a device never ends.
+        if let Err(err) = crate::regular_file::check(path) {
+            return Err(Error::RuntimeLoad {
+                path: path.to_path_buf(),
+                found_by,
+                reason: err.to_string(),
+                hint,
+            });
+        }
+    }
     match ort::init_from(path) {
         Ok(builder) => {
             let environment = builder

@@ -19,9 +19,10 @@ use crate::model::Device;
 use crate::source::SourceSpec;
 use crate::stream::parse_interval;
 
-/// The most tokens one caption may ask for (a typo guard: the pool is
-/// sized for the prompt plus these).
-pub const MAX_NEW_TOKENS_LIMIT: usize = 4096;
+pub use crate::generate::MAX_NEW_TOKENS_LIMIT;
+
+/// The largest config file read (the commented example is 4 KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The service's settings, checked.
 #[derive(Clone, Debug)]
@@ -183,7 +184,7 @@ struct RawHttp {
 impl ServeConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        let text = crate::regular_file::read_to_string(path, MAX_CONFIG_BYTES).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             key: "(file)".into(),
             reason: format!("cannot read it: {e}"),
@@ -206,11 +207,8 @@ impl ServeConfig {
         if raw.model.dir.as_os_str().is_empty() {
             return Err(bad("model.dir", "is empty".into()));
         }
-        if raw.model.threads == Some(0) {
-            return Err(bad(
-                "model.threads",
-                "must be at least 1 (leave it out for one per core)".into(),
-            ));
+        if let Some(threads) = raw.model.threads {
+            crate::model::check_threads(threads).map_err(|reason| bad("model.threads", reason))?;
         }
         let model = ModelConfig {
             dir: anchor(raw.model.dir),
@@ -395,12 +393,7 @@ fn one_line(text: &str) -> String {
 
 /// `8MiB`, `512KiB`, `1000000`: a positive byte count.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
-    match text.parse::<KvBudget>() {
-        Ok(KvBudget::Bytes(bytes)) => Ok(bytes),
-        Ok(KvBudget::Tokens(_)) => Err(format!("{text:?} is a token count; give bytes (like 8MiB)")),
-        Err(Error::BudgetSyntax { reason, .. }) => Err(format!("{text:?}: {reason} (like 8MiB, 512KiB)")),
-        Err(e) => Err(e.to_string()),
-    }
+    crate::kv::parse_bytes(text).map_err(|reason| format!("{text:?}: {reason} (like 8MiB, 512KiB)"))
 }
 
 #[cfg(test)]
@@ -520,6 +513,11 @@ mod tests {
                 "unknown variant",
             ),
             ("[model]\ndir = \"m\"\nthreads = 0\n", "model.threads", "at least 1"),
+            (
+                "[model]\ndir = \"m\"\nthreads = 100000\n",
+                "model.threads",
+                "more than the",
+            ),
             ("[model]\ndir = \"m\"\nthreads = -2\n", "model.threads", "invalid value"),
             (
                 "[model]\ndir = \"m\"\ndevice = \"tpu\"\n",
@@ -534,7 +532,7 @@ mod tests {
             (
                 "[model]\ndir = \"m\"\n[http]\nmax_body = \"10tokens\"\n",
                 "http.max_body",
-                "token count",
+                "a token count is not a size",
             ),
             (
                 "[model]\ndir = \"m\"\n[stream]\ninterval = \"2 days\"\n",

@@ -149,6 +149,9 @@ fn plan_cache(config: &ServeConfig) -> Result<(Manifest, KvCache)> {
     let manifest = Manifest::load(dir)
         .and_then(|m| m.verify_files(dir).map(|()| m))
         .map_err(|e| config.error("model.dir", error_chain(&e)))?;
+    caption_params(config)
+        .check(&manifest)
+        .map_err(|e| config.error("caption.max_new_tokens", error_chain(&e)))?;
     let cache = KvCache::with_budget(
         manifest.kv_shape(),
         config.cache.kv_budget,
@@ -183,6 +186,15 @@ pub fn check(config: &ServeConfig) -> Result<CheckReport> {
         pool_slots: pool.capacity(),
         memory_max_bytes: memory_max(model_bytes, pool.bytes()),
     })
+}
+
+/// How the service generates every caption and answer.
+fn caption_params(config: &ServeConfig) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: config.caption.max_new_tokens,
+        sampling: Sampling::Greedy,
+        ignore_stop: false,
+    }
 }
 
 fn source_options(config: &ServeConfig) -> SourceOptions {
@@ -246,11 +258,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(config.cache.prefill_chunk);
 
-    let params = GenerateParams {
-        max_new_tokens: config.caption.max_new_tokens,
-        sampling: Sampling::Greedy,
-        ignore_stop: false,
-    };
+    let params = caption_params(config);
     let memory = config.memory.enabled.then(|| MemoryStreamConfig {
         options: MemoryOptions {
             captions: config.memory.captions,

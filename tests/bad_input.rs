@@ -1,0 +1,749 @@
+//! Bad input against the real binary on the tiny model: each case must end
+//! with a non-zero exit, one clear line on stderr naming the problem and
+//! nothing on stdout, within a bounded time and under an address-space
+//! limit (`prlimit --as`, where it is installed), so a case that tries to
+//! allocate gigabytes fails instead of taking the machine.
+//!
+//! Flag values that do not parse are clap's errors: exit code 2, the first
+//! line names the flag and the reason, then clap's hint to try `--help`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Address space each run may use: the tiny model, ONNX Runtime, a 32 MiB
+/// pool and thread stacks fit with room to spare.
+const ADDRESS_SPACE: u64 = 2 << 30;
+/// Wall-clock limit of one run (a debug build on a busy machine).
+const TIME_LIMIT: Duration = Duration::from_secs(60);
+/// A refusal must come sooner: before any real work.
+const ERROR_TIME: Duration = Duration::from_secs(20);
+
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    /// Non-zero exit, one line on stderr containing every one of `wanted`,
+    /// nothing on stdout. Returns the line.
+    fn one_error_line(&self, wanted: &[&str]) -> String {
+        let what = format!("exit {:?}, stderr: {}", self.status, self.stderr);
+        assert_eq!(self.status.code(), Some(1), "{what}");
+        assert!(
+            self.stdout.is_empty(),
+            "stdout: {:?}",
+            String::from_utf8_lossy(&self.stdout)
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one error line: {what}");
+        let line = lines[0];
+        assert!(line.starts_with("elastic-edge: "), "{line}");
+        for w in wanted {
+            assert!(line.contains(w), "{line:?} does not name {w:?}");
+        }
+        assert!(!self.stderr.contains("panicked") && !self.stderr.contains("backtrace"));
+        assert!(self.took < ERROR_TIME, "{line}: took {:?}", self.took);
+        line.to_string()
+    }
+
+    /// A flag value clap refused: exit code 2, nothing on stdout, the first
+    /// line naming the flag and containing every one of `wanted`.
+    fn flag_error(&self, flag: &str, wanted: &[&str]) -> String {
+        let what = format!("exit {:?}, stderr: {}", self.status, self.stderr);
+        assert_eq!(self.status.code(), Some(2), "{what}");
+        assert!(
+            self.stdout.is_empty(),
+            "stdout: {:?}",
+            String::from_utf8_lossy(&self.stdout)
+        );
+        let first = self.stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: ") && first.contains(flag), "{what}");
+        for w in wanted {
+            assert!(first.contains(w), "{first:?} does not name {w:?}");
+        }
+        first.to_string()
+    }
+
+    fn succeeded(&self) {
+        assert!(self.status.success(), "exit {:?}, stderr: {}", self.status, self.stderr);
+    }
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn tiny() -> String {
+    repo("models/tiny").display().to_string()
+}
+
+fn gradient() -> String {
+    repo("models/tiny/gradient.png").display().to_string()
+}
+
+/// The binary with `args`, stdin from `/dev/null`, under the limits.
+fn run(args: &[&str]) -> Run {
+    run_with(args, |_| {})
+}
+
+fn run_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Run {
+    let binary = env!("CARGO_BIN_EXE_elastic-edge");
+    let mut command = if Path::new("/usr/bin/prlimit").exists() {
+        let mut c = Command::new("/usr/bin/prlimit");
+        c.arg(format!("--as={ADDRESS_SPACE}")).arg("--").arg(binary);
+        c
+    } else {
+        Command::new(binary)
+    };
+    command
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("ELASTIC_EDGE_MODEL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut command);
+    let started = Instant::now();
+    let mut child = command.spawn().expect("the binary starts");
+    // (Not piped when the caller gave stdout elsewhere.)
+    let stdout = child.stdout.take();
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut v);
+        }
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > TIME_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} ran past {TIME_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    Run {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: String::from_utf8_lossy(&err.join().expect("stderr reader")).into_owned(),
+        took,
+    }
+}
+
+/// `caption` of the tiny model's picture with `extra` flags.
+fn caption(extra: &[&str]) -> Run {
+    let (model, image) = (tiny(), gradient());
+    let mut args = vec!["caption", "--model", &model, "--image", &image];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// `stream` of the tiny model's picture with `extra` flags.
+fn stream(extra: &[&str]) -> Run {
+    let (model, image) = (tiny(), gradient());
+    let source = format!("file:{image}");
+    let mut args = vec!["stream", "--model", &model, "--source", &source];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// A service config for the tiny model with `extra` tables, in `dir`.
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("serve.toml");
+    std::fs::write(&path, format!("[model]\ndir = {:?}\n{extra}", tiny())).unwrap();
+    path
+}
+
+fn serve_check(config: &Path) -> Run {
+    run(&["serve", "--config", &config.display().to_string(), "--check"])
+}
+
+#[test]
+fn answer_lengths_are_checked_before_any_work() {
+    // 10^12 tokens once reserved 8 TB for the step trace and aborted.
+    for huge in ["1000000000000", "4097", "0", "-5", "99999999999999999999999"] {
+        let run = caption(&["--max-new-tokens", huge]);
+        run.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+        let run = stream(&["--max-new-tokens", huge]);
+        run.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+    }
+    // Within the limit but not within the tiny model's 1024 positions.
+    let line = caption(&["--max-new-tokens", "1024"]).one_error_line(&["--max-new-tokens 1024", "1024 positions"]);
+    eprintln!("{line}");
+    stream(&["--max-new-tokens", "2000"]).one_error_line(&["--max-new-tokens 2000", "1024 positions"]);
+    let eval = run(&[
+        "eval",
+        "--model",
+        &tiny(),
+        "--data",
+        &repo("datasets/dev.jsonl").display().to_string(),
+        "--max-new-tokens",
+        "5000",
+    ]);
+    eval.flag_error("--max-new-tokens", &["from 1 to 4096"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[caption]\nmax_new_tokens = 2000\n");
+    serve_check(&config).one_error_line(&["caption.max_new_tokens", "1024 positions"]);
+    // The largest that fits still captions.
+    caption(&["--max-new-tokens", "8"]).succeeded();
+}
+
+#[test]
+fn thread_counts_are_bounded_by_the_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let over = (cpus + 1).to_string();
+    for bad in ["100000", over.as_str()] {
+        caption(&["--threads", bad]).flag_error("--threads", &["more than the", "CPUs"]);
+        stream(&["--threads", bad]).flag_error("--threads", &["more than the", "CPUs"]);
+    }
+    caption(&["--threads", "0"]).flag_error("--threads", &["at least 1"]);
+    caption(&["--threads", "-3"]).flag_error("--threads", &["not a whole number"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "threads = 100000\n");
+    serve_check(&config).one_error_line(&["model.threads", "100000 is more than the"]);
+    caption(&["--threads", &cpus.to_string(), "--max-new-tokens", "4"]).succeeded();
+}
+
+/// A FIFO at `path` (nothing ever writes to it).
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().expect("mkfifo runs");
+    assert!(status.success());
+}
+
+/// A copy of the tiny model in `dir/model`, for altering.
+fn tiny_copy(dir: &Path) -> PathBuf {
+    let copy = dir.join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(repo("models/tiny")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
+#[test]
+fn fifos_and_devices_are_refused_before_they_are_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("frame.png");
+    mkfifo(&fifo);
+    let fifo_name = fifo.display().to_string();
+
+    // Pictures: a FIFO blocked for ever, /dev/zero was "empty (0 bytes)".
+    let (model, image) = (tiny(), gradient());
+    let line = run(&["caption", "--model", &model, "--image", &fifo_name])
+        .one_error_line(&[&fifo_name, "not a regular file (a FIFO)"]);
+    eprintln!("{line}");
+    let line = run(&["caption", "--model", &model, "--image", "/dev/zero"])
+        .one_error_line(&["/dev/zero", "a character device"]);
+    assert!(!line.contains("empty"), "{line}");
+    eprintln!("{line}");
+
+    // Model files: the manifest, a graph, the tokenizer; a folder as a graph was "4096 bytes".
+    for (name, kind) in [
+        ("manifest.json", "a FIFO"),
+        ("decoder.onnx", "a FIFO"),
+        ("tokenizer.json", "a FIFO"),
+        ("embed_tokens.bin", "a directory"),
+        ("vision.onnx", "a directory"),
+    ] {
+        let case = tempfile::tempdir().unwrap();
+        let copy = tiny_copy(case.path());
+        let file = copy.join(name);
+        std::fs::remove_file(&file).unwrap();
+        if kind == "a FIFO" {
+            mkfifo(&file);
+        } else {
+            std::fs::create_dir(&file).unwrap();
+        }
+        let copy_name = copy.display().to_string();
+        let line = run(&["caption", "--model", &copy_name, "--image", &image])
+            .one_error_line(&[name, &format!("not a regular file ({kind})")]);
+        eprintln!("{line}");
+        let doctor = run(&["doctor", "--model", &copy_name]);
+        doctor.succeeded();
+        let stdout = String::from_utf8_lossy(&doctor.stdout);
+        assert!(stdout.contains(&format!("not a regular file ({kind})")), "{stdout}");
+    }
+
+    // A config file and the ONNX Runtime library.
+    let config = dir.path().join("serve.toml");
+    mkfifo(&config);
+    serve_check(&config).one_error_line(&["serve.toml", "not a regular file (a FIFO)"]);
+    let library = dir.path().join("libonnxruntime.so");
+    mkfifo(&library);
+    run(&["--onnxruntime", &library.display().to_string(), "doctor"])
+        .one_error_line(&["libonnxruntime.so", "not a regular file (a FIFO)"]);
+    // A stream of one FIFO.
+    let source = format!("file:{fifo_name}");
+    run(&["stream", "--model", &model, "--source", &source]).one_error_line(&["not a regular file"]);
+    // Questions for a memory stream.
+    let source = format!("file:{image}");
+    for questions in [fifo_name.as_str(), "/dev/zero"] {
+        let args = [
+            "stream",
+            "--model",
+            &model,
+            "--source",
+            &source,
+            "--memory",
+            "--questions",
+            questions,
+        ];
+        run(&args).one_error_line(&["--questions", questions, "not a regular file ("]);
+    }
+}
+
+/// `eval` of `data` on the tiny model: one cheap policy and keep, short answers.
+fn eval(data: &Path, out: &Path, extra: &[&str]) -> Run {
+    let (model, data, out) = (tiny(), data.display().to_string(), out.display().to_string());
+    let mut args = vec![
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--policies",
+        "local",
+        "--keep",
+        "0.5",
+        "--max-new-tokens",
+        "4",
+        "--kv-budget",
+        "1MiB",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn dataset_files_and_lines_are_bounded_and_reported_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Not a regular file: /dev/zero once read 9.5 GB in 30 s.
+    eval(Path::new("/dev/zero"), &out, &[]).one_error_line(&["/dev/zero", "not a regular file (a character device)"]);
+    let fifo = dir.path().join("fifo.jsonl");
+    mkfifo(&fifo);
+    eval(&fifo, &out, &[]).one_error_line(&["not a regular file (a FIFO)"]);
+
+    // Every line bad: the reasons, not "line 0".
+    let data = dir.path().join("bad.jsonl");
+    let mut bytes = vec![b'{'; 3 << 20];
+    bytes.extend_from_slice(b"\n{\"prompt\": \"\xff\"}\nnot json\n");
+    std::fs::write(&data, bytes).unwrap();
+    let run = eval(&data, &out, &[]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    for wanted in [
+        "no usable sample: line 1: longer than 1048576 bytes",
+        "line 2: not UTF-8",
+        "line 3: not a JSON sample",
+    ] {
+        assert!(last.contains(wanted), "{last}");
+    }
+    assert!(!run.stderr.contains("line 0"), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    // With --strict, the first bad line stops it.
+    eval(&data, &out, &["--strict"]).one_error_line(&["line 1: longer than 1048576 bytes"]);
+
+    // One undecodable picture among good ones: skipped by line; the sweep runs.
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\n and then nothing").unwrap();
+    std::fs::copy(gradient(), dir.path().join("good.png")).unwrap();
+    let data = dir.path().join("mixed.jsonl");
+    std::fs::write(
+        &data,
+        "{\"image\": \"good.png\", \"prompt\": \"What is it?\"}\n{\"image\": \"broken.png\", \"prompt\": \"And this?\"}\n",
+    )
+    .unwrap();
+    let run = eval(&data, &out, &[]);
+    run.succeeded();
+    assert!(
+        run.stderr.contains("line 2: image") && run.stderr.contains("broken.png") && run.stderr.contains("(skipped)"),
+        "{}",
+        run.stderr
+    );
+    eval(&data, &out, &["--strict"]).one_error_line(&["mixed.jsonl: line 2: image", "broken.png"]);
+}
+
+/// A copy of the tiny model whose manifest asks for `resize` (the tiny
+/// vision graph takes 32 x 32 whatever brings the picture there).
+fn tiny_with_resize(dir: &Path, resize: &str) -> String {
+    let copy = tiny_copy(dir);
+    let manifest = copy.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["vision"]["resize"] = resize.into();
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    copy.display().to_string()
+}
+
+/// A gray PNG of `width` x `height` (small on disk: it compresses well).
+fn gray_png(path: &Path, width: u32, height: u32) {
+    use image::ImageEncoder;
+    let pixels: Vec<u8> = (0..u64::from(width) * u64::from(height))
+        .map(|i| (i % 7 * 30) as u8)
+        .collect();
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    image::codecs::png::PngEncoder::new_with_quality(
+        file,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::NoFilter,
+    )
+    .write_image(&pixels, width, height, image::ExtendedColorType::L8)
+    .unwrap();
+}
+
+#[test]
+fn extreme_aspect_pictures_are_resized_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let picture = |name: &str, width: u32, height: u32| {
+        let path = dir.path().join(name);
+        gray_png(&path, width, height);
+        path.display().to_string()
+    };
+    let wide = picture("wide.png", 2_000_000, 1);
+    let tall = picture("tall.png", 1, 2_000_000);
+    // Shortest edge to 32, then the centre crop: the resized picture was
+    // 64 million columns (or rows) by 32, 6 GB; under the 2 GiB limit it
+    // must caption.
+    let crop = tempfile::tempdir().unwrap();
+    let crop = tiny_with_resize(crop.path(), "bicubic_shortest_edge_center_crop");
+    for image in [&wide, &tall] {
+        run(&["caption", "--model", &crop, "--image", image, "--max-new-tokens", "2"]).succeeded();
+    }
+    // Squashed: the horizontal pass once held every row of a tall picture
+    // (a debug build takes seconds per 100,000 rows, hence a shorter one).
+    let shorter = picture("shorter.png", 1, 200_000);
+    let squash = tempfile::tempdir().unwrap();
+    let bicubic = tiny_with_resize(squash.path(), "bicubic_squash");
+    for model in [&tiny(), &bicubic] {
+        for image in [&wide, &shorter] {
+            run(&["caption", "--model", model, "--image", image, "--max-new-tokens", "2"]).succeeded();
+        }
+    }
+}
+
+/// A copy of the tiny model with `change` applied to its manifest.
+fn tiny_with_manifest(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) -> String {
+    let copy = tiny_copy(dir);
+    let manifest = copy.join("manifest.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    change(&mut json);
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    copy.display().to_string()
+}
+
+#[test]
+fn hostile_manifests_are_refused_naming_the_field() {
+    use serde_json::{json, Value};
+    // `/a/b`: the key b of the object a, inserted if missing.
+    let set = |pointer: &'static str, value: Value| {
+        move |m: &mut Value| {
+            let mut at = m;
+            for key in pointer.trim_start_matches('/').split('/') {
+                at = &mut at[key];
+            }
+            *at = value;
+        }
+    };
+    type Change = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        // 2^61: once a "capacity overflow" panic in the pool's sizing.
+        (
+            "head_dim",
+            Box::new(set("/head_dim", json!(1u64 << 61))),
+            "more than the 4096",
+        ),
+        (
+            "layers",
+            Box::new(set("/layers", json!(1u64 << 40))),
+            "more than the 1024",
+        ),
+        ("kv_heads", Box::new(set("/kv_heads", json!(u64::MAX))), "more than the"),
+        (
+            "hidden",
+            Box::new(set("/hidden", json!(1_000_000_000))),
+            "more than the",
+        ),
+        ("vocab", Box::new(set("/vocab", json!(0))), "must be positive"),
+        (
+            "max_positions",
+            Box::new(set("/max_positions", json!(1u64 << 62))),
+            "more than the",
+        ),
+        (
+            "rope_theta",
+            Box::new(set("/rope_theta", json!(-1.0))),
+            "positive and finite",
+        ),
+        (
+            "bos_token_id",
+            Box::new(set("/bos_token_id", json!(1_000_000))),
+            "outside the vocabulary",
+        ),
+        // 2^64 - 1 once disabled the pixel limit.
+        (
+            "vision.max_pixels",
+            Box::new(set("/vision/max_pixels", json!(u64::MAX))),
+            "outside 1..=",
+        ),
+        (
+            "vision.width",
+            Box::new(set("/vision/width", json!(100_000))),
+            "outside 1..=4096",
+        ),
+        (
+            "vision.image_tokens",
+            Box::new(set("/vision/image_tokens", json!(1u64 << 40))),
+            "outside",
+        ),
+        // Names that point outside the folder are never opened.
+        (
+            "files.decoder",
+            Box::new(set("/files/decoder", json!("../../../../../../etc/passwd"))),
+            "outside the model folder",
+        ),
+        (
+            "files.tokenizer",
+            Box::new(set("/files/tokenizer", json!("/etc/passwd"))),
+            "absolute path",
+        ),
+        (
+            "embed_tokens.file",
+            Box::new(set("/embed_tokens/file", json!("/dev/zero"))),
+            "absolute path",
+        ),
+        (
+            "file_hashes.../secret",
+            Box::new(|m: &mut Value| {
+                m["file_hashes"]["../secret"] = json!({"sha256": "00", "bytes": 1});
+            }),
+            "outside the model folder",
+        ),
+    ];
+    let image = gradient();
+    for (field, change, reason) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_with_manifest(dir.path(), change);
+        let line = run(&["caption", "--model", &model, "--image", &image]).one_error_line(&[
+            "manifest.json",
+            &format!("field {field}: "),
+            reason,
+        ]);
+        eprintln!("{line}");
+        let doctor = run(&["doctor", "--model", &model]);
+        doctor.succeeded();
+        assert!(String::from_utf8_lossy(&doctor.stdout).contains(&format!("field {field}: ")));
+    }
+    // The pool's geometry from doctor's flags, when no model is found.
+    // (doctor has printed the runtime's lines by then.)
+    let doctor = run(&["doctor", "--model", "/nonexistent", "--head-dim", "2305843009213693952"]);
+    assert_eq!(doctor.status.code(), Some(1), "{}", doctor.stderr);
+    assert_eq!(doctor.stderr.lines().count(), 1, "{}", doctor.stderr);
+    assert!(doctor.stderr.contains("one slot's size overflows"), "{}", doctor.stderr);
+}
+
+#[test]
+fn truncated_jpegs_are_refused_not_captioned() {
+    use image::ImageEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let picture = image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, (x ^ y) as u8]));
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .write_image(picture.as_raw(), 96, 64, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let whole = dir.path().join("whole.jpg");
+    std::fs::write(&whole, &jpeg).unwrap();
+    let (model, whole) = (tiny(), whole.display().to_string());
+    run(&["caption", "--model", &model, "--image", &whole, "--max-new-tokens", "2"]).succeeded();
+    // Cut in the middle of the scan data: it was decoded with grey for the
+    // rest, captioned, exit 0.
+    let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..sos + (jpeg.len() - sos) / 2]).unwrap();
+    let cut = cut.display().to_string();
+    let line =
+        run(&["caption", "--model", &model, "--image", &cut]).one_error_line(&[&cut, "corrupt or truncated (jpeg)"]);
+    eprintln!("{line}");
+    // In a stream it is a corrupt frame, skipped and counted.
+    let source = format!("file:{cut}");
+    let stream = run(&["stream", "--model", &model, "--source", &source]);
+    assert!(stream.stderr.contains("1 corrupt"), "{}", stream.stderr);
+    assert!(stream.stdout.is_empty());
+}
+
+/// The binary with `args` under the limits, its stdout the write end of a
+/// pipe whose read end `reader` decides about: `None` closes it before the
+/// binary starts, `Some(n)` reads `n` bytes (or up to the first newline when
+/// `n` is 0) and then closes it. Returns the run and the bytes read.
+fn run_into_pipe(args: &[&str], read: Option<usize>) -> (Run, Vec<u8>) {
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let mut got = Vec::new();
+    let reading = match read {
+        None => {
+            drop(reader);
+            None
+        }
+        Some(n) => Some(std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            while reader.read(&mut byte).unwrap_or(0) == 1 {
+                got.push(byte[0]);
+                if (n > 0 && got.len() == n) || (n == 0 && byte[0] == b'\n') {
+                    break;
+                }
+            }
+            got
+        })),
+    };
+    let run = run_with(args, move |c| {
+        c.stdout(writer);
+    });
+    let got = reading.map(|t| t.join().expect("reader")).unwrap_or_default();
+    (run, got)
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
+    let (model, image) = (tiny(), gradient());
+    // doctor | (a reader already gone): a panic with a backtrace, exit 101.
+    let (doctor, _) = run_into_pipe(&["doctor", "--model", &model], None);
+    assert_eq!(doctor.status.code(), Some(1), "{}", doctor.stderr);
+    assert_eq!(
+        doctor.stderr.trim_end(),
+        "elastic-edge: writing stdout: Broken pipe (os error 32)"
+    );
+
+    // caption | head -c 10: the whole answer was generated first.
+    let long = [
+        "caption",
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "1000",
+        "--ignore-stop",
+    ];
+    let (whole, text) = run_into_pipe(&long, Some(usize::MAX));
+    whole.succeeded();
+    assert!(text.len() > 1000, "{} bytes", text.len());
+    let (cut, got) = run_into_pipe(&long, Some(10));
+    assert_eq!(got.len(), 10);
+    assert_eq!(cut.status.code(), Some(1), "{}", cut.stderr);
+    assert!(
+        cut.stderr
+            .trim_end()
+            .ends_with("writing stdout: Broken pipe (os error 32)"),
+        "{}",
+        cut.stderr
+    );
+    let (closed, _) = run_into_pipe(&long, None);
+    assert_eq!(closed.status.code(), Some(1), "{}", closed.stderr);
+    assert!(
+        closed.took * 2 < whole.took,
+        "stopped at the first piece: {:?} against {:?} for the whole answer",
+        closed.took,
+        whole.took
+    );
+    let json: Vec<&str> = long.iter().copied().chain(["--json"]).collect();
+    let (json, _) = run_into_pipe(&json, None);
+    assert_eq!(json.status.code(), Some(1), "{}", json.stderr);
+
+    // stream --loop | head -1: it went on captioning for ever.
+    let source = format!("file:{image}");
+    let looping = [
+        "stream",
+        "--model",
+        &model,
+        "--source",
+        &source,
+        "--loop",
+        "--max-new-tokens",
+        "2",
+    ];
+    let (stream, line) = run_into_pipe(&looping, Some(0));
+    assert!(line.ends_with(b"}\n"), "{}", String::from_utf8_lossy(&line));
+    assert_eq!(stream.status.code(), Some(1), "{}", stream.stderr);
+    let last = stream.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("writing stdout: Broken pipe") && last.contains("its reader is gone"),
+        "{last}"
+    );
+    assert!(!stream.stderr.contains("panicked"));
+
+    // caption >&- : exit 0 and the caption lost.
+    let closed = run_with(&["caption", "--model", &model, "--image", &image], |c| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: close(2) is async-signal-safe; the child closes its own stdout.
+        unsafe {
+            c.pre_exec(|| {
+                libc::close(1);
+                Ok(())
+            });
+        }
+    });
+    assert_eq!(closed.status.code(), Some(1), "{}", closed.stderr);
+    assert!(closed.stderr.contains("stdout is closed"), "{}", closed.stderr);
+    assert_eq!(closed.stderr.lines().count(), 1);
+}
+
+#[test]
+fn sampling_flags_and_frame_counts_are_checked() {
+    for bad in ["-1", "NaN", "inf", "-inf", "1e39", "warm"] {
+        caption(&["--temperature", bad]).flag_error("--temperature", &[]);
+        stream(&["--temperature", bad]).flag_error("--temperature", &[]);
+    }
+    let line = caption(&["--temperature", "-1"]).flag_error("--temperature", &["0 or more"]);
+    eprintln!("{line}");
+    for bad in ["NaN", "0", "1.5", "-0.1", "inf"] {
+        caption(&["--temperature", "0.7", "--top-p", bad]).flag_error("--top-p", &["(0, 1]"]);
+    }
+    // --max-frames 0 captioned one frame; it is refused (at least 1).
+    let line = stream(&["--max-frames", "0"]).flag_error("--max-frames", &["at least 1"]);
+    stream(&["--max-frames", "-2"]).flag_error("--max-frames", &["not a whole number"]);
+    eprintln!("{line}");
+    caption(&["--temperature", "0.7", "--top-p", "1", "--max-new-tokens", "4"]).succeeded();
+    stream(&["--max-frames", "1", "--max-new-tokens", "2"]).succeeded();
+}
+
+#[test]
+fn size_messages_point_the_right_way() {
+    // 1e30 said "must be at least one byte"; it is too large.
+    for huge in ["1e30", "1000000000000000000000000000000", "2PiB"] {
+        let line = run(&["doctor", "--kv-budget", huge]).flag_error("--kv-budget", &["more than the largest accepted"]);
+        assert!(!line.contains("at least one byte"), "{line}");
+    }
+    run(&["doctor", "--kv-budget", "0.5"]).flag_error("--kv-budget", &["at least one byte"]);
+    // 1TiB was "unknown unit": it parses (clap stops at the first bad value,
+    // which here is the one after it).
+    for big in ["1TiB", "1TB", "1tib", "2T"] {
+        caption(&["--kv-budget", big, "--temperature", "-1"]).flag_error("--temperature", &[]);
+    }
+    // --bandwidth-buffer 0 said "invalid KV budget".
+    let line = run(&["bench", "--memory-bandwidth", "--bandwidth-buffer", "0"])
+        .flag_error("--bandwidth-buffer", &["at least one byte"]);
+    assert!(!line.contains("KV budget"), "{line}");
+    eprintln!("{line}");
+    run(&["bench", "--memory-bandwidth", "--bandwidth-buffer", "8tokens"])
+        .flag_error("--bandwidth-buffer", &["a token count is not a size"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[http]\nmax_body = \"1e30\"\n");
+    serve_check(&config).one_error_line(&["http.max_body", "more than the largest accepted"]);
+}
