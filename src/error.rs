@@ -24,6 +24,22 @@ pub enum Error {
         why: &'static str,
     },
 
+    /// A pool larger than the memory available (`MemAvailable`) once the
+    /// model's files and a margin are set aside.
+    #[error(
+        "a KV pool of {budget_bytes} bytes does not fit in memory: {available_text} available, and after \
+         the model's files ({model_bytes} bytes) and a 150 MiB margin the largest budget that fits is \
+         {largest} bytes ({largest_text})"
+    )]
+    BudgetOverMemory {
+        budget_bytes: u64,
+        available: u64,
+        model_bytes: u64,
+        largest: u64,
+        largest_text: String,
+        available_text: String,
+    },
+
     /// A request whose settings cannot be served (a memory question's
     /// token limit of 0, or more tokens than the pool holds).
     #[error("invalid request: {0}")]

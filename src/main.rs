@@ -16,6 +16,7 @@ use elastic_edge::eval::sweep::{self, SweepConfig};
 use elastic_edge::generate::{
     prefill_chunk_setting, GenerateParams, Generator, ImageInput, Sampling, DEFAULT_PREFILL_CHUNK,
 };
+use elastic_edge::kv::budget::{check_fits_memory, human_bytes, largest_budget, memory_available};
 use elastic_edge::kv::{KeepRatio, KvBudget, KvCache, KvDtype, KvShape, PolicyConfig, PolicyKind, PoolBacking};
 use elastic_edge::memory::MemoryOptions;
 use elastic_edge::model::{self, Device, LoadOptions, Model, ProviderOptions};
@@ -416,6 +417,11 @@ struct CacheArgs {
     #[arg(long, value_name = "PATH")]
     kv_file: Option<PathBuf>,
 
+    /// With --kv-file on a disk: allow a budget larger than the memory
+    /// available (refused otherwise, naming the largest that fits).
+    #[arg(long, requires = "kv_file")]
+    kv_over_memory: bool,
+
     /// Most prompt tokens per decoder run; 0 runs the whole prompt at once.
     /// Prefill memory grows with the square of a run; the policy's choices
     /// do not depend on it.
@@ -481,6 +487,11 @@ struct PoolArgs {
     /// of anonymous memory.
     #[arg(long, value_name = "PATH")]
     kv_file: Option<PathBuf>,
+
+    /// With --kv-file on a disk: allow a budget larger than the memory
+    /// available (refused otherwise, naming the largest that fits).
+    #[arg(long, requires = "kv_file")]
+    kv_over_memory: bool,
 
     #[arg(long, default_value_t = 30)]
     layers: usize,
@@ -666,6 +677,9 @@ fn bench(onnxruntime: Option<PathBuf>, args: &BenchArgs) -> anyhow::Result<()> {
         threads,
         knobs: args.knobs.clone(),
     };
+    if let Some(budget) = args.kv_budget {
+        check_pool_memory(&args.model, budget, false)?;
+    }
     let mut model = load_model(onnxruntime, &args.model)?;
     bench::check(&model, &config)?;
     if let Some(path) = &args.write_prompt {
@@ -707,6 +721,7 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         }
     };
     report_skipped(&skipped);
+    check_pool_memory(&args.model, args.kv_budget, false)?;
     let mut model = load_model(onnxruntime, &args.model)?;
     // Every picture read once the way the model reads it, before the sweep.
     let (samples, bad_pictures) = dataset::check_pictures(data, samples, model.preprocess.as_ref(), args.strict)?;
@@ -791,6 +806,23 @@ fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<
         onnxruntime,
     };
     Ok(Model::load(&dir, &options)?)
+}
+
+/// The pool a budget sizes against the memory available, before the model
+/// loads, as `doctor` computes it: the model's files and a margin set aside.
+/// (A manifest that does not load is left for the model's loading to report.)
+fn check_pool_memory(model: &ModelArgs, budget: KvBudget, over_memory: bool) -> anyhow::Result<()> {
+    if over_memory {
+        return Ok(());
+    }
+    let dir = model.model.clone().unwrap_or_else(model::default_model_dir);
+    let Ok(manifest) = model::Manifest::load(&dir) else {
+        return Ok(());
+    };
+    let pool_bytes = budget.pool_bytes(manifest.kv_shape().bytes_per_slot());
+    check_fits_memory(pool_bytes, manifest.files_bytes()).map_err(|e| {
+        anyhow::anyhow!("--kv-budget: {e}; lower it (or, for a pool on disk, pass --kv-file PATH --kv-over-memory)")
+    })
 }
 
 fn build_cache(model: &Model, args: &CacheArgs) -> anyhow::Result<KvCache> {
@@ -933,6 +965,7 @@ fn stream_command(onnxruntime: Option<PathBuf>, args: &StreamArgs) -> anyhow::Re
         // Not a FIFO or a device, and before the model loads.
         elastic_edge::regular_file::check(path).with_context(|| format!("--questions {}", path.display()))?;
     }
+    check_pool_memory(&args.model, args.cache.kv_budget, args.cache.kv_over_memory)?;
     let mut model = load_model(onnxruntime, &args.model)?;
     let params = generate_params(&args.sampling);
     check_new_tokens(&model, &params)?;
@@ -1061,6 +1094,7 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     if let Some(prompt) = &args.prompt {
         anyhow::ensure!(!prompt.trim().is_empty(), "the prompt is empty");
     }
+    check_pool_memory(&args.model, args.cache.kv_budget, args.cache.kv_over_memory)?;
     let mut model = load_model(onnxruntime, &args.model)?;
     let params = generate_params(&args.sampling);
     check_new_tokens(&model, &params)?;
@@ -1154,7 +1188,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     };
     match model::Manifest::load(&dir).and_then(|m| m.verify_files(&dir).map(|()| m)) {
         Ok(manifest) => {
-            weights_bytes = manifest.file_hashes.values().map(|f| f.bytes).sum();
+            weights_bytes = manifest.files_bytes();
             shape = manifest.kv_shape();
             outln!(
                 "model {}: {} (files check out: sizes and sha256)\n  {} layers, {} KV heads of {}, {}, {} image tokens, {:.0} MB of files",
@@ -1174,6 +1208,28 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     shape.validate()?;
     let backing = PoolBacking::from_file(args.pool.kv_file.as_deref());
     let per_slot = shape.bytes_per_slot();
+    let available = memory_available();
+    let memory_line = |available: u64| {
+        let largest = largest_budget(available, weights_bytes);
+        format!(
+            "memory: {} available; after the model files and a 150 MiB margin the largest --kv-budget is {} ({} slots)",
+            human_bytes(available),
+            human_bytes(largest),
+            largest / per_slot
+        )
+    };
+    if !args.pool.kv_over_memory {
+        // The same check as caption's, before the pool is mapped (its pages
+        // are populated at once).
+        if let Err(err) = check_fits_memory(args.pool.kv_budget.pool_bytes(per_slot), weights_bytes) {
+            if let Some(available) = available {
+                outln!("{}", memory_line(available));
+            }
+            anyhow::bail!(
+                "--kv-budget: {err}; lower it (or, for a pool on disk, pass --kv-file PATH --kv-over-memory)"
+            );
+        }
+    }
     let cache = KvCache::with_budget(
         shape,
         args.pool.kv_budget,
@@ -1203,25 +1259,8 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         cache.keep().get(),
         (pool.capacity() as f64 / cache.keep().get()).floor()
     );
-    if let Some(available) = memory_available() {
-        // Weights are mapped by ONNX Runtime (counted once); keep a margin
-        // for activations, the runtime and this process.
-        let margin: u64 = 150 << 20;
-        let largest = available.saturating_sub(weights_bytes + margin);
-        outln!(
-            "memory: {:.1} GiB available; after the model files and a 150 MiB margin the largest --kv-budget is {:.2} GiB ({} slots)",
-            available as f64 / (1u64 << 30) as f64,
-            largest as f64 / (1u64 << 30) as f64,
-            largest / per_slot
-        );
+    if let Some(available) = available {
+        outln!("{}", memory_line(available));
     }
     Ok(())
-}
-
-/// `MemAvailable` from /proc/meminfo, in bytes.
-fn memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

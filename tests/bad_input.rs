@@ -747,3 +747,45 @@ fn size_messages_point_the_right_way() {
     let config = write_config(dir.path(), "[http]\nmax_body = \"1e30\"\n");
     serve_check(&config).one_error_line(&["http.max_body", "more than the largest accepted"]);
 }
+
+#[test]
+fn kv_budgets_larger_than_the_memory_are_refused_naming_the_largest_that_fits() {
+    // 20GiB on a 23 GB machine started filling it (the pool's pages are
+    // populated when it is mapped); 1PiB is more than any machine here.
+    let wanted = [
+        "--kv-budget: a KV pool of",
+        "does not fit in memory",
+        "the largest budget that fits is",
+        "--kv-over-memory",
+    ];
+    let line = caption(&["--kv-budget", "1PiB"]).one_error_line(&wanted);
+    eprintln!("{line}");
+    caption(&["--kv-budget", "4000000000tokens"]).one_error_line(&wanted);
+    stream(&["--kv-budget", "1PiB"]).one_error_line(&wanted);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    eval(&repo("datasets/dev.jsonl"), &out, &["--kv-budget", "1PiB"]).one_error_line(&wanted);
+    run(&["bench", "--model", &tiny(), "--kv-budget", "1PiB"]).one_error_line(&wanted);
+    let config = write_config(dir.path(), "[cache]\nkv_budget = \"1PiB\"\n");
+    serve_check(&config).one_error_line(&["cache.kv_budget", "does not fit in memory", "cache.kv_over_memory"]);
+    // doctor says what fits, then refuses the same way.
+    let doctor = run(&["doctor", "--model", &tiny(), "--kv-budget", "1PiB"]);
+    assert_eq!(doctor.status.code(), Some(1), "{}", doctor.stderr);
+    assert_eq!(doctor.stderr.lines().count(), 1, "{}", doctor.stderr);
+    assert!(doctor.stderr.contains("does not fit in memory"), "{}", doctor.stderr);
+    assert!(String::from_utf8_lossy(&doctor.stdout).contains("the largest --kv-budget is"));
+
+    // A file-backed pool may go over with the override (this one is then
+    // too large for the file system: a different error).
+    let kv = dir.path().join("pool.kv").display().to_string();
+    let line = caption(&["--kv-budget", "1PiB", "--kv-file", &kv, "--kv-over-memory"])
+        .one_error_line(&["cannot map KV pool file", "pool.kv"]);
+    assert!(!line.contains("does not fit in memory"), "{line}");
+    let alone = caption(&["--kv-budget", "1PiB", "--kv-over-memory"]);
+    assert_eq!(alone.status.code(), Some(2), "{}", alone.stderr);
+    assert!(alone.stderr.contains("required arguments were not provided") && alone.stderr.contains("--kv-file"));
+    let config = write_config(dir.path(), "[cache]\nkv_budget = \"1PiB\"\nkv_over_memory = true\n");
+    serve_check(&config).one_error_line(&["cache.kv_over_memory", "only a file-backed pool"]);
+    // What fits still captions.
+    caption(&["--kv-budget", "1MiB", "--max-new-tokens", "2"]).succeeded();
+}

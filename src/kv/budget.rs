@@ -21,6 +21,15 @@ impl KvBudget {
             KvBudget::Tokens(tokens) => (tokens as u64).saturating_mul(bytes_per_slot),
         }
     }
+
+    /// The bytes a pool of this budget takes: whole slots of `bytes_per_slot`.
+    pub fn pool_bytes(self, bytes_per_slot: u64) -> u64 {
+        let bytes = self.bytes(bytes_per_slot);
+        match bytes_per_slot {
+            0 => bytes,
+            per_slot => bytes / per_slot * per_slot,
+        }
+    }
 }
 
 impl std::fmt::Display for KvBudget {
@@ -184,6 +193,60 @@ impl FromStr for KeepRatio {
             .parse()
             .map_err(|_| Error::Policy(format!("keep ratio {s:?} is not a number")))?;
         KeepRatio::new(keep)
+    }
+}
+
+/// Memory kept free beside the model's files and the pool: activations,
+/// ONNX Runtime's arenas and this process.
+pub const MEMORY_MARGIN: u64 = 150 << 20;
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (`None` where there is
+/// none: not Linux, or an unreadable /proc).
+pub fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// The largest pool that fits in `available` bytes next to `model_bytes` of
+/// model files and [`MEMORY_MARGIN`] (what `doctor` reports).
+pub fn largest_budget(available: u64, model_bytes: u64) -> u64 {
+    available.saturating_sub(model_bytes.saturating_add(MEMORY_MARGIN))
+}
+
+/// Refuses a pool that cannot fit in the memory available now: the pages
+/// of an anonymous (or tmpfs-backed) pool are touched as the cache fills,
+/// so an oversized budget would fill the machine instead of failing.
+/// `budget_bytes` is the pool's size, `model_bytes` the model's files (0
+/// once they are loaded and so already out of `MemAvailable`). Passes where
+/// the available memory is unknown.
+pub fn check_fits_memory(budget_bytes: u64, model_bytes: u64) -> Result<()> {
+    let Some(available) = memory_available() else {
+        return Ok(());
+    };
+    let largest = largest_budget(available, model_bytes);
+    if budget_bytes <= largest {
+        return Ok(());
+    }
+    Err(Error::BudgetOverMemory {
+        budget_bytes,
+        available,
+        model_bytes,
+        largest,
+        largest_text: human_bytes(largest),
+        available_text: human_bytes(available),
+    })
+}
+
+/// A byte count for a person: `19.84 GiB`, `512.00 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    if bytes as f64 >= GIB {
+        format!("{:.2} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{:.2} MiB", bytes as f64 / MIB)
     }
 }
 

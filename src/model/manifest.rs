@@ -138,6 +138,11 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The bytes of every file the manifest lists (saturating).
+    pub fn files_bytes(&self) -> u64 {
+        self.file_hashes.values().fold(0, |sum, f| sum.saturating_add(f.bytes))
+    }
+
     /// The KV geometry the decoder graph reads and writes.
     pub fn kv_shape(&self) -> KvShape {
         KvShape {

@@ -55,6 +55,9 @@ pub struct CacheConfig {
     pub policy: PolicyKind,
     pub keep: KeepRatio,
     pub kv_file: Option<PathBuf>,
+    /// A file-backed pool may be larger than the memory available
+    /// (`kv_over_memory = true`, only with `kv_file`).
+    pub kv_over_memory: bool,
     /// Most prompt tokens per decoder run (`None`: the whole prompt).
     pub prefill_chunk: Option<usize>,
     /// The policy's knobs: the same keys as the command line's flags
@@ -143,6 +146,8 @@ struct RawCache {
     policy: Option<PolicyKind>,
     keep: Option<f64>,
     kv_file: Option<PathBuf>,
+    #[serde(default)]
+    kv_over_memory: bool,
     prefill_chunk: Option<usize>,
     #[serde(flatten)]
     knobs: toml::Table,
@@ -239,8 +244,16 @@ impl ServeConfig {
             policy: raw.cache.policy.unwrap_or(PolicyKind::Elastic),
             keep,
             kv_file: raw.cache.kv_file.map(anchor),
+            kv_over_memory: raw.cache.kv_over_memory,
             prefill_chunk: prefill_chunk_setting(raw.cache.prefill_chunk.unwrap_or(DEFAULT_PREFILL_CHUNK)),
         };
+
+        if cache.kv_over_memory && cache.kv_file.is_none() {
+            return Err(bad(
+                "cache.kv_over_memory",
+                "only a file-backed pool (cache.kv_file) may be larger than the memory available".into(),
+            ));
+        }
 
         if let Some(prompt) = &raw.caption.prompt {
             if prompt.trim().is_empty() {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, Sampling};
+use crate::kv::budget::check_fits_memory;
 use crate::kv::{KvCache, PoolBacking};
 use crate::memory::MemoryOptions;
 use crate::model::{LoadOptions, Manifest, Model, ProviderOptions};
@@ -152,6 +153,16 @@ fn plan_cache(config: &ServeConfig) -> Result<(Manifest, KvCache)> {
     caption_params(config)
         .check(&manifest)
         .map_err(|e| config.error("caption.max_new_tokens", error_chain(&e)))?;
+    if !config.cache.kv_over_memory {
+        // The pool's pages are populated when it is mapped.
+        let pool_bytes = config.cache.kv_budget.pool_bytes(manifest.kv_shape().bytes_per_slot());
+        check_fits_memory(pool_bytes, manifest.files_bytes()).map_err(|e| {
+            config.error(
+                "cache.kv_budget",
+                format!("{e}; lower it (or, for a pool on disk, set cache.kv_file and cache.kv_over_memory = true)"),
+            )
+        })?;
+    }
     let cache = KvCache::with_budget(
         manifest.kv_shape(),
         config.cache.kv_budget,
@@ -177,7 +188,7 @@ pub fn check(config: &ServeConfig) -> Result<CheckReport> {
         spec.open(&source_options(config), &stop)
             .map_err(|e| config.error("stream.source", error_chain(&e)))?;
     }
-    let model_bytes = manifest.file_hashes.values().map(|f| f.bytes).sum();
+    let model_bytes = manifest.files_bytes();
     let pool = cache.pool();
     Ok(CheckReport {
         model: manifest.name.clone(),
