@@ -1122,7 +1122,8 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
             Ok(generation) => {
                 if args.json {
                     let record = serde_json::json!({
-                        "image": image,
+                        // A name that is not UTF-8 lossily (serde refuses it).
+                        "image": image.to_string_lossy(),
                         "caption": generation.text.trim(),
                         "tokens": generation.token_ids.len(),
                         "prompt_tokens": generation.prompt_tokens,

@@ -789,3 +789,59 @@ fn kv_budgets_larger_than_the_memory_are_refused_naming_the_largest_that_fits() 
     // What fits still captions.
     caption(&["--kv-budget", "1MiB", "--max-new-tokens", "2"]).succeeded();
 }
+
+/// A copy of the tiny model's picture in `dir` under a name that is not
+/// UTF-8 (`caf\xe9.png`, Latin-1).
+fn non_utf8_picture(dir: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let path = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+    std::fs::copy(gradient(), &path).unwrap();
+    path
+}
+
+#[test]
+fn file_names_that_are_not_utf8_are_written_lossily_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let picture = non_utf8_picture(dir.path());
+    let model = tiny();
+    // caption --json panicked after generating: the caption was lost.
+    let args = [
+        "caption",
+        "--model",
+        &model,
+        "--max-new-tokens",
+        "2",
+        "--json",
+        "--image",
+    ];
+    let json = run_with(&args, |c| {
+        c.arg(&picture);
+    });
+    json.succeeded();
+    let stdout = String::from_utf8(json.stdout).expect("JSON is UTF-8");
+    let record: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert!(
+        record["image"].as_str().unwrap().ends_with("caf\u{FFFD}.png"),
+        "{record}"
+    );
+    assert!(record["caption"].is_string());
+    // stream: the record "did not serialise" and counted as an output error.
+    let source = format!("dir:{}", dir.path().display());
+    let streamed = run(&[
+        "stream",
+        "--model",
+        &model,
+        "--source",
+        &source,
+        "--max-new-tokens",
+        "2",
+    ]);
+    streamed.succeeded();
+    let stdout = String::from_utf8(streamed.stdout).expect("JSON is UTF-8");
+    let record: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert!(
+        record["frame_path"].as_str().unwrap().ends_with("caf\u{FFFD}.png"),
+        "{record}"
+    );
+    assert!(streamed.stderr.contains("0 output errors"), "{}", streamed.stderr);
+}

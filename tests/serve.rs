@@ -758,6 +758,48 @@ fn a_full_disk_is_logged_counted_and_survived() {
     );
 }
 
+#[test]
+fn a_frame_whose_name_is_not_utf8_reaches_latest_the_file_and_health() {
+    use std::os::unix::ffi::OsStrExt;
+    // Its record "did not serialise": nothing reached the caption file or
+    // /caption/latest while /healthz said ok and no error was counted.
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.png");
+    std::fs::copy(repo().join("models/tiny/gradient.png"), frames.join(name)).unwrap();
+    let jsonl = dir.path().join("captions.jsonl");
+    let config = format!(
+        "{}\n[stream]\nsource = \"{}\"\nloop = true\ninterval = \"50ms\"\njsonl = \"{}\"\n",
+        base_config(),
+        frames.display(),
+        jsonl.display()
+    );
+    let service = start_in(&config, &Launch::default(), dir);
+    let latest = wait_for(60, "the frame's caption", || {
+        let (status, latest) = get_json(&service.url("/caption/latest"));
+        (status == 200).then_some(latest)
+    });
+    assert!(
+        latest["frame_path"].as_str().unwrap().ends_with("caf\u{FFFD}.png"),
+        "{latest}"
+    );
+    let written = wait_for(30, "the caption file", || {
+        let text = std::fs::read_to_string(&jsonl).unwrap_or_default();
+        (!text.is_empty()).then_some(text)
+    });
+    assert!(written.contains("caf\u{FFFD}.png"), "{written}");
+    let (status, health) = get_json(&service.url("/healthz"));
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        metric(&metrics(&service), "elastic_edge_errors_total{kind=\"output\"}"),
+        0.0
+    );
+    let (status, _, stderr) = service.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("does not serialise"), "{stderr}");
+}
+
 /// A binary PPM (P6) frame of `w` x `h` in one colour.
 fn ppm(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
     let mut bytes = format!("P6\n{w} {h}\n255\n").into_bytes();

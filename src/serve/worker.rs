@@ -244,17 +244,29 @@ impl Captioner {
 }
 
 impl Captioner {
+    /// A record that cannot be written as JSON (paths are written lossily,
+    /// so this is not expected): counted as an output error and shown in
+    /// health, never dropped silently.
+    fn unserialisable(&self, id: u64, e: serde_json::Error) -> Error {
+        let err = Error::Output {
+            target: format!("frame {id}'s record"),
+            source: e.into(),
+        };
+        let message = error_chain(&err);
+        log::error!("{message}");
+        self.shared.metrics.error(kind::OUTPUT);
+        self.shared.health.output(Err(&message));
+        self.shared.health.error(kind::OUTPUT, &message);
+        err
+    }
+
     /// A memory stream's record to the event stream, the output file and
     /// (`latest`: a frame's record) `/caption/latest`.
     fn publish(&mut self, id: u64, record: &impl Serialize, latest: bool) -> Result<()> {
         let shared = &self.shared;
         let data: Arc<str> = match serde_json::to_string(record) {
             Ok(json) => json.into(),
-            // Plain data with string keys: serialising cannot fail.
-            Err(e) => {
-                log::error!("frame {id}: the record does not serialise: {e}");
-                return Ok(());
-            }
+            Err(e) => return Err(self.unserialisable(id, e)),
         };
         if latest {
             shared.set_latest(Arc::clone(&data));
@@ -287,11 +299,7 @@ impl CaptionSink for Captioner {
         shared.health.stream_caption(Ok(()));
         let data: Arc<str> = match serde_json::to_string(record) {
             Ok(json) => json.into(),
-            // Plain data with string keys: serialising cannot fail.
-            Err(e) => {
-                log::error!("frame {}: the record does not serialise: {e}", record.frame_id);
-                return Ok(());
-            }
+            Err(e) => return Err(self.unserialisable(record.frame_id, e)),
         };
         shared.set_latest(Arc::clone(&data));
         shared.events.publish(&Event {

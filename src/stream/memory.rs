@@ -128,7 +128,8 @@ pub struct MemoryRecord {
     pub unix_ms: u64,
     pub frame_id: u64,
     pub frame_time: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// As [`CaptionRecord::frame_path`](super::CaptionRecord): lossy.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "super::lossy_path")]
     pub frame_path: Option<PathBuf>,
     pub frame_width: u32,
     pub frame_height: u32,

@@ -125,8 +125,9 @@ pub struct CaptionRecord {
     pub frame_id: u64,
     /// When the frame was captured, RFC 3339 UTC.
     pub frame_time: String,
-    /// The file the frame came from (file sources).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The file the frame came from (file sources); a name that is not
+    /// UTF-8 is written lossily (U+FFFD for each bad byte).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
     pub frame_path: Option<PathBuf>,
     pub frame_width: u32,
     pub frame_height: u32,
@@ -136,6 +137,15 @@ pub struct CaptionRecord {
     pub result: CaptionResult,
     /// Totals at the time of this record.
     pub counters: StreamCounters,
+}
+
+/// A path as JSON: its text, with U+FFFD for bytes that are not UTF-8
+/// (serde's own refuses such a path, and the whole record with it).
+pub fn lossy_path<S: serde::Serializer>(path: &Option<PathBuf>, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => serializer.serialize_str(&path.to_string_lossy()),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Where captions go.
