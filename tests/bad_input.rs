@@ -845,3 +845,39 @@ fn file_names_that_are_not_utf8_are_written_lossily_and_nothing_is_lost() {
     );
     assert!(streamed.stderr.contains("0 output errors"), "{}", streamed.stderr);
 }
+
+#[test]
+fn a_stream_of_only_corrupt_pictures_fails_with_or_without_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.png"), b"not a picture").unwrap();
+    std::fs::write(dir.path().join("b.jpg"), b"\xff\xd8\xff\xe0 and then nothing").unwrap();
+    let source = format!("dir:{}", dir.path().display());
+    let model = tiny();
+    // Without --loop it exited 0 (with it, 1).
+    for extra in [&[][..], &["--loop"][..]] {
+        let mut args = vec!["stream", "--model", &model, "--source", &source];
+        args.extend_from_slice(extra);
+        let run = run(&args);
+        assert_eq!(run.status.code(), Some(1), "{extra:?}: {}", run.stderr);
+        assert!(run.stdout.is_empty());
+        let last = run.stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("elastic-edge: source dir:")
+                && last.contains("none of its 2 files could be decoded: no frame to use"),
+            "{extra:?}: {last}"
+        );
+        assert!(run.stderr.contains("2 corrupt"), "{}", run.stderr);
+    }
+    // One good picture among them still streams and ends with success.
+    std::fs::copy(gradient(), dir.path().join("c.png")).unwrap();
+    run(&[
+        "stream",
+        "--model",
+        &model,
+        "--source",
+        &source,
+        "--max-new-tokens",
+        "2",
+    ])
+    .succeeded();
+}

@@ -53,6 +53,18 @@ impl FileSource {
 impl FrameSource for FileSource {
     fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.next_index == self.files.len() {
+            // Every file corrupt is a failure with or without --loop (it
+            // ended with success without it): nothing could be used.
+            if !self.decoded_this_pass && self.next_id == 0 {
+                return Err(Error::SourceConfig {
+                    spec: self.spec.clone(),
+                    reason: format!(
+                        "none of its {} files could be decoded: no frame to use{}",
+                        self.files.len(),
+                        if self.looping { "; not looping over them" } else { "" }
+                    ),
+                });
+            }
             if !self.looping {
                 return Ok(None);
             }
