@@ -800,6 +800,39 @@ fn a_frame_whose_name_is_not_utf8_reaches_latest_the_file_and_health() {
     assert!(!stderr.contains("does not serialise"), "{stderr}");
 }
 
+#[test]
+fn a_silent_camera_reads_as_lost_after_ten_seconds() {
+    // stdin:mjpeg with no data read "ok" in /healthz after 15 s, although
+    // no frame for 10 s is documented as a lost source.
+    let config = format!(
+        "{}\n[stream]\nsource = \"stdin:mjpeg\"\ninterval = \"0\"\n",
+        base_config()
+    );
+    let launch = Launch {
+        stdin: true,
+        ..Launch::default()
+    };
+    let service = start(&config, &launch);
+    let started = Instant::now();
+    let (status, health) = get_json(&service.url("/healthz"));
+    assert_eq!(status, 200, "{health}");
+    let health = wait_for(30, "health to report the silence", || {
+        let (status, health) = get_json(&service.url("/healthz"));
+        (status == 503).then_some(health)
+    });
+    assert!(started.elapsed() >= Duration::from_secs(10), "{health}");
+    assert_eq!(health["source"]["state"], "silent", "{health}");
+    let reasons = health["reasons"].to_string();
+    assert!(reasons.contains("source silent: no frame for 1"), "{health}");
+    let text = metrics(&service);
+    assert!(
+        text.contains("elastic_edge_source_state{state=\"silent\"} 1\n"),
+        "{text}"
+    );
+    let (status, _, stderr) = service.terminate();
+    assert!(status.success(), "{stderr}");
+}
+
 /// A binary PPM (P6) frame of `w` x `h` in one colour.
 fn ppm(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
     let mut bytes = format!("P6\n{w} {h}\n255\n").into_bytes();

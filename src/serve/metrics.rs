@@ -29,7 +29,15 @@ impl Origin {
 }
 
 /// The frame source's states, as `elastic_edge_source_state` labels them.
-pub const SOURCE_STATES: [&str; 6] = ["starting", "running", "reconnecting", "finished", "stopped", "failed"];
+pub const SOURCE_STATES: [&str; 7] = [
+    "starting",
+    "running",
+    "silent",
+    "reconnecting",
+    "finished",
+    "stopped",
+    "failed",
+];
 
 /// What one caption adds to the metrics.
 #[derive(Clone, Copy, Debug, Default)]

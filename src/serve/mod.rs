@@ -86,6 +86,10 @@ impl Shared {
             } => Some(format!("{last_error} (attempt {attempt}, next in {retry_in_ms} ms)")),
             SourceState::Finished => Some("no more frames".to_string()),
             SourceState::Failed { error } => Some(error.clone()),
+            SourceState::Silent { no_frame_for_ms } => Some(format!(
+                "no frame for {:.0} s: lost (its read has not returned, so it cannot be retried yet)",
+                *no_frame_for_ms as f64 / 1e3
+            )),
             SourceState::Starting | SourceState::Running | SourceState::Stopped => None,
         };
         Some(SourceHealth {
@@ -118,6 +122,7 @@ fn state_name(state: &SourceState) -> &'static str {
         SourceState::Finished => "finished",
         SourceState::Stopped => "stopped",
         SourceState::Failed { .. } => "failed",
+        SourceState::Silent { .. } => "silent",
     }
 }
 

@@ -60,7 +60,21 @@ pub enum SourceState {
     Stopped,
     /// Stopped by an error retrying cannot fix.
     Failed { error: String },
+    /// A live source that has delivered nothing (no frame, not even a
+    /// corrupt one) for [`SILENT_AFTER`] while it was starting or running:
+    /// lost, as "no frame for 10 s" is documented, although a source
+    /// blocked in a read (standard input) cannot be retried until the read
+    /// returns. Back to running with the next frame.
+    Silent {
+        /// Since the last sign of life (or the start).
+        no_frame_for_ms: u64,
+    },
 }
+
+/// A live source silent this long reads as [`SourceState::Silent`] (the
+/// same as [`SourceOptions`](super::SourceOptions)' default stall timeout,
+/// after which a GStreamer source reports itself lost).
+pub const SILENT_AFTER: Duration = Duration::from_secs(10);
 
 impl SourceState {
     /// Whether no more frames will come.
@@ -139,6 +153,11 @@ struct Shared {
     reconnect_attempts: AtomicU64,
     /// 0 until the first frame.
     last_frame_unix_ms: AtomicU64,
+    /// When the grabber started; `progress_ms` counts from it.
+    started: Instant,
+    /// The last time the source answered (a frame, a corrupt frame, an
+    /// error, a reconnection), in milliseconds since `started`.
+    progress_ms: AtomicU64,
     /// Set when the `Grabber` is dropped, to end the thread without setting
     /// the caller's stop flag.
     quit: AtomicBool,
@@ -189,6 +208,8 @@ impl Grabber {
             source_losses: AtomicU64::new(0),
             reconnect_attempts: AtomicU64::new(0),
             last_frame_unix_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            progress_ms: AtomicU64::new(0),
             quit: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
@@ -311,10 +332,20 @@ impl GrabberMonitor {
 impl Shared {
     fn status(&self) -> GrabberStatus {
         let last = self.last_frame_unix_ms.load(Ordering::SeqCst);
+        let mut state = lock(&self.state).clone();
+        if self.live && matches!(state, SourceState::Starting | SourceState::Running) {
+            let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let silent_ms = now_ms.saturating_sub(self.progress_ms.load(Ordering::SeqCst));
+            if u128::from(silent_ms) > SILENT_AFTER.as_millis() {
+                state = SourceState::Silent {
+                    no_frame_for_ms: silent_ms,
+                };
+            }
+        }
         GrabberStatus {
             spec: self.spec.clone(),
             live: self.live,
-            state: lock(&self.state).clone(),
+            state,
             counters: self.counters(),
             last_frame_unix_ms: (last > 0).then_some(last),
         }
@@ -336,6 +367,12 @@ impl Shared {
 
     fn set_state(&self, state: SourceState) {
         *lock(&self.state) = state;
+    }
+
+    /// The source answered: it is not silent.
+    fn progress(&self) {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress_ms.store(now_ms, Ordering::SeqCst);
     }
 
     /// Sleeps, waking early to stop; returns whether to stop.
@@ -376,7 +413,9 @@ impl Shared {
                     return SourceState::Stopped;
                 }
                 self.reconnect_attempts.fetch_add(1, Ordering::SeqCst);
-                match source.reconnect() {
+                let reconnected = source.reconnect();
+                self.progress();
+                match reconnected {
                     Ok(()) => lost = false,
                     Err(err) if err.source_failure() == SourceFailure::Lost => {
                         failures = failures.saturating_add(1);
@@ -390,7 +429,9 @@ impl Shared {
                     }
                 }
             }
-            match source.next_frame() {
+            let next = source.next_frame();
+            self.progress();
+            match next {
                 Ok(Some(frame)) => {
                     if failures > 0 {
                         log::warn!("source {}: back after {failures} failed attempt(s)", self.spec);
