@@ -881,3 +881,55 @@ fn a_stream_of_only_corrupt_pictures_fails_with_or_without_loop() {
     ])
     .succeeded();
 }
+
+#[test]
+fn a_file_that_rots_in_place_is_caught_by_doctor_and_then_by_every_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path());
+    let model_name = model.display().to_string();
+    let image = gradient();
+    // A first load hashes every file and writes .verified.
+    run(&[
+        "caption",
+        "--model",
+        &model_name,
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "2",
+    ])
+    .succeeded();
+    assert!(model.join(".verified").is_file());
+    // One byte of the tokenizer changes; size and modification time do not.
+    let tokenizer = model.join("tokenizer.json");
+    let modified = std::fs::metadata(&tokenizer).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&tokenizer).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&tokenizer, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tokenizer)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    // doctor said "files check out: sizes and sha256".
+    let doctor = run(&["doctor", "--model", &model_name]);
+    doctor.succeeded();
+    let stdout = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        stdout.contains("tokenizer.json: sha256") && stdout.contains("differs from the manifest's"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("files check out"), "{stdout}");
+    // The stamp that vouched for it is gone: the next load hashes and refuses.
+    run(&["caption", "--model", &model_name, "--image", &image])
+        .one_error_line(&["tokenizer.json: sha256", "differs from the manifest's"]);
+    // A model that checks out says what was checked.
+    let doctor = run(&["doctor", "--model", &tiny()]);
+    let stdout = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        stdout.contains("files check out: sizes and sha256 of all 5 files, hashed now"),
+        "{stdout}"
+    );
+}

@@ -89,6 +89,30 @@ pub struct ModelFiles {
     pub vision: Option<String>,
 }
 
+/// What [`Manifest::verify_files`] checked: every file's size, and the
+/// sha256 of `hashed` of them; `trusted` were not hashed because
+/// `.verified` recorded the same size and modification time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileCheck {
+    pub hashed: usize,
+    pub trusted: usize,
+}
+
+impl std::fmt::Display for FileCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files = self.hashed + self.trusted;
+        match self.trusted {
+            0 => write!(f, "sizes and sha256 of all {files} files, hashed now"),
+            trusted => write!(
+                f,
+                "sizes of all {files} files; sha256 of {} hashed now, {trusted} trusted from .verified \
+                 (same size and modification time as when last hashed)",
+                self.hashed
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct FileHash {
     pub sha256: String,
@@ -428,11 +452,25 @@ impl Manifest {
     /// and of the listed sha256. Hashing a large model takes a second or two,
     /// so a file whose size and modification time match a previous
     /// successful check (recorded in `.verified` beside it, when the folder
-    /// is writable) is not hashed again.
-    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+    /// is writable) is not hashed again: a file that changes in place
+    /// without either changing is only caught by
+    /// [`Manifest::verify_files_fully`]. Returns what was checked.
+    pub fn verify_files(&self, dir: &Path) -> Result<FileCheck> {
+        self.verify(dir, false)
+    }
+
+    /// As [`Manifest::verify_files`], but every file is hashed whatever
+    /// `.verified` says (`doctor`); a mismatch also drops the stamp, so
+    /// the next load hashes again.
+    pub fn verify_files_fully(&self, dir: &Path) -> Result<FileCheck> {
+        self.verify(dir, true)
+    }
+
+    fn verify(&self, dir: &Path, full: bool) -> Result<FileCheck> {
         let stamp_path = dir.join(".verified");
         let stamp = std::fs::read_to_string(&stamp_path).unwrap_or_default();
         let mut new_stamp = String::new();
+        let mut check = FileCheck::default();
         let mut required: Vec<&str> = vec![&self.files.decoder, &self.files.embed_tokens, &self.files.tokenizer];
         required.extend(self.files.vision.as_deref());
         for name in required {
@@ -468,9 +506,14 @@ impl Manifest {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
             let line = format!("{name} {} {modified} {}\n", expected.bytes, expected.sha256);
-            if !stamp.lines().any(|l| format!("{l}\n") == line) {
+            if full || !stamp.lines().any(|l| format!("{l}\n") == line) {
+                check.hashed += 1;
                 let actual = sha256_file(&path)?;
                 if !actual.eq_ignore_ascii_case(&expected.sha256) {
+                    // Best effort: a stamp that vouched for it is wrong.
+                    if !stamp.is_empty() {
+                        let _ = std::fs::remove_file(&stamp_path);
+                    }
                     return Err(Error::ModelFile {
                         path,
                         reason: format!(
@@ -480,6 +523,8 @@ impl Manifest {
                         ),
                     });
                 }
+            } else {
+                check.trusted += 1;
             }
             new_stamp.push_str(&line);
         }
@@ -487,7 +532,7 @@ impl Manifest {
             // Best effort: a read-only model folder is hashed every time.
             let _ = std::fs::write(&stamp_path, new_stamp);
         }
-        Ok(())
+        Ok(check)
     }
 }
 

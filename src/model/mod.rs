@@ -18,7 +18,7 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 use crate::error::{error_chain, Error, Result};
 use crate::runtime;
 pub use embeddings::Embeddings;
-pub use manifest::Manifest;
+pub use manifest::{FileCheck, Manifest};
 pub use providers::{Device, ProviderOptions};
 
 /// How to load a model.
@@ -59,7 +59,8 @@ impl Model {
             });
         }
         let manifest = Manifest::load(dir)?;
-        manifest.verify_files(dir)?;
+        let checked = manifest.verify_files(dir)?;
+        log::info!("model {}: files check out: {checked}", dir.display());
         let library = runtime::load(options.onnxruntime.as_deref())?;
         let session = |file: &str| build_session(library.environment(), &dir.join(file), options);
         let decoder = session(&manifest.files.decoder)?;

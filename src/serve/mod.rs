@@ -153,7 +153,11 @@ pub fn memory_max(model_bytes: u64, pool_bytes: u64) -> u64 {
 fn plan_cache(config: &ServeConfig) -> Result<(Manifest, KvCache)> {
     let dir = &config.model.dir;
     let manifest = Manifest::load(dir)
-        .and_then(|m| m.verify_files(dir).map(|()| m))
+        .and_then(|m| {
+            let checked = m.verify_files(dir)?;
+            log::info!("model {}: files check out: {checked}", dir.display());
+            Ok(m)
+        })
         .map_err(|e| config.error("model.dir", error_chain(&e)))?;
     caption_params(config)
         .check(&manifest)
