@@ -818,9 +818,14 @@ impl<'m> Generator<'m> {
             .map_err(|e| run_error("image_embeds", &e))?;
         let expected = spec.image_tokens * self.model.manifest.hidden;
         if embeds.len() != expected {
+            // The model's fault, not the picture's.
             return Err(Error::Shape(format!(
-                "the vision graph gave {} values, expected {expected}",
-                embeds.len()
+                "model {}: the vision graph gave {} values, but its manifest says vision.image_tokens {} x hidden {} \
+                 = {expected}: the graph does not match its manifest; rebuild the model",
+                self.model.manifest.name,
+                embeds.len(),
+                spec.image_tokens,
+                self.model.manifest.hidden
             )));
         }
         let embeds = embeds.to_vec();
@@ -996,9 +1001,16 @@ fn ms(since: Instant) -> f64 {
 }
 
 fn run_error(what: &str, err: &ort::Error) -> Error {
+    // ONNX Runtime's messages span lines; an error is one line.
+    let reason = error_chain(err)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     Error::Runtime {
         context: what.to_string(),
-        reason: error_chain(err),
+        reason,
     }
 }
 

@@ -493,15 +493,35 @@ struct PoolArgs {
     #[arg(long, requires = "kv_file")]
     kv_over_memory: bool,
 
-    #[arg(long, default_value_t = 30)]
-    layers: usize,
-    #[arg(long, default_value_t = 3)]
-    kv_heads: usize,
-    #[arg(long, default_value_t = 64)]
-    head_dim: usize,
-    /// Element type of the cache: f16 or f32.
-    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
-    dtype: KvDtype,
+    /// Layers of the pool, when no model is found (default 30; refused
+    /// with a model, whose geometry is used).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// KV heads, when no model is found (default 3).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Dimensions per head, when no model is found (default 64).
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Element type of the cache, f16 or f32, when no model is found
+    /// (default f16).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<KvDtype>,
+}
+
+impl PoolArgs {
+    /// The geometry flags given, by name.
+    fn geometry_flags(&self) -> Vec<&'static str> {
+        [
+            ("--layers", self.layers.is_some()),
+            ("--kv-heads", self.kv_heads.is_some()),
+            ("--head-dim", self.head_dim.is_some()),
+            ("--dtype", self.dtype.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
 }
 
 fn parse_budget(s: &str) -> Result<KvBudget, String> {
@@ -1161,6 +1181,24 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
 }
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {
+    let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
+    // The geometry flags were silently ignored when a model was found (its
+    // geometry wins): refused before anything is printed.
+    let flags = args.pool.geometry_flags();
+    if let (false, Ok(manifest)) = (flags.is_empty(), model::Manifest::load(&dir)) {
+        anyhow::bail!(
+            "the pool's geometry flags ({}) apply only when no model is found, but model {} in {} has its own \
+             ({} layers, {} KV heads of {}, {}): leave {} out, or point --model at a folder without a model",
+            flags.join(", "),
+            manifest.name,
+            dir.display(),
+            manifest.layers,
+            manifest.kv_heads,
+            manifest.head_dim,
+            manifest.kv_shape().dtype.name(),
+            if flags.len() == 1 { "it" } else { "them" }
+        );
+    }
     let library = runtime::load(onnxruntime)?;
     outln!("onnxruntime {}: {}", library.version, library.path.display());
     outln!("  found by: {}", library.found_by);
@@ -1179,13 +1217,12 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     }
 
     // The model, if one is found: its manifest and files, and its geometry.
-    let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
     let mut weights_bytes = 0;
     let mut shape = KvShape {
-        layers: args.pool.layers,
-        kv_heads: args.pool.kv_heads,
-        head_dim: args.pool.head_dim,
-        dtype: args.pool.dtype,
+        layers: args.pool.layers.unwrap_or(30),
+        kv_heads: args.pool.kv_heads.unwrap_or(3),
+        head_dim: args.pool.head_dim.unwrap_or(64),
+        dtype: args.pool.dtype.unwrap_or(KvDtype::F16),
     };
     // Every file hashed, whatever .verified says: a file that rotted in
     // place keeps its size and modification time.

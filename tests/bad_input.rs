@@ -933,3 +933,66 @@ fn a_file_that_rots_in_place_is_caught_by_doctor_and_then_by_every_load() {
         "{stdout}"
     );
 }
+
+#[test]
+fn doctor_refuses_geometry_flags_that_a_model_overrides() {
+    // They were silently ignored when a model was found.
+    let line = run(&["doctor", "--model", &tiny(), "--layers", "4", "--head-dim", "8"]).one_error_line(&[
+        "geometry flags (--layers, --head-dim) apply only when no model is found",
+        "model tiny",
+        "2 layers, 2 KV heads of 16, f32",
+    ]);
+    eprintln!("{line}");
+    // Without a model they size the pool.
+    let doctor = run(&["doctor", "--model", "/nonexistent", "--layers", "4", "--dtype", "f32"]);
+    doctor.succeeded();
+    assert!(String::from_utf8_lossy(&doctor.stdout).contains("shape: 4 layers x 3 kv heads x 64 dims, f32"));
+}
+
+/// A copy of the tiny model whose manifest says the decoder has one KV
+/// head (the graph has two): consistent with itself, not with its graph.
+fn tiny_with_one_kv_head(dir: &Path) -> String {
+    tiny_with_manifest(dir, |m| {
+        m["kv_heads"] = 1.into();
+        for side in ["inputs", "outputs"] {
+            for tensor in m["graphs"]["decoder"][side].as_array_mut().unwrap() {
+                let name = tensor["name"].as_str().unwrap().to_string();
+                if name.contains("key") || name.contains("value") {
+                    tensor["shape"][2] = 1.into();
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn a_graph_that_does_not_match_its_manifest_is_the_models_fault_not_the_pictures() {
+    // It failed at the first decoder step as "<picture>: ONNX Runtime: ..."
+    // over several lines.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_with_one_kv_head(dir.path());
+    let image = gradient();
+    let line = run(&["caption", "--model", &model, "--image", &image]).one_error_line(&[
+        "decoder.onnx: the decoder graph does not match its manifest",
+        "input \"past_key_0\" has shape [1, ?, 2, 16] in the graph, [1, S, 1, 16] in graphs.decoder.inputs",
+    ]);
+    assert!(!line.contains("gradient.png"), "{line}");
+    eprintln!("{line}");
+    // The vision graph: 32 x 32 pixels in the graph, 64 x 64 in the manifest.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_with_manifest(dir.path(), |m| {
+        for key in ["height", "width", "image_size"] {
+            m["vision"][key] = 64.into();
+        }
+        for tensor in m["graphs"]["vision"]["inputs"].as_array_mut().unwrap() {
+            if tensor["name"] == "pixel_values" {
+                tensor["shape"] = serde_json::json!([1, 3, 64, 64]);
+            }
+        }
+    });
+    let source = format!("file:{image}");
+    run(&["stream", "--model", &model, "--source", &source]).one_error_line(&[
+        "vision.onnx: the vision graph does not match its manifest",
+        "pixel_values",
+    ]);
+}

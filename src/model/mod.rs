@@ -64,7 +64,16 @@ impl Model {
         let library = runtime::load(options.onnxruntime.as_deref())?;
         let session = |file: &str| build_session(library.environment(), &dir.join(file), options);
         let decoder = session(&manifest.files.decoder)?;
+        check_graph(
+            &dir.join(&manifest.files.decoder),
+            "decoder",
+            &decoder,
+            &manifest.graphs.decoder,
+        )?;
         let vision = manifest.files.vision.as_deref().map(session).transpose()?;
+        if let (Some(file), Some(session), Some(io)) = (&manifest.files.vision, &vision, &manifest.graphs.vision) {
+            check_graph(&dir.join(file), "vision", session, io)?;
+        }
         let embeddings = Embeddings::open(
             &dir.join(&manifest.files.embed_tokens),
             manifest.vocab,
@@ -90,6 +99,80 @@ impl Model {
             preprocess,
         })
     }
+}
+
+/// The graph's own inputs and outputs against what its manifest says of
+/// them (`graphs.decoder`, `graphs.vision`): the same names, element types,
+/// ranks and fixed sizes. A graph that does not match its manifest would
+/// otherwise fail at the first caption, as if the picture were at fault.
+fn check_graph(path: &Path, graph: &str, session: &Session, io: &manifest::GraphIo) -> Result<()> {
+    let mismatch = |reason: String| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!(
+            "the {graph} graph does not match its manifest: {reason}; rebuild the model or fix manifest.json"
+        ),
+    };
+    for (side, specs, outlets) in [
+        ("input", &io.inputs, session.inputs()),
+        ("output", &io.outputs, session.outputs()),
+    ] {
+        for spec in specs {
+            let field = format!("graphs.{graph}.{side}s");
+            let Some(outlet) = outlets.iter().find(|o| o.name() == spec.name) else {
+                let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+                return Err(mismatch(format!(
+                    "{field} lists {:?}, which the graph has no {side} of (it has {names:?})",
+                    spec.name
+                )));
+            };
+            let ort::value::ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+                return Err(mismatch(format!("{side} {:?} is not a tensor", spec.name)));
+            };
+            let graph_dtype = match ty {
+                ort::value::TensorElementType::Float32 => "float32",
+                ort::value::TensorElementType::Float16 => "float16",
+                ort::value::TensorElementType::Bfloat16 => "bfloat16",
+                ort::value::TensorElementType::Int64 => "int64",
+                ort::value::TensorElementType::Int32 => "int32",
+                ort::value::TensorElementType::Uint8 => "uint8",
+                _ => "another type",
+            };
+            if graph_dtype != spec.dtype {
+                return Err(mismatch(format!(
+                    "{side} {:?} is {graph_dtype} in the graph, {} in {field}",
+                    spec.name, spec.dtype
+                )));
+            }
+            // A size the graph fixes must be the manifest's; a dynamic one
+            // (-1) takes whatever the manifest says.
+            let fits = shape.len() == spec.shape.len()
+                && shape.iter().zip(&spec.shape).all(|(got, want)| match want.as_u64() {
+                    Some(want) => *got < 0 || u64::try_from(*got) == Ok(want),
+                    None => true,
+                });
+            if !fits {
+                let graph_dims: Vec<String> = shape
+                    .iter()
+                    .map(|d| if *d < 0 { "?".to_string() } else { d.to_string() })
+                    .collect();
+                let manifest_dims: Vec<String> = spec
+                    .shape
+                    .iter()
+                    .map(|d| {
+                        d.as_u64()
+                            .map_or_else(|| d.as_str().unwrap_or("?").to_string(), |n| n.to_string())
+                    })
+                    .collect();
+                return Err(mismatch(format!(
+                    "{side} {:?} has shape [{}] in the graph, [{}] in {field}",
+                    spec.name,
+                    graph_dims.join(", "),
+                    manifest_dims.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn build_session(environment: &ort::environment::Environment, path: &Path, options: &LoadOptions) -> Result<Session> {
