@@ -72,6 +72,7 @@ else
     fail "only $((free_kb / 1024 / 1024)) GB free on the disk of $CACHE; the exporter's virtualenv needs about 8 GB (torch with its CUDA wheels). Free some space and run scripts/setup-python.sh again"
   fi
   say "installing pinned packages from scripts/export/requirements.txt (first time: ~7 GB with torch's CUDA wheels, a few minutes)"
+  [[ -t 2 ]] || say "(pip draws no progress bar without a terminal: torch's wheels download with no output for a minute or two)"
   # --no-cache-dir: keeping the wheels too would double the disk it takes.
   if ! "$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check --progress-bar on -r "$REQ"; then
     fail "pip could not install the pinned packages in $REQ (a version that cannot be had, or no network to PyPI); see pip's message above. Fix the pin or the network and run scripts/setup-python.sh again"

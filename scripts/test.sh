@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== ONNX Runtime (a 24 MB download the first time)" >&2
 scripts/setup.sh
 # Debian's GStreamer for the `gstreamer` feature's sources and tests
-# (apt-get only when a package is missing).
+# (apt-get only when a package is missing, and never an upgrade).
+echo "== GStreamer's packages: only those missing are installed, nothing is upgraded" >&2
 scripts/setup-gstreamer.sh
 # The demo model (fp32 and fp16) for the end-to-end tests: a few minutes and
 # a 7 GB torch install the first time, seconds afterwards.
+echo "== the demo model (the first time: a 7 GB torch install and the export, several minutes)" >&2
 scripts/build-demo-model.sh
 
 echo "== cargo fmt --check" >&2

@@ -337,7 +337,22 @@ struct EvalArgs {
     knobs: PolicyConfig,
 }
 
+/// `--kv-budget`'s default, the same for caption, stream and doctor (and
+/// the service's `cache.kv_budget`).
+const DEFAULT_KV_BUDGET: &str = "32MiB";
+/// `--keep`'s default, as `--kv-budget`'s.
+const DEFAULT_KEEP: &str = "1";
+
+/// What caption's help says of the cache's words.
+const CACHE_WORDS: &str = "The KV cache holds the keys and values of every token the model has read or written. \
+    The pool is its memory: one block sized once from --kv-budget, never grown. The keep ratio (--keep) is the \
+    share of the tokens processed so far that the cache keeps; below 1 the policy compresses as the answer \
+    grows, at 1 only when the pool is full. The policy (--policy) chooses what goes: elastic merges the least \
+    important entries into those it keeps, h2o and local drop entries, full drops nothing and fails when the \
+    pool is full (docs/policies.md).";
+
 #[derive(Args)]
+#[command(after_help = CACHE_WORDS)]
 struct CaptionArgs {
     /// Image to caption; repeat for several (they share the pool and sessions).
     #[arg(long = "image", value_name = "FILE", required = true)]
@@ -395,22 +410,26 @@ struct ModelArgs {
 /// The KV cache: its hard budget and its policy.
 #[derive(Args)]
 struct CacheArgs {
-    /// Cache policy: elastic (Elastic Cache with this project's components),
-    /// elastic-paper (the paper's algorithm), elastic-ref (the authors' code),
-    /// h2o (heavy hitters + recent), local (StreamingLLM), full (none).
+    /// Cache policy, how the cache makes room: elastic (Elastic Cache with
+    /// this project's components: merges the least important entries into
+    /// kept ones), elastic-paper (the paper's algorithm), elastic-ref (the
+    /// authors' code), h2o (keeps heavy hitters and recent tokens), local
+    /// (keeps the first and the latest tokens: StreamingLLM), full (keeps
+    /// everything; fails when the pool is full).
     #[arg(long, default_value = "elastic", value_parser = parse_policy)]
     policy: PolicyKind,
 
     /// Keep ratio: the share of processed tokens the cache keeps, in (0, 1]
     /// (ignored by full). At 1 the policy acts only when the budget is full.
-    #[arg(long, default_value = "1", value_parser = parse_keep)]
+    #[arg(long, default_value = DEFAULT_KEEP, value_parser = parse_keep)]
     keep: KeepRatio,
 
     #[command(flatten)]
     knobs: PolicyConfig,
 
-    /// Hard KV budget: bytes (32MiB, 1GB) or slots (4096tokens).
-    #[arg(long, default_value = "32MiB", value_parser = parse_budget)]
+    /// Hard KV budget, the pool's size: bytes (32MiB, 1GB) or slots
+    /// (4096tokens), at most the memory available.
+    #[arg(long, default_value = DEFAULT_KV_BUDGET, value_parser = parse_budget)]
     kv_budget: KvBudget,
 
     /// Back the pool with this file (e.g. /dev/shm/elastic-edge.kv).
@@ -466,8 +485,9 @@ struct DoctorArgs {
     #[arg(long, default_value = "elastic", value_parser = parse_policy)]
     policy: PolicyKind,
 
-    /// Keep ratio: the share of processed tokens the cache keeps, in (0, 1].
-    #[arg(long, default_value = "0.5", value_parser = parse_keep)]
+    /// Keep ratio: the share of processed tokens the cache keeps, in (0, 1]
+    /// (default: caption's).
+    #[arg(long, default_value = DEFAULT_KEEP, value_parser = parse_keep)]
     keep: KeepRatio,
 
     #[command(flatten)]
@@ -479,8 +499,9 @@ struct DoctorArgs {
 /// SmolLM2-135M: 30 layers, 3 KV heads of 64).
 #[derive(Args)]
 struct PoolArgs {
-    /// KV pool budget: bytes (64MiB, 1.5GB, 65536) or slots (4096tokens).
-    #[arg(long, default_value = "64MiB", value_parser = parse_budget)]
+    /// KV pool budget: bytes (64MiB, 1.5GB, 65536) or slots (4096tokens)
+    /// (default: caption's).
+    #[arg(long, default_value = DEFAULT_KV_BUDGET, value_parser = parse_budget)]
     kv_budget: KvBudget,
 
     /// Back the pool with this file (e.g. /dev/shm/elastic-edge.kv) instead

@@ -322,3 +322,42 @@ fn eval_sweeps_policies_and_keeps_and_writes_complete_reports() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr_line(&output).contains("line 3"));
 }
+
+#[test]
+fn doctor_and_caption_share_their_cache_defaults_and_help_explains_them() {
+    // doctor's were 64 MiB at keep 0.5, caption's 32 MiB at keep 1.
+    let output = elastic_edge(&["doctor", "--model", &tiny()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let output = elastic_edge(&[
+        "caption",
+        "--model",
+        &tiny(),
+        "--image",
+        &gradient(),
+        "--json",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let slots = record["pool_slots"].as_u64().unwrap();
+    assert!(
+        stdout.contains(&format!("kv pool: {slots} slots, {} bytes", record["pool_bytes"])),
+        "caption's pool is {slots} slots: {stdout}"
+    );
+    assert_eq!(record["keep"], 1.0);
+    assert!(stdout.contains("policy elastic at keep 1:"), "{stdout}");
+    // caption --help says what the pool, the keep ratio and the policies are.
+    let help = elastic_edge(&["caption", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    for words in [
+        "The pool is its memory: one block sized once from --kv-budget",
+        "The keep ratio (--keep) is the share of the tokens processed so far",
+        "elastic merges the least important entries",
+        "h2o (keeps heavy hitters and recent tokens)",
+        "local (keeps the first and the latest tokens: StreamingLLM)",
+    ] {
+        assert!(help.contains(words), "{words:?} not in caption --help");
+    }
+}
