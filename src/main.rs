@@ -174,7 +174,7 @@ struct StreamArgs {
 
     /// Time between the starts of two captions (2s, 500ms, 1m); 0 captions
     /// as fast as the model allows.
-    #[arg(long, default_value = "0", value_parser = parse_every)]
+    #[arg(long, default_value = "0", value_parser = parse_every, allow_hyphen_values = true)]
     every: std::time::Duration,
 
     /// Append the JSON lines to this file instead of writing them to stdout.
@@ -250,7 +250,7 @@ struct BenchArgs {
 
     /// Most prompt tokens per decoder run, as `caption` runs them; 0 runs the
     /// whole prompt at once. Prefill memory grows with the square of a run.
-    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK, allow_negative_numbers = true)]
     prefill_chunk: usize,
 
     /// Tokens of the untimed warm-up generation before each timed run (0: none).
@@ -444,7 +444,7 @@ struct CacheArgs {
     /// Most prompt tokens per decoder run; 0 runs the whole prompt at once.
     /// Prefill memory grows with the square of a run; the policy's choices
     /// do not depend on it.
-    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, value_name = "TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK, allow_negative_numbers = true)]
     prefill_chunk: usize,
 }
 
@@ -464,7 +464,7 @@ struct SamplingArgs {
     top_p: f32,
 
     /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
 
     /// Generate through stop tokens, up to --max-new-tokens (for timing long outputs).
@@ -622,7 +622,8 @@ fn parse_every(s: &str) -> Result<std::time::Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs what it does (journald keeps it); commands stay quiet.
-    let level = if matches!(cli.command, Command::Serve(_)) {
+    // (`serve --check` is a command: its report is on stdout.)
+    let level = if matches!(&cli.command, Command::Serve(args) if !args.check) {
         "info,ort=warn"
     } else {
         "warn"

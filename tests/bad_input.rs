@@ -996,3 +996,474 @@ fn a_graph_that_does_not_match_its_manifest_is_the_models_fault_not_the_pictures
         "pixel_values",
     ]);
 }
+
+// The corpus: one case a line, each the arguments and what the one error
+// line must name (`one_error_line`: exit 1, nothing on stdout, bounded time
+// and address space) or, for a flag clap refuses, the flag and the reason.
+
+/// `args` as `&str`s, for `run`.
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A PNG chunk: length, type, data, CRC.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    // CRC-32 (IEEE), bit by bit: a few bytes, no table needed.
+    let mut crc = !0u32;
+    for byte in kind.iter().chain(data) {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&(!crc).to_be_bytes());
+    chunk
+}
+
+/// A PNG whose header says `width` x `height` and whose data is `idat`.
+fn png_claiming(width: u32, height: u32, idat: Option<&[u8]>) -> Vec<u8> {
+    let mut header = width.to_be_bytes().to_vec();
+    header.extend_from_slice(&height.to_be_bytes());
+    header.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &header));
+    if let Some(idat) = idat {
+        png.extend(png_chunk(b"IDAT", idat));
+    }
+    png.extend(png_chunk(b"IEND", b""));
+    png
+}
+
+#[test]
+fn corpus_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.display().to_string()
+    };
+    // A few zlib bytes for an IDAT (a stored block of 100 zeros).
+    let mut idat = vec![0x78, 0x01, 0x01, 100, 0, !100, 0xff];
+    idat.extend_from_slice(&[0; 100]);
+    idat.extend_from_slice(&[0, 100, 0, 1]);
+    let folder = dir.path().join("folder.png");
+    std::fs::create_dir(&folder).unwrap();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (file("empty.png", b""), vec!["is empty (0 bytes)"]),
+        (
+            file("text.png", b"hello\n"),
+            vec!["unrecognised format (first bytes 68 65"],
+        ),
+        (
+            file("header.png", b"\x89PNG\r\n\x1a\n"),
+            vec!["corrupt or truncated (png)"],
+        ),
+        (file("cut.gif", b"GIF89a\x10"), vec!["corrupt or truncated (gif)"]),
+        (file("cut.bmp", b"BM\0\0"), vec!["corrupt or truncated (bmp)"]),
+        (
+            file("cut.webp", b"RIFF\x10\0\0\0WEBPVP8 "),
+            vec!["corrupt or truncated (webp)"],
+        ),
+        (file("cut.tiff", b"II*\0"), vec!["corrupt or truncated (tiff)"]),
+        (
+            file("soi.jpg", b"\xff\xd8"),
+            vec!["unrecognised format (first bytes ff d8)"],
+        ),
+        (
+            file("huge.ppm", b"P6\n99999 99999\n255\n"),
+            vec!["99999x99999 = 9999800001 pixels, more than the limit of 64000000"],
+        ),
+        (
+            file("huge.png", &png_claiming(100_000, 100_000, Some(&idat))),
+            vec!["100000x100000 = 10000000000 pixels, more than the limit"],
+        ),
+        (
+            file("no-data.png", &png_claiming(100_000, 100_000, None)),
+            vec!["corrupt or truncated (png)"],
+        ),
+        (
+            file("zero.png", &png_claiming(0, 10, Some(&idat))),
+            vec!["corrupt or truncated (png)"],
+        ),
+        (folder.display().to_string(), vec!["not a regular file (a directory)"]),
+        (
+            "/nonexistent/picture.png".into(),
+            vec!["cannot read image", "No such file"],
+        ),
+        ("/dev/null".into(), vec!["not a regular file (a character device)"]),
+    ];
+    let model = tiny();
+    for (image, wanted) in cases {
+        let line = run(&["caption", "--model", &model, "--image", &image]).one_error_line(&wanted);
+        assert!(line.contains(&image), "{line}");
+    }
+}
+
+#[test]
+fn corpus_model_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = |name: &str, change: &dyn Fn(&Path)| {
+        let at = dir.path().join(name);
+        std::fs::create_dir(&at).unwrap();
+        let copy = tiny_copy(&at);
+        change(&copy);
+        copy.display().to_string()
+    };
+    let manifest_field = |key: &'static str, value: serde_json::Value| {
+        move |m: &Path| {
+            let path = m.join("manifest.json");
+            let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            json[key] = value.clone();
+            std::fs::write(&path, json.to_string()).unwrap();
+        }
+    };
+    let write = |file: &'static str, bytes: Vec<u8>| move |m: &Path| std::fs::write(m.join(file), &bytes).unwrap();
+    let decoder = std::fs::read(repo("models/tiny/decoder.onnx")).unwrap();
+    let mut rotten = decoder.clone();
+    let middle = rotten.len() / 2;
+    rotten[middle] ^= 1;
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, "{}").unwrap();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            "/nonexistent/model".into(),
+            vec!["no model in /nonexistent/model: not a folder"],
+        ),
+        (a_file.display().to_string(), vec!["a-file: not a folder"]),
+        (empty.display().to_string(), vec!["manifest.json: No such file"]),
+        (
+            case("no-manifest", &|m| {
+                std::fs::remove_file(m.join("manifest.json")).unwrap()
+            }),
+            vec!["manifest.json: No such file"],
+        ),
+        (
+            case("empty-manifest", &write("manifest.json", Vec::new())),
+            vec!["manifest.json: field (json): EOF while parsing"],
+        ),
+        (
+            case("text-manifest", &write("manifest.json", b"not json".to_vec())),
+            vec!["manifest.json: field (json): expected"],
+        ),
+        (
+            case("array-manifest", &write("manifest.json", b"[1, 2]".to_vec())),
+            vec!["manifest.json: field (json): invalid type"],
+        ),
+        (
+            case("huge-manifest", &write("manifest.json", vec![b' '; 17 << 20])),
+            vec!["manifest.json: ", "more than the 16777216 such a file may have"],
+        ),
+        (
+            case("no-decoder", &|m| std::fs::remove_file(m.join("decoder.onnx")).unwrap()),
+            vec!["model file", "decoder.onnx: cannot read: No such file"],
+        ),
+        (
+            case("cut-decoder", &write("decoder.onnx", decoder[..1000].to_vec())),
+            vec![
+                "decoder.onnx: 1000 bytes, the manifest says",
+                "file_hashes.decoder.onnx.bytes",
+            ],
+        ),
+        (
+            case("rotten-decoder", &write("decoder.onnx", rotten)),
+            vec![
+                "decoder.onnx: sha256",
+                "differs from the manifest's",
+                "rebuild the model",
+            ],
+        ),
+        (
+            case("format-version", &manifest_field("format_version", 99.into())),
+            vec!["field format_version: 99 is not supported"],
+        ),
+        (
+            case("format", &manifest_field("format", "other".into())),
+            vec!["field format: \"other\", expected \"elastic-edge-model\""],
+        ),
+        (
+            case("no-layers", &manifest_field("layers", 0.into())),
+            vec!["field layers: must be positive"],
+        ),
+        (
+            case("layers-text", &manifest_field("layers", "two".into())),
+            vec!["manifest.json: field (json): invalid type: string \"two\""],
+        ),
+    ];
+    let image = gradient();
+    for (model, wanted) in cases {
+        run(&["caption", "--model", &model, "--image", &image]).one_error_line(&wanted);
+    }
+}
+
+#[test]
+fn corpus_flags() {
+    let (model, image) = (tiny(), gradient());
+    let caption_args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["caption", "--model", &model, "--image", &image]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    // Refused by clap: exit 2, the flag named on the first line.
+    let refused: Vec<(&[&str], &str, &[&str])> = vec![
+        (&["--kv-budget", "12XB"], "--kv-budget", &["unknown unit \"XB\""]),
+        (
+            &["--kv-budget", "lots"],
+            "--kv-budget",
+            &["does not start with a number"],
+        ),
+        (&["--keep", "0"], "--keep", &["outside (0, 1]"]),
+        (&["--keep", "1.5"], "--keep", &["outside (0, 1]"]),
+        (&["--keep", "half"], "--keep", &["not a number"]),
+        (
+            &["--policy", "lru"],
+            "--policy",
+            &["expected one of full, local, h2o, elastic"],
+        ),
+        (&["--device", "tpu"], "--device", &[]),
+        (&["--seed", "x"], "--seed", &[]),
+        (&["--prefill-chunk", "-1"], "--prefill-chunk", &[]),
+        (&["--seed", "-1"], "--seed", &[]),
+        (&["--max-new-tokens", "many"], "--max-new-tokens", &["from 1 to 4096"]),
+    ];
+    for (extra, flag, wanted) in refused {
+        let args = caption_args(extra);
+        run(&refs(&args)).flag_error(flag, wanted);
+    }
+    let source = format!("file:{image}");
+    for (extra, flag, wanted) in [
+        (&["--every", "fast"][..], "--every", &["invalid interval \"fast\""][..]),
+        (&["--every", "-2s"][..], "--every", &[][..]),
+    ] {
+        let mut args = vec!["stream", "--model", &model, "--source", &source];
+        args.extend_from_slice(extra);
+        run(&args).flag_error(flag, wanted);
+    }
+    for (spec, wanted) in [("stdin:h264", "unknown stdin format \"h264\""), ("", "--source")] {
+        run(&["stream", "--model", &model, "--source", spec]).flag_error("--source", &[wanted]);
+    }
+    // Accepted by clap, refused before any work: one line.
+    let failing: Vec<(&[&str], &[&str])> = vec![
+        (&["--prompt", "   "], &["the prompt is empty"]),
+        (
+            &["--device", "cuda"],
+            &["registering the cuda execution provider", "not enabled in this build"],
+        ),
+        (
+            &["--kv-file", "/nonexistent-dir/pool.kv"],
+            &["cannot map KV pool file /nonexistent-dir/pool.kv"],
+        ),
+        (&["--kv-budget", "1KiB"], &["KV budget too small", "raise --kv-budget"]),
+    ];
+    for (extra, wanted) in failing {
+        let args = caption_args(extra);
+        run(&refs(&args)).one_error_line(wanted);
+    }
+}
+
+#[test]
+fn corpus_config_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("[model]\ndir = {:?}\n", tiny());
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        ("empty", String::new(), &["(top level): missing field `model`"]),
+        ("not-toml", "this is = = not toml".into(), &["line 1: "]),
+        (
+            "unknown-key",
+            format!("{model}colour = 1\n"),
+            &["model.colour: unknown field `colour`"],
+        ),
+        (
+            "unknown-table",
+            format!("{model}[extra]\na = 1\n"),
+            &["extra: unknown field `extra`"],
+        ),
+        ("empty-dir", "[model]\ndir = \"\"\n".into(), &["model.dir: is empty"]),
+        (
+            "no-model",
+            "[model]\ndir = \"/nonexistent\"\n".into(),
+            &["model.dir: no model in /nonexistent"],
+        ),
+        (
+            "keep",
+            format!("{model}[cache]\nkeep = 2.0\n"),
+            &["cache.keep: keep ratio 2 is outside (0, 1]"],
+        ),
+        (
+            "keep-type",
+            format!("{model}[cache]\nkeep = \"half\"\n"),
+            &["cache.keep: invalid type: string \"half\""],
+        ),
+        (
+            "policy",
+            format!("{model}[cache]\npolicy = \"lru\"\n"),
+            &["cache.policy: unknown variant `lru`"],
+        ),
+        (
+            "budget",
+            format!("{model}[cache]\nkv_budget = \"lots\"\n"),
+            &["cache.kv_budget: invalid KV budget \"lots\""],
+        ),
+        (
+            "knob",
+            format!("{model}[cache]\nsink = -1\n"),
+            &["cache.sink: invalid value: integer `-1`"],
+        ),
+        (
+            "interval",
+            format!("{model}[stream]\ninterval = \"fast\"\n"),
+            &["stream.interval: invalid interval \"fast\""],
+        ),
+        (
+            "source",
+            format!("{model}[stream]\nsource = \"stdin:h264\"\n"),
+            &["stream.source: ", "unknown stdin format"],
+        ),
+        (
+            "listen",
+            format!("{model}[http]\nlisten = \"nonsense\"\n"),
+            &["http.listen: \"nonsense\" is not an address and port"],
+        ),
+        (
+            "max-body",
+            format!("{model}[http]\nmax_body = \"0\"\n"),
+            &["http.max_body: \"0\": it must be at least one byte"],
+        ),
+        (
+            "threads",
+            format!("{model}threads = 0\n"),
+            &["model.threads: must be at least 1"],
+        ),
+        (
+            "device",
+            format!("{model}device = \"tpu\"\n"),
+            &["model.device: unknown variant `tpu`"],
+        ),
+        (
+            "prompt",
+            format!("{model}[caption]\nprompt = \"  \"\n"),
+            &["caption.prompt: is empty"],
+        ),
+        (
+            "tokens",
+            format!("{model}[caption]\nmax_new_tokens = 0\n"),
+            &["caption.max_new_tokens: 0 is outside 1..=4096"],
+        ),
+        (
+            "huge",
+            format!("# {}\n", "x".repeat(2 << 20)),
+            &["(file): cannot read it: ", "more than the 1048576 such a file may have"],
+        ),
+    ];
+    for (name, text, wanted) in cases {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let line = serve_check(&path).one_error_line(wanted);
+        assert!(line.contains(&format!("{name}.toml: ")), "{line}");
+    }
+    let binary = dir.path().join("binary.toml");
+    std::fs::write(&binary, b"\xff\xfe[model]\n").unwrap();
+    serve_check(&binary).one_error_line(&["binary.toml: (file): cannot read it: not UTF-8 text (byte 0)"]);
+    serve_check(Path::new("/nonexistent/serve.toml"))
+        .one_error_line(&["/nonexistent/serve.toml: (file): cannot read it: No such file"]);
+}
+
+#[test]
+fn corpus_dataset_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gradient(), dir.path().join("good.png")).unwrap();
+    let out = dir.path().join("out");
+    let cases: Vec<(&str, &str, &[&str])> = vec![
+        ("empty", "", &["no usable sample: the file has no lines"]),
+        ("blank", "\n\n   \n", &["no usable sample: the file has no lines"]),
+        ("array", "[1, 2]\n", &["no usable sample: line 1: not a JSON sample"]),
+        ("no-prompt", "{\"id\": \"a\", \"images\": [\"good.png\"]}\n", &["line 1: no \"prompt\""]),
+        ("empty-prompt", "{\"id\": \"a\", \"images\": [\"good.png\"], \"prompt\": \"\"}\n", &["line 1: no \"prompt\""]),
+        (
+            "four-pictures",
+            "{\"id\": \"a\", \"kind\": \"multi-image\", \"images\": [\"good.png\", \"good.png\", \"good.png\", \"good.png\"], \"prompt\": \"x\"}\n",
+            &["line 1: 4 pictures: at most 3"],
+        ),
+        ("missing-picture", "{\"id\": \"a\", \"images\": [\"nope.png\"], \"prompt\": \"x\"}\n", &["line 1: image ", "nope.png does not exist"]),
+        (
+            "bad-kind",
+            "{\"id\": \"a\", \"kind\": \"bogus\", \"images\": [\"good.png\"], \"prompt\": \"x\"}\n",
+            &["line 1: unknown kind \"bogus\""],
+        ),
+        ("not-a-picture", "{\"id\": \"a\", \"images\": [\"/etc/hostname\"], \"prompt\": \"x\"}\n", &["line 1: image /etc/hostname"]),
+    ];
+    for (name, text, wanted) in cases {
+        let data = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&data, text).unwrap();
+        let line = eval(&data, &out, &[]).one_error_line(wanted);
+        assert!(line.contains(&format!("{name}.jsonl: ")), "{line}");
+    }
+    eval(Path::new("/nonexistent/data.jsonl"), &out, &[])
+        .one_error_line(&["/nonexistent/data.jsonl: cannot read: No such file"]);
+    eval(dir.path(), &out, &[]).one_error_line(&["cannot read: not a regular file (a directory)"]);
+}
+
+#[test]
+fn corpus_stream_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let text = dir.path().join("text.png");
+    std::fs::write(&text, "hello\n").unwrap();
+    let model = tiny();
+    let cases: Vec<(String, &[&str])> = vec![
+        ("bogus:xyz".into(), &["source file:bogus:xyz: no such file"]),
+        (
+            "file:/nonexistent.png".into(),
+            &["source file:/nonexistent.png: no such file"],
+        ),
+        (
+            "dir:/nonexistent".into(),
+            &["source dir:/nonexistent: cannot read the folder"],
+        ),
+        ("glob:/nonexistent/*.png".into(), &["no file matches the pattern"]),
+        (format!("dir:{}", empty.display()), &["no image files in the folder"]),
+        (
+            format!("dir:{}", dir.path().join("text.png").display()),
+            &["cannot read the folder: Not a directory"],
+        ),
+    ];
+    for (spec, wanted) in cases {
+        run(&["stream", "--model", &model, "--source", &spec]).one_error_line(wanted);
+    }
+    if !cfg!(feature = "gstreamer") {
+        run(&["stream", "--model", &model, "--source", "gst:videotestsrc"]).one_error_line(&["no GStreamer support"]);
+    }
+    // A source that opens but gives nothing usable: the last line says so.
+    let source = format!("file:{}", text.display());
+    let run = run(&["stream", "--model", &model, "--source", &source]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr
+            .trim_end()
+            .ends_with("none of its 1 files could be decoded: no frame to use"),
+        "{}",
+        run.stderr
+    );
+    let output = format!("{}/no-such-dir/out.jsonl", dir.path().display());
+    let image = format!("file:{}", gradient());
+    run_output(&model, &image, &output);
+}
+
+/// `stream --output` into a folder that does not exist.
+fn run_output(model: &str, source: &str, output: &str) {
+    run(&["stream", "--model", model, "--source", source, "--output", output])
+        .one_error_line(&["writing ", "no-such-dir/out.jsonl: No such file"]);
+}
