@@ -5,20 +5,31 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::prefill;
 use elastic_edge::kv::{KvDtype, PolicyConfig, PolicyKind};
 
-/// Counts allocations while `COUNTING` is set.
+/// Counts allocations made by a thread while its `COUNTING` is set: only
+/// the test's own thread (the harness's other threads allocate when they
+/// like, which made a global flag flaky).
 struct CountingAllocator;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // Const-initialised: reading it never allocates.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+fn counting(on: bool) {
+    COUNTING.with(|c| c.set(on));
+}
 
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        // try_with: a thread being torn down has no flag left (not counting).
+        if COUNTING.try_with(Cell::get).unwrap_or(false) {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: forwarded unchanged to the system allocator.
@@ -36,9 +47,9 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 #[test]
 fn decode_steps_do_not_allocate() {
     // The counter counts.
-    COUNTING.store(true, Ordering::Relaxed);
+    counting(true);
     let probe = std::hint::black_box(Box::new(1u64));
-    COUNTING.store(false, Ordering::Relaxed);
+    counting(false);
     drop(probe);
     assert_eq!(ALLOCATIONS.swap(0, Ordering::Relaxed), 1);
 
@@ -63,7 +74,7 @@ fn decode_steps_do_not_allocate() {
             let layers = cache.pool().shape().layers;
             let colsum = vec![0.25f32; cache.pool().capacity()];
             for _ in 0..200 {
-                COUNTING.store(true, Ordering::Relaxed);
+                counting(true);
                 cache.begin_token().unwrap();
                 // The decoder would write the new K/V through step_views here.
                 drop(cache.pool_mut().step_views::<f32>(1));
@@ -75,7 +86,7 @@ fn decode_steps_do_not_allocate() {
                     }
                 }
                 cache.end_token().unwrap();
-                COUNTING.store(false, Ordering::Relaxed);
+                counting(false);
             }
             assert!(cache.stats().evicted + cache.stats().merged > 0);
             assert_eq!(
