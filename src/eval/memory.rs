@@ -250,13 +250,8 @@ fn frame_time(i: usize) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_798_790_400 + 8 * 3600 + i as u64)
 }
 
-/// Shows the pictures as frames, then asks about the first and the last.
-fn show_and_ask(
-    generator: &mut Generator<'_>,
-    pictures: &[PathBuf],
-    params: &GenerateParams,
-    allow_full: bool,
-) -> Result<SequenceRun> {
+/// A new memory with the pictures as its frames, a second apart.
+fn show_frames(generator: &mut Generator<'_>, pictures: &[PathBuf], allow_full: bool) -> Result<Memory> {
     let mut memory = Memory::new(generator, MemoryOptions::default(), allow_full)?;
     for (i, picture) in pictures.iter().enumerate() {
         memory.add_frame(
@@ -267,6 +262,17 @@ fn show_and_ask(
             &mut |_| {},
         )?;
     }
+    Ok(memory)
+}
+
+/// Shows the pictures as frames, then asks about the first and the last.
+fn show_and_ask(
+    generator: &mut Generator<'_>,
+    pictures: &[PathBuf],
+    params: &GenerateParams,
+    allow_full: bool,
+) -> Result<SequenceRun> {
+    let mut memory = show_frames(generator, pictures, allow_full)?;
     let entries_after_frames = generator.cache().pool().len();
     memory.figures(generator);
     let early_frame_kept = memory.frame_ids().next() == Some(0);
@@ -288,16 +294,7 @@ fn show_and_score(
     answers: &[Vec<u32>; 2],
     allow_full: bool,
 ) -> Result<[(f64, usize); 2]> {
-    let mut memory = Memory::new(generator, MemoryOptions::default(), allow_full)?;
-    for (i, picture) in pictures.iter().enumerate() {
-        memory.add_frame(
-            generator,
-            i as u64,
-            frame_time(i),
-            ImageInput::File(picture),
-            &mut |_| {},
-        )?;
-    }
+    let mut memory = show_frames(generator, pictures, allow_full)?;
     let last = pictures.len() - 1;
     let mut score = |q: usize, text: String| -> Result<(f64, usize)> {
         match answers[q].is_empty() {
