@@ -361,3 +361,55 @@ fn doctor_and_caption_share_their_cache_defaults_and_help_explains_them() {
         assert!(help.contains(words), "{words:?} not in caption --help");
     }
 }
+
+#[test]
+fn eval_memory_frames_scores_each_policy_against_the_full_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    let images = format!("{}/models/fixtures/images", env!("CARGO_MANIFEST_DIR"));
+    let lines: String = ["astronaut", "chelsea", "coffee"]
+        .iter()
+        .map(|name| {
+            format!("{{\"id\": \"{name}\", \"images\": [\"{images}/{name}-224.png\"], \"prompt\": \"What is it?\"}}\n")
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = dir.path().join("out");
+    let run = |frames: &str| {
+        elastic_edge(&[
+            "eval",
+            "--model",
+            &tiny(),
+            "--data",
+            data.to_str().unwrap(),
+            "--memory-frames",
+            frames,
+            "--policies",
+            "local,elastic",
+            "--keep",
+            "0.5",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let output = run("2");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(out.join("memory.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3, "full, then local and elastic at 0.5: {csv}");
+    // One sequence per distinct picture; the full cache is its own reference.
+    assert_eq!(&rows[0][..5], ["full", "1", "3", rows[0][3], "1.000000"], "{csv}");
+    assert_eq!(rows[0][8], "1.0000", "{csv}");
+    assert_eq!((rows[1][0], rows[2][0]), ("local", "elastic"), "{csv}");
+    let samples = std::fs::read_to_string(out.join("memory-samples.csv")).unwrap();
+    assert_eq!(samples.lines().count(), 1 + 3 * 3, "{samples}");
+    let md = std::fs::read_to_string(out.join("memory.md")).unwrap();
+    assert!(md.contains("| 0.5 | local |"), "{md}");
+
+    // More frames than distinct pictures: one clear line.
+    let output = run("4");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_line(&output).contains("distinct pictures"));
+}
