@@ -451,3 +451,40 @@ fn with_the_memory_on_model_memory_asks_it_and_a_plain_chat_is_refused() {
     let (status, answer) = chat(&service, &two);
     assert_eq!(status, 400, "{answer}");
 }
+
+#[test]
+fn a_full_queue_is_a_503_in_openai_shape_and_the_rest_are_answered() {
+    let service = Arc::new(start(""));
+    // One answer in flight and four queued: sixteen at once overflow it
+    // (each of these runs some 250 tokens, a fifth of a second or more).
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900}).to_string();
+    let barrier = Arc::new(std::sync::Barrier::new(16));
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (service, barrier, body) = (Arc::clone(&service), Arc::clone(&barrier), body.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                exchange(
+                    &service,
+                    &request("POST", "/v1/chat/completions", None, body.as_bytes()),
+                )
+            })
+        })
+        .collect();
+    let answers: Vec<_> = threads.into_iter().map(|thread| thread.join().unwrap()).collect();
+    let busy: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
+    assert!(
+        !busy.is_empty(),
+        "no 503 among {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    assert!(answers.iter().all(|(status, _, _)| *status == 200 || *status == 503));
+    for (_, head, body) in busy {
+        assert!(head.contains("Retry-After: 5"), "{head}");
+        let answer: Value = serde_json::from_str(body).unwrap();
+        assert_openai_error(&answer, None);
+        assert_eq!(answer["error"]["code"], "queue_full");
+    }
+    let (status, _, _) = exchange(&service, &request("GET", "/healthz", None, b""));
+    assert_eq!(status, 200);
+}
