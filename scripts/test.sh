@@ -15,6 +15,10 @@ scripts/setup-gstreamer.sh
 echo "== the demo model (the first time: a 7 GB torch install and the export, several minutes)" >&2
 scripts/build-demo-model.sh
 
+# The official openai Python client (pinned by sha256) for tests/openai.rs.
+echo "== the openai client's virtualenv (.cache/venv-openai; seconds the first time)" >&2
+scripts/setup-openai-client.sh
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)" >&2

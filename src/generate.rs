@@ -35,7 +35,7 @@ pub enum Sampling {
     TopP { temperature: f32, top_p: f32, seed: u64 },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateParams {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
@@ -570,6 +570,18 @@ impl<'m> Generator<'m> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         self.generate_input(PromptInput::Piece { prompt, images }, params, &mut infallible(on_text))
+    }
+
+    /// As [`Self::generate_piece`], with a text callback that may fail (a
+    /// streamed answer whose client left): its error ends the generation.
+    pub fn try_generate_piece(
+        &mut self,
+        prompt: &Prompt,
+        images: &[ImageInput<'_>],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Generation> {
+        self.generate_input(PromptInput::Piece { prompt, images }, params, on_text)
     }
 
     /// Appends `prompt` to the sequence in the pool and generates nothing.

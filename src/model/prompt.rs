@@ -171,6 +171,47 @@ impl Prompt {
         }));
         Ok(())
     }
+
+    /// As [`Self::push_text`], with the user's text in several byte ranges.
+    fn push_text_ranges(
+        &mut self,
+        tok: &PromptTokenizer,
+        text: &str,
+        user: &[std::ops::Range<usize>],
+    ) -> Result<(), PromptError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let enc = tok.tokenizer.encode(text, false).map_err(|e| PromptError::Encode {
+            piece: text.chars().take(80).collect(),
+            reason: e.to_string(),
+        })?;
+        self.ids.extend_from_slice(enc.get_ids());
+        self.kinds.extend(enc.get_offsets().iter().map(|&(start, end)| {
+            match user.iter().any(|u| start.max(u.start) < end.min(u.end)) {
+                true => TokenKind::USER,
+                false => TokenKind::TEMPLATE,
+            }
+        }));
+        Ok(())
+    }
+}
+
+/// Who speaks a turn of [`PromptTokenizer::build_chat`] (system text is
+/// given on its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    User,
+    Assistant,
+}
+
+/// One turn of a conversation: its text and, for a user turn, how many
+/// pictures come before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatTurn<'a> {
+    pub role: ChatRole,
+    pub text: &'a str,
+    pub images: usize,
 }
 
 /// The largest `tokenizer.json` read (the demo model's is 1.8 MB).
@@ -412,6 +453,91 @@ impl PromptTokenizer {
         };
         prompt.kinds.resize(prompt.ids.len(), TokenKind::GENERATED);
         prompt.push_text(self, &self.template.user_suffix, 0..0)?;
+        Ok(prompt)
+    }
+
+    /// A whole conversation in the model's template (an OpenAI-style chat
+    /// request): the system turn (`system`, else the template's system
+    /// prompt), then each turn in order, each closed by the template's turn
+    /// end (`user_suffix`, which ends every turn in ChatML-style templates),
+    /// and the assistant prefix for the answer. A user turn's pictures
+    /// (`images` of them, `image_rows` rows each) come before its text, as
+    /// the template's `user_before_text` says; a user turn with no text
+    /// takes the default prompt. Pictures are numbered across the whole
+    /// conversation. With one user turn and no system text this is
+    /// [`Self::build_images`]'s prompt. Users' and earlier assistants' text
+    /// is the user's kind, the template's pieces the template's.
+    pub fn build_chat(
+        &self,
+        system: Option<&str>,
+        turns: &[ChatTurn<'_>],
+        image_rows: usize,
+    ) -> Result<Prompt, PromptError> {
+        let t = &self.template;
+        let pictures: usize = turns.iter().map(|turn| turn.images).sum();
+        if pictures > 0 && image_rows == 0 {
+            return Err(PromptError::ZeroImageTokens);
+        }
+        if pictures > TokenKind::MAX_IMAGES || image_rows > TokenKind::MAX_CELLS {
+            return Err(PromptError::Template(format!(
+                "{pictures} pictures of {image_rows} tokens: at most {} pictures of {} tokens each",
+                TokenKind::MAX_IMAGES,
+                TokenKind::MAX_CELLS
+            )));
+        }
+        let mut prompt = Prompt {
+            ids: self.bos.into_iter().collect(),
+            kinds: Vec::new(),
+        };
+        prompt.kinds.resize(prompt.ids.len(), TokenKind::TEMPLATE);
+        // The text since the last picture, and the user's byte ranges in it.
+        let mut piece = String::new();
+        let mut user: Vec<std::ops::Range<usize>> = Vec::new();
+        let push_user = |piece: &mut String, user: &mut Vec<std::ops::Range<usize>>, text: &str| {
+            let start = piece.len();
+            piece.push_str(text);
+            user.push(start..piece.len());
+        };
+        piece.push_str(&t.system_prefix);
+        match system {
+            Some(text) => push_user(&mut piece, &mut user, text),
+            None => piece.push_str(&t.system_prompt),
+        }
+        piece.push_str(&t.system_suffix);
+        let mut picture = 0;
+        for turn in turns {
+            match turn.role {
+                ChatRole::User => {
+                    piece.push_str(&t.user_prefix);
+                    for _ in 0..turn.images {
+                        piece.push_str(&t.image_prefix);
+                        prompt.push_text_ranges(self, &piece, &user)?;
+                        piece.clear();
+                        user.clear();
+                        prompt
+                            .kinds
+                            .extend((0..image_rows).map(|cell| TokenKind::image(picture, cell)));
+                        picture += 1;
+                        piece.push_str(&t.image_suffix);
+                    }
+                    let text = match turn.text.trim().is_empty() {
+                        true => t.default_user_prompt.as_str(),
+                        false => turn.text,
+                    };
+                    push_user(&mut piece, &mut user, text);
+                }
+                ChatRole::Assistant => {
+                    if turn.images > 0 {
+                        return Err(PromptError::Template("an assistant turn cannot hold pictures".into()));
+                    }
+                    piece.push_str(&t.assistant_prefix);
+                    push_user(&mut piece, &mut user, turn.text);
+                }
+            }
+            piece.push_str(&t.user_suffix);
+        }
+        piece.push_str(&t.assistant_prefix);
+        prompt.push_text_ranges(self, &piece, &user)?;
         Ok(prompt)
     }
 
@@ -672,6 +798,75 @@ mod tests {
 
     fn tiny(template: ChatTemplate, bos: Option<u32>, add_bos: bool) -> Result<PromptTokenizer, PromptError> {
         PromptTokenizer::from_file(&repo("models/tiny/tokenizer.json"), template, bos, add_bos)
+    }
+
+    #[test]
+    fn a_chat_of_one_user_turn_is_the_one_shot_prompt_and_turns_follow_the_template() {
+        let tok = tiny(tiny_template(), Some(1), false).expect("tok");
+        let user = |text, images| ChatTurn {
+            role: ChatRole::User,
+            text,
+            images,
+        };
+        for (text, images) in [("Hi", 0), ("What is this?", 1), ("", 1), ("Two", 2)] {
+            let chat = tok.build_chat(None, &[user(text, images)], 5).expect("chat");
+            let user_text = (!text.is_empty()).then_some(text);
+            let one_shot = tok.build_images(user_text, &vec![5; images]).expect("one shot");
+            assert_eq!(chat, one_shot, "{text:?} with {images} pictures");
+        }
+        // Two user turns around an assistant's: each turn ends with the
+        // template's turn end; the pictures are numbered across turns.
+        let turns = [
+            user("First", 1),
+            ChatTurn {
+                role: ChatRole::Assistant,
+                text: "An answer",
+                images: 0,
+            },
+            user("Second", 1),
+        ];
+        let chat = tok.build_chat(Some("Be brief."), &turns, 3).expect("chat");
+        assert_eq!(chat.image_tokens(), 6);
+        let pictures: Vec<_> = chat.kinds.iter().filter(|k| k.is_image()).collect();
+        assert_ne!(pictures[0], pictures[3], "the second picture has its own index");
+        let t = tok.template();
+        let text_only = tok
+            .build_chat(Some("Be brief."), &[user("First", 0), turns[1], user("Second", 0)], 3)
+            .expect("text only");
+        let whole = [
+            t.system_prefix.as_str(),
+            "Be brief.",
+            &t.system_suffix,
+            &t.user_prefix,
+            "First",
+            &t.user_suffix,
+            &t.assistant_prefix,
+            "An answer",
+            &t.user_suffix,
+            &t.user_prefix,
+            "Second",
+            &t.user_suffix,
+            &t.assistant_prefix,
+        ]
+        .concat();
+        assert_eq!(text_only.ids, tok.encode(&whole).expect("encode"));
+        let user_ids: Vec<u32> = text_only
+            .ids
+            .iter()
+            .zip(&text_only.kinds)
+            .filter(|(_, k)| k.is_user())
+            .map(|(&i, _)| i)
+            .collect();
+        let user_text = tok.decode(&user_ids).expect("decode");
+        for part in ["Be brief.", "First", "An answer", "Second"] {
+            assert!(user_text.contains(part), "{user_text:?} lacks {part:?}");
+        }
+        let bad = [ChatTurn {
+            role: ChatRole::Assistant,
+            text: "x",
+            images: 1,
+        }];
+        assert!(tok.build_chat(None, &bad, 3).is_err());
     }
 
     #[test]

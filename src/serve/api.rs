@@ -9,20 +9,30 @@
 //! | `POST /caption[?prompt=...]` | captions the image in the body (413 over the limit, 400 if it does not decode; 409 while the memory is on: a caption would reset the pool the memory lives in) |
 //! | `POST /memory/ask` | JSON `{"question": "...", "max_tokens": 64}` (max_tokens optional): answers from the camera memory between frames, queued like `POST /caption`; 200 with the question, the answer, `frame_id` (the newest frame in memory) and the memory's figures; 400 for an empty question or a max_tokens of 0 or above what the budget holds, 409 when `[memory]` is off or no frame is in memory yet |
 //!
+//! | `POST /v1/chat/completions` | OpenAI's chat completions ([`super::openai`]): messages with images as `data:` URLs, streamed or not; queued like `POST /caption` (the same 409 while the memory is on, unless `"model": "memory"` asks it) |
+//! | `GET /v1/models` | the loaded model (and `memory` when it is on), in OpenAI's list shape |
+//!
+//! With `http.api_key` set, every route but `/healthz` wants
+//! `Authorization: Bearer KEY`: 401 without it (OpenAI's error shape on
+//! `/v1`, ours elsewhere). The key is compared in constant time and never
+//! logged.
+//!
 //! A question and its answer stay in the memory, as a robot remembers what
 //! it was asked; the budget holds either way (docs/memory.md).
 //!
-//! Every failure is an HTTP answer with a JSON `{"error": ...}` body; no
-//! request can take a thread down.
+//! Every failure is an HTTP answer with a JSON `{"error": ...}` body
+//! (`{"error": {"message", "type", "param", "code"}}` on `/v1`); no request
+//! can take a thread down.
 
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::config::MAX_NEW_TOKENS_LIMIT;
+use super::config::{ApiKey, MAX_NEW_TOKENS_LIMIT};
 use super::http::{BodyError, Connection, Handler, Request, Response};
 use super::metrics::kind;
-use super::worker::{Job, JobError};
+use super::openai::{self, ApiError, StopCut};
+use super::worker::{chat_events_room, ChatEvent, Job, JobError};
 use super::Shared;
 
 /// How long a POST waits for its caption (a queue of a few, each seconds
@@ -32,13 +42,38 @@ const POST_TIMEOUT: Duration = Duration::from_secs(300);
 /// caption came), which also finds clients that left.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// What the routes need to know of the config.
-#[derive(Clone, Copy, Debug)]
+/// What the routes need to know of the config and the model.
+#[derive(Clone, Debug)]
 pub struct Routes {
     /// The largest request body, in bytes (`http.max_body`).
     pub max_body: u64,
     /// `[memory] enabled`: `POST /memory/ask` answers, `POST /caption` does not.
     pub memory: bool,
+    /// The loaded model's name (`GET /v1/models`).
+    pub model: String,
+    /// When it was loaded, unix seconds (`created` in `GET /v1/models`).
+    pub loaded_unix: u64,
+    /// Tokens of a chat answer when the request does not say
+    /// (`caption.max_new_tokens`).
+    pub default_tokens: usize,
+    /// `http.api_key`: wanted on every route but `/healthz`.
+    pub api_key: Option<ApiKey>,
+}
+
+/// Whether `request` may go on: without a key configured, or for
+/// `/healthz`, always; else with `Authorization: Bearer KEY`.
+fn authorized(routes: &Routes, request: &Request) -> bool {
+    let Some(key) = &routes.api_key else {
+        return true;
+    };
+    if request.path == "/healthz" {
+        return true;
+    }
+    let given = request.authorization.as_deref().and_then(|value| {
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    given.is_some_and(|token| key.matches(token))
 }
 
 /// Tokens of an answer when the question does not say.
@@ -48,7 +83,7 @@ const DEFAULT_ANSWER_TOKENS: usize = 64;
 pub fn handler(shared: Arc<Shared>, jobs: SyncSender<Job>, routes: Routes) -> Arc<Handler> {
     Arc::new(move |request: Request, connection: &mut Connection| {
         let route = route_name(&request.path);
-        let status = route_request(&shared, &jobs, routes, request, connection);
+        let status = route_request(&shared, &jobs, &routes, request, connection);
         shared.metrics.http_request(route, status);
     })
 }
@@ -63,6 +98,8 @@ fn route_name(path: &str) -> &'static str {
         "/captions/stream" | "/events" => "/captions/stream",
         "/caption" => "/caption",
         "/memory/ask" => "/memory/ask",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
         _ => "other",
     }
 }
@@ -71,12 +108,21 @@ fn route_name(path: &str) -> &'static str {
 fn route_request(
     shared: &Shared,
     jobs: &SyncSender<Job>,
-    routes: Routes,
+    routes: &Routes,
     request: Request,
     connection: &mut Connection,
 ) -> u16 {
     let method = request.method.as_str();
     let response = match (method, request.path.as_str()) {
+        _ if !authorized(routes, &request) => {
+            shared.metrics.error(kind::REQUEST);
+            log::debug!("http: {method} {}: no or wrong API key", request.path);
+            let message = "a valid API key is needed: Authorization: Bearer KEY (http.api_key)";
+            match request.path.starts_with("/v1/") {
+                true => ApiError::new(401, message).with_code("invalid_api_key").response(),
+                false => Response::error(401, message).with_header("WWW-Authenticate", "Bearer"),
+            }
+        }
         ("GET", "/healthz") => {
             let report = shared.health_report();
             Response::json(if report.ok() { 200 } else { 503 }, &report)
@@ -114,6 +160,20 @@ fn route_request(
         (_, "/caption" | "/memory/ask") => {
             Response::error(405, &format!("{method} is not allowed here")).with_header("Allow", "POST")
         }
+        ("GET", "/v1/models") => Response::json(200, &openai::models(&routes.model, routes.memory, routes.loaded_unix)),
+        ("POST", "/v1/chat/completions") => match chat_completions(shared, jobs, routes, &request, connection) {
+            Chat::Respond(response) => response,
+            Chat::Streamed(status) => return status,
+        },
+        (_, "/v1/models") => ApiError::new(405, format!("{method} is not allowed here"))
+            .response()
+            .with_header("Allow", "GET"),
+        (_, "/v1/chat/completions") => ApiError::new(405, format!("{method} is not allowed here"))
+            .response()
+            .with_header("Allow", "POST"),
+        (_, path) if path.starts_with("/v1/") => ApiError::new(404, format!("no route {path}"))
+            .with_code("unknown_url")
+            .response(),
         _ => Response::error(404, &format!("no route {}", request.path)),
     };
     if let Err(e) = connection.respond(&response) {
@@ -237,6 +297,154 @@ fn queue_and_wait<T: serde::Serialize>(
         Err(RecvTimeoutError::Timeout) => Response::error(504, "the answer took too long"),
         // The job was dropped unanswered: the captioning thread stopped.
         Err(RecvTimeoutError::Disconnected) => Response::error(503, "the service is stopping"),
+    }
+}
+
+/// How `POST /v1/chat/completions` was answered.
+enum Chat {
+    /// A whole response, still to send.
+    Respond(Response),
+    /// Streamed already, with this status.
+    Streamed(u16),
+}
+
+impl From<JobError> for ApiError {
+    fn from(error: JobError) -> Self {
+        match error {
+            JobError::BadRequest(message) => ApiError::new(400, message),
+            JobError::Conflict(message) => ApiError::new(409, message),
+            JobError::Failed(message) => ApiError::new(500, message),
+        }
+    }
+}
+
+fn chat_completions(
+    shared: &Shared,
+    jobs: &SyncSender<Job>,
+    routes: &Routes,
+    request: &Request,
+    connection: &mut Connection,
+) -> Chat {
+    let bad = |error: ApiError| {
+        shared.metrics.error(kind::REQUEST);
+        Chat::Respond(error.response())
+    };
+    let body = match connection.read_body(request, routes.max_body) {
+        Ok(body) => body,
+        Err(BodyError::TooLarge { limit }) => {
+            return bad(ApiError::new(
+                413,
+                format!("the body is over the limit of {limit} bytes (http.max_body)"),
+            )
+            .with_code("request_too_large"))
+        }
+        Err(BodyError::Malformed(reason)) => return bad(ApiError::new(400, reason)),
+        Err(BodyError::Io(e)) => return bad(ApiError::new(400, format!("reading the body: {e}"))),
+    };
+    let job = match openai::parse_request(&body, routes.default_tokens, routes.memory) {
+        Ok(job) => job,
+        Err(error) => return bad(error),
+    };
+    drop(body);
+    let model = match job.memory {
+        true => openai::MEMORY_MODEL.to_string(),
+        false => routes.model.clone(),
+    };
+    let (stream, include_usage, memory, stop) = (job.stream, job.include_usage, job.memory, job.stop.clone());
+    let (events, answers) = mpsc::sync_channel(chat_events_room(&job));
+    match jobs.try_send(Job::Chat { job, events }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            return Chat::Respond(
+                ApiError::new(503, "busy: too many requests queued; try again")
+                    .with_code("queue_full")
+                    .response(),
+            )
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            return Chat::Respond(ApiError::new(503, "the service is stopping").response())
+        }
+    }
+    let next = || match answers.recv_timeout(POST_TIMEOUT) {
+        Ok(event) => Ok(event),
+        Err(RecvTimeoutError::Timeout) => Err(ApiError::new(504, "the answer took too long")),
+        // The job was dropped unanswered: the captioning thread stopped.
+        Err(RecvTimeoutError::Disconnected) => Err(ApiError::new(503, "the service is stopping")),
+    };
+    let id = openai::completion_id();
+    if !stream {
+        return Chat::Respond(match next() {
+            Ok(ChatEvent::Done(Ok(answer))) => Response::json(200, &openai::completion(&id, &model, &answer, &stop)),
+            Ok(ChatEvent::Done(Err(error))) => ApiError::from(error).response(),
+            // Not sent for a job that does not stream.
+            Ok(ChatEvent::Text(_)) => ApiError::new(500, "a piece of text before the answer").response(),
+            Err(error) => error.response(),
+        });
+    }
+    // Streamed: a job refused before its first piece is an HTTP error.
+    let first = match next() {
+        Ok(ChatEvent::Done(Err(error))) => return Chat::Respond(ApiError::from(error).response()),
+        Ok(event) => event,
+        Err(error) => return Chat::Respond(error.response()),
+    };
+    if connection.start_event_stream().is_err() {
+        return Chat::Streamed(200);
+    }
+    let send = |connection: &mut Connection, value: &serde_json::Value| connection.send_data(&value.to_string());
+    let role = openai::chunk(
+        &id,
+        &model,
+        serde_json::json!({"role": "assistant", "content": ""}),
+        None,
+    );
+    if send(connection, &role).is_err() {
+        return Chat::Streamed(200);
+    }
+    let mut cut = StopCut::new(&stop);
+    let mut event: Result<ChatEvent, ApiError> = Ok(first);
+    loop {
+        match event {
+            Ok(ChatEvent::Text(piece)) => {
+                let text = cut.push(&piece);
+                if !text.is_empty() {
+                    let delta = openai::chunk(&id, &model, serde_json::json!({ "content": text }), None);
+                    if send(connection, &delta).is_err() {
+                        // Dropping `answers` ends the generation.
+                        log::debug!("http: a chat stream's client left");
+                        return Chat::Streamed(200);
+                    }
+                }
+            }
+            Ok(ChatEvent::Done(Ok(answer))) => {
+                let mut chunks = Vec::new();
+                // A memory's answer comes whole, at the end.
+                let mut rest = match memory {
+                    true => cut.push(&answer.text).to_string(),
+                    false => String::new(),
+                };
+                rest.push_str(cut.finish());
+                if !rest.is_empty() {
+                    chunks.push(openai::chunk(&id, &model, serde_json::json!({ "content": rest }), None));
+                }
+                chunks.extend(openai::final_chunks(&id, &model, &answer, cut.stopped, include_usage));
+                for chunk in &chunks {
+                    if send(connection, chunk).is_err() {
+                        return Chat::Streamed(200);
+                    }
+                }
+                let _ = connection.send_data("[DONE]");
+                return Chat::Streamed(200);
+            }
+            Ok(ChatEvent::Done(Err(error))) => {
+                let _ = send(connection, &ApiError::from(error).body());
+                return Chat::Streamed(200);
+            }
+            Err(error) => {
+                let _ = send(connection, &error.body());
+                return Chat::Streamed(200);
+            }
+        }
+        event = next();
     }
 }
 

@@ -100,6 +100,31 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// The largest `POST /caption` body, in bytes.
     pub max_body: u64,
+    /// `api_key` (or the variable `api_key_env` names): when set, every
+    /// route but `/healthz` wants `Authorization: Bearer KEY`.
+    pub api_key: Option<ApiKey>,
+}
+
+/// A secret: its `Debug` does not show it, so a logged config cannot leak
+/// it; [`ApiKey::matches`] compares in constant time.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(redacted)")
+    }
+}
+
+impl ApiKey {
+    /// Whether `given` is the key. Both are hashed first, and the digests
+    /// compared without an early exit, so the time taken says nothing of
+    /// where a guess first differs, nor of the key's length.
+    pub fn matches(&self, given: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        let (want, got) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(given.as_bytes()));
+        want.iter().zip(got.iter()).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+    }
 }
 
 // The file as written: every key optional except the model folder, unknown
@@ -184,6 +209,8 @@ struct RawMemory {
 struct RawHttp {
     listen: Option<String>,
     max_body: Option<String>,
+    api_key: Option<String>,
+    api_key_env: Option<String>,
 }
 
 impl ServeConfig {
@@ -330,6 +357,43 @@ impl ServeConfig {
             Some(text) => parse_bytes(text).map_err(|reason| bad("http.max_body", reason))?,
             None => 8 << 20,
         };
+        let api_key = match (raw.http.api_key, &raw.http.api_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "http.api_key_env",
+                    "give the key (http.api_key) or the variable that holds it (http.api_key_env), not both".into(),
+                ))
+            }
+            (Some(key), None) => Some(("http.api_key", key)),
+            (None, Some(name)) => match std::env::var(name) {
+                Ok(key) => Some(("http.api_key_env", key)),
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(bad(
+                        "http.api_key_env",
+                        format!("the environment variable {name:?} is not set"),
+                    ))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(bad(
+                        "http.api_key_env",
+                        format!("the environment variable {name:?} is not UTF-8"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        let api_key = match api_key {
+            // The reasons never include the key.
+            Some((key, text)) if text.trim().is_empty() => return Err(bad(key, "the key is empty".into())),
+            Some((key, text)) if text.trim() != text || !text.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(bad(
+                    key,
+                    "the key must be printable ASCII without spaces (it travels in a header)".into(),
+                ))
+            }
+            Some((_, text)) => Some(ApiKey(text)),
+            None => None,
+        };
         Ok(ServeConfig {
             path: path.to_path_buf(),
             model,
@@ -337,7 +401,11 @@ impl ServeConfig {
             caption,
             stream,
             memory,
-            http: HttpConfig { listen, max_body },
+            http: HttpConfig {
+                listen,
+                max_body,
+                api_key,
+            },
         })
     }
 
@@ -441,6 +509,36 @@ mod tests {
             parse("[model]\ndir = \"m\"\n[stream]\nsource = \"x.png\"\n[memory]\nenabled = true\ncaptions = true\n")
                 .unwrap();
         assert!(memory.memory.enabled && memory.memory.captions);
+    }
+
+    #[test]
+    fn the_api_key_comes_from_the_file_or_a_variable_and_is_never_shown() {
+        let config = parse("[model]\ndir = \"m\"\n[http]\napi_key = \"s3cret-key\"\n").unwrap();
+        let key = config.http.api_key.as_ref().unwrap();
+        assert!(key.matches("s3cret-key"));
+        assert!(!key.matches("s3cret-kex") && !key.matches("s3cret") && !key.matches(""));
+        assert!(!format!("{config:?}").contains("s3cret"), "Debug shows no key");
+        assert!(parse("[model]\ndir = \"m\"\n").unwrap().http.api_key.is_none());
+        // A variable only this test sets.
+        let name = "ELASTIC_EDGE_TEST_API_KEY_7F3A";
+        std::env::set_var(name, "from-env");
+        let config = parse(&format!("[model]\ndir = \"m\"\n[http]\napi_key_env = \"{name}\"\n")).unwrap();
+        assert!(config.http.api_key.unwrap().matches("from-env"));
+        for (text, key) in [
+            (format!("api_key_env = \"{name}_UNSET\""), "http.api_key_env"),
+            (format!("api_key = \"a\"\napi_key_env = \"{name}\""), "http.api_key_env"),
+            ("api_key = \"\"".to_string(), "http.api_key"),
+            ("api_key = \"has space\"".to_string(), "http.api_key"),
+        ] {
+            let err = parse(&format!("[model]\ndir = \"m\"\n[http]\n{text}\n")).unwrap_err();
+            match err {
+                Error::Config { key: got, reason, .. } => {
+                    assert_eq!(got, key, "{text}: {reason}");
+                    assert!(!reason.contains("has space"), "{reason}");
+                }
+                other => panic!("{other}"),
+            }
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Request {
     pub content_length: Option<u64>,
     pub chunked: bool,
     expect_continue: bool,
+    /// The `Authorization` header, if one came (never logged).
+    pub authorization: Option<String>,
 }
 
 impl Request {
@@ -277,6 +279,13 @@ impl Connection {
         self.stream.flush()
     }
 
+    /// One unnamed server-sent event (`data: ...`, as OpenAI streams); `data`
+    /// must be one line (JSON is).
+    pub fn send_data(&mut self, data: &str) -> io::Result<()> {
+        self.stream.write_all(format!("data: {data}\n\n").as_bytes())?;
+        self.stream.flush()
+    }
+
     /// A comment line: keeps the connection alive, and finds a client gone.
     pub fn send_comment(&mut self, text: &str) -> io::Result<()> {
         self.stream.write_all(format!(": {text}\n\n").as_bytes())?;
@@ -492,6 +501,7 @@ fn read_head(connection: &mut Connection) -> std::result::Result<Option<Request>
     let mut content_length = None;
     let mut chunked = false;
     let mut expect_continue = false;
+    let mut authorization = None;
     for header in parsed.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
         if header.name.eq_ignore_ascii_case("content-length") {
@@ -513,6 +523,8 @@ fn read_head(connection: &mut Connection) -> std::result::Result<Option<Request>
             }
         } else if header.name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case("100-continue") {
             expect_continue = true;
+        } else if header.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
         }
     }
     if chunked && content_length.is_some() {
@@ -530,6 +542,7 @@ fn read_head(connection: &mut Connection) -> std::result::Result<Option<Request>
         content_length,
         chunked,
         expect_continue,
+        authorization,
     }))
 }
 
@@ -565,8 +578,10 @@ fn reason(status: u16) -> &'static str {
         100 => "Continue",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
@@ -591,6 +606,7 @@ mod tests {
             content_length: None,
             chunked: false,
             expect_continue: false,
+            authorization: None,
         }
     }
 

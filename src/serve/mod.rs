@@ -8,12 +8,14 @@
 //!     between, the jobs POST /caption queued
 //!                 |  record -> /caption/latest, event stream, JSONL file
 //!   HTTP threads: /healthz /metrics /caption/latest /captions/stream POST /caption
+//!                 POST /memory/ask, /v1/chat/completions /v1/models (OpenAI's API)
 //!   main thread: sd_notify READY / WATCHDOG / STATUS / STOPPING, signals
 //! ```
 //!
 //! One file per concern: [`config`], [`http`] (the server), [`api`] (the
-//! routes), [`worker`] (the captioning thread), [`events`] (the event
-//! stream's fan-out), [`metrics`], [`health`], [`notify`] (sd_notify).
+//! routes), [`openai`] (OpenAI's request and response shapes), [`worker`]
+//! (the captioning thread), [`events`] (the event stream's fan-out),
+//! [`metrics`], [`health`], [`notify`] (sd_notify).
 
 pub mod api;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod openai;
 pub mod worker;
 
 use std::sync::{mpsc, Arc, Mutex};
@@ -338,6 +341,10 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
     let routes = api::Routes {
         max_body: config.http.max_body,
         memory: config.memory.enabled,
+        model: manifest.name.clone(),
+        loaded_unix: crate::stream::unix_ms(std::time::SystemTime::now()) / 1000,
+        default_tokens: config.caption.max_new_tokens,
+        api_key: config.http.api_key.clone(),
     };
     let handler = api::handler(Arc::clone(&shared), jobs, routes);
     let mut server = HttpServer::start(config.http.listen, MAX_CONNECTIONS, handler)

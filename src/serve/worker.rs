@@ -13,9 +13,11 @@ use serde::Serialize;
 
 use super::events::Event;
 use super::metrics::{kind, CaptionFigures, Origin};
+use super::openai::{ChatAnswer, ChatJob, Extension};
 use super::Shared;
 use crate::error::{error_chain, Error, Result};
-use crate::generate::{GenerateParams, Generator, ImageInput};
+use crate::generate::{GenerateParams, Generator, ImageInput, StopReason};
+use crate::model::prompt::ChatTurn;
 use crate::source::{Grabber, NextFrame, StopFlag};
 use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord, Stream};
 
@@ -34,6 +36,27 @@ pub enum Job {
         max_tokens: usize,
         reply: SyncSender<std::result::Result<AnswerRecord, JobError>>,
     },
+    /// `POST /v1/chat/completions`: a conversation (or, `job.memory`, a
+    /// question for the memory). `events` has room for every piece of the
+    /// answer and its end, so the captioning thread never waits on it.
+    Chat {
+        job: ChatJob,
+        events: SyncSender<ChatEvent>,
+    },
+}
+
+/// What a chat job sends back: the answer's text as it comes (when
+/// streamed), then its end.
+#[derive(Debug)]
+pub enum ChatEvent {
+    Text(String),
+    Done(std::result::Result<ChatAnswer, JobError>),
+}
+
+/// The room a chat job's `events` channel needs: a piece per token at
+/// most, and the end.
+pub fn chat_events_room(job: &ChatJob) -> usize {
+    job.params.max_new_tokens + 2
 }
 
 /// Why a job failed, as HTTP sees it.
@@ -163,6 +186,13 @@ impl Captioner {
                 let outcome = self.ask(generator, stream, &question, max_tokens);
                 let _ = reply.try_send(outcome);
             }
+            Job::Chat { job, events } => {
+                let outcome = match job.memory {
+                    true => self.chat_memory(generator, stream, &job),
+                    false => self.chat(generator, &job, &events),
+                };
+                let _ = events.try_send(ChatEvent::Done(outcome));
+            }
         }
     }
 
@@ -226,20 +256,151 @@ impl Captioner {
         }
     }
 
+    /// A conversation in the model's template, from an empty pool (the
+    /// stream's captions start from one too); the text goes to `events` as
+    /// it comes when the client streams, and a client gone ends it.
+    fn chat(
+        &mut self,
+        generator: &mut Generator<'_>,
+        job: &ChatJob,
+        events: &SyncSender<ChatEvent>,
+    ) -> std::result::Result<ChatAnswer, JobError> {
+        let route = "POST /v1/chat/completions";
+        let health = &self.shared.health;
+        health.beat(false);
+        let started = Instant::now();
+        let model = generator.model();
+        let pictures = job.turns.iter().map(|t| t.images.len()).sum::<usize>();
+        let rows = match &model.manifest.vision {
+            Some(vision) => vision.image_tokens,
+            None if pictures > 0 => {
+                self.shared.metrics.error(kind::REQUEST);
+                return Err(JobError::BadRequest(format!(
+                    "model {} has no vision graph: send text only",
+                    model.manifest.name
+                )));
+            }
+            None => 0,
+        };
+        let turns: Vec<ChatTurn<'_>> = job
+            .turns
+            .iter()
+            .map(|t| ChatTurn {
+                role: t.role,
+                text: &t.text,
+                images: t.images.len(),
+            })
+            .collect();
+        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, rows) {
+            Ok(prompt) => prompt,
+            Err(e) => return Err(self.job_error(route, &Error::Prompt(e))),
+        };
+        if let Err(e) = job.params.check(&model.manifest) {
+            return Err(self.job_error(route, &e));
+        }
+        let images: Vec<ImageInput<'_>> = job
+            .turns
+            .iter()
+            .flat_map(|t| t.images.iter().map(|i| ImageInput::Bytes(i)))
+            .collect();
+        generator.reset_cache();
+        let generated = generator.try_generate_piece(&prompt, &images, &job.params, &mut |piece| {
+            health.beat(false);
+            if job.stream {
+                // Never full (see `chat_events_room`); disconnected when the
+                // client left.
+                if events.try_send(ChatEvent::Text(piece.to_string())).is_err() {
+                    return Err(Error::Request("the client left".into()));
+                }
+            }
+            Ok(())
+        });
+        health.beat(true);
+        match generated {
+            Ok(generation) => {
+                let total_ms = started.elapsed().as_secs_f64() * 1e3;
+                let result = CaptionResult::new(&generation, generator.cache(), total_ms);
+                self.shared.metrics.caption(Origin::Http, &CaptionFigures::of(&result));
+                Ok(ChatAnswer {
+                    text: generation.text.clone(),
+                    prompt_tokens: generation.prompt_tokens,
+                    completion_tokens: generation.token_ids.len(),
+                    stop: generation.stop,
+                    extension: Extension {
+                        policy: result.policy,
+                        keep: result.keep,
+                        pool_bytes: result.pool_bytes,
+                        pool_slots: result.pool_slots,
+                        cache_entries: result.cache_entries,
+                        merged: result.merged,
+                        evicted: result.evicted,
+                        stop: stop_name(generation.stop),
+                        total_ms,
+                        timings_ms: generation.timings,
+                        frame_id: None,
+                    },
+                })
+            }
+            Err(err) => Err(self.job_error(route, &err)),
+        }
+    }
+
+    /// `"model": "memory"`: the question asked of the camera memory, as
+    /// `POST /memory/ask` asks it.
+    fn chat_memory(
+        &mut self,
+        generator: &mut Generator<'_>,
+        stream: &mut Stream<'_>,
+        job: &ChatJob,
+    ) -> std::result::Result<ChatAnswer, JobError> {
+        // Invariant of `openai::parse_request`: a memory job has one user turn.
+        let question = job.turns.last().map_or("", |t| t.text.as_str());
+        let record = self.ask(generator, stream, question, job.params.max_new_tokens)?;
+        let pool = generator.cache().pool();
+        Ok(ChatAnswer {
+            text: record.answer.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.tokens,
+            stop: record.stop,
+            extension: Extension {
+                policy: record.policy,
+                keep: generator.cache().keep().get(),
+                pool_bytes: pool.bytes(),
+                pool_slots: pool.capacity(),
+                cache_entries: pool.len(),
+                merged: generator.cache().stats().merged,
+                evicted: generator.cache().stats().evicted,
+                stop: stop_name(record.stop),
+                total_ms: record.answer_ms,
+                timings_ms: record.timings_ms,
+                frame_id: Some(record.frame_id),
+            },
+        })
+    }
+
     /// Counts, logs and sorts a failed job into the client's fault or ours.
     fn job_error(&self, route: &str, err: &Error) -> JobError {
         let message = error_chain(err);
         let (kind, outcome) = match err {
             Error::Image(_) => (kind::IMAGE, JobError::BadRequest(message.clone())),
-            Error::Prompt(_) | Error::CapacityExceeded { .. } | Error::Request(_) => {
-                (kind::REQUEST, JobError::BadRequest(message.clone()))
-            }
+            Error::Prompt(_)
+            | Error::CapacityExceeded { .. }
+            | Error::Request(_)
+            | Error::NewTokens { .. }
+            | Error::Sampling { .. } => (kind::REQUEST, JobError::BadRequest(message.clone())),
             _ => (kind::CAPTION, JobError::Failed(message.clone())),
         };
         log::warn!("{route}: {message}");
         self.shared.metrics.error(kind);
         self.shared.health.error(kind, &message);
         outcome
+    }
+}
+
+fn stop_name(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::StopToken => "stop_token",
+        StopReason::MaxTokens => "max_tokens",
     }
 }
 
