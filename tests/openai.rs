@@ -3,7 +3,9 @@
 //! (tests/openai_client.py, in the venv scripts/setup-openai-client.sh
 //! makes), and by raw HTTP for every error a client can cause.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod process;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -82,18 +84,7 @@ fn start_with(dir: tempfile::TempDir, tables: &str, http: &str) -> Service {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = Arc::new(Mutex::new(String::new()));
-    {
-        let stderr = Arc::clone(&stderr);
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut text = stderr.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-    }
+    let stderr = process::drain_stderr(&mut child);
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut buf = [0u8; 4096];
     loop {

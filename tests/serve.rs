@@ -2,6 +2,8 @@
 //! on the committed tiny model, a real datagram socket bound here as
 //! NOTIFY_SOCKET, a real HTTP client on loopback, SIGTERM to stop it.
 
+mod process;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -138,19 +140,7 @@ fn try_start(
         deny_write_execute(&mut command);
     }
     let mut child = command.spawn().unwrap();
-    // Drain stderr on a thread (a full pipe would block the service).
-    let stderr = Arc::new(Mutex::new(String::new()));
-    {
-        let stderr = Arc::clone(&stderr);
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut text = stderr.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-    }
+    let stderr = process::drain_stderr(&mut child);
     let mut service = Service {
         child,
         notify,

@@ -201,17 +201,26 @@ fn post_caption(
     let image = match connection.read_body(request, max_body) {
         Ok(body) if body.is_empty() => return bad(400, "empty body: POST the image's bytes (PNG, JPEG, ...)"),
         Ok(body) => body,
-        Err(BodyError::TooLarge { limit }) => {
-            return bad(
-                413,
-                &format!("the image is over the limit of {limit} bytes (http.max_body)"),
-            )
+        Err(e) => {
+            let (status, message) = body_refusal(e, "the image");
+            return bad(status, &message);
         }
-        Err(BodyError::Malformed(reason)) => return bad(400, &reason),
-        Err(BodyError::Io(e)) => return bad(400, &format!("reading the body: {e}")),
     };
     let (reply, answer) = mpsc::sync_channel(1);
     queue_and_wait(jobs, Job::Caption { image, prompt, reply }, &answer)
+}
+
+/// A body that could not be read, as a status and a message: 413 over
+/// `http.max_body`, 400 otherwise. `what` names the body (`the image`).
+fn body_refusal(error: BodyError, what: &str) -> (u16, String) {
+    match error {
+        BodyError::TooLarge { limit } => (
+            413,
+            format!("{what} is over the limit of {limit} bytes (http.max_body)"),
+        ),
+        BodyError::Malformed(reason) => (400, reason),
+        BodyError::Io(e) => (400, format!("reading the body: {e}")),
+    }
 }
 
 /// The body of `POST /memory/ask`.
@@ -235,14 +244,10 @@ fn post_ask(
     };
     let body = match connection.read_body(request, max_body) {
         Ok(body) => body,
-        Err(BodyError::TooLarge { limit }) => {
-            return bad(
-                413,
-                &format!("the body is over the limit of {limit} bytes (http.max_body)"),
-            )
+        Err(e) => {
+            let (status, message) = body_refusal(e, "the body");
+            return bad(status, &message);
         }
-        Err(BodyError::Malformed(reason)) => return bad(400, &reason),
-        Err(BodyError::Io(e)) => return bad(400, &format!("reading the body: {e}")),
     };
     let ask: AskBody = match serde_json::from_slice(&body) {
         Ok(ask) => ask,
@@ -331,15 +336,14 @@ fn chat_completions(
     };
     let body = match connection.read_body(request, routes.max_body) {
         Ok(body) => body,
-        Err(BodyError::TooLarge { limit }) => {
-            return bad(ApiError::new(
-                413,
-                format!("the body is over the limit of {limit} bytes (http.max_body)"),
-            )
-            .with_code("request_too_large"))
+        Err(e) => {
+            let (status, message) = body_refusal(e, "the body");
+            let error = ApiError::new(status, message);
+            return bad(match status {
+                413 => error.with_code("request_too_large"),
+                _ => error,
+            });
         }
-        Err(BodyError::Malformed(reason)) => return bad(ApiError::new(400, reason)),
-        Err(BodyError::Io(e)) => return bad(ApiError::new(400, format!("reading the body: {e}"))),
     };
     let job = match openai::parse_request(&body, routes.default_tokens, routes.memory) {
         Ok(job) => job,
