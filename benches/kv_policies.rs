@@ -35,11 +35,17 @@ fn new_cache(kind: PolicyKind, dtype: KvDtype) -> KvCache {
 /// One decoder step of `t` tokens with synthetic K/V and attention.
 fn step<E: KvElement>(cache: &mut KvCache, t: usize, colsum: &mut Vec<f32>) {
     let first = cache.processed() as u64;
-    for (layer, view) in cache.pool_mut().step_views::<E>(t).expect("room").enumerate() {
-        for (i, (k, v)) in view.new_key.iter_mut().zip(view.new_value.iter_mut()).enumerate() {
-            let seed = first * 7919 + layer as u64 * 104_729 + i as u64;
-            *k = E::from_f32(pseudo_random(seed));
-            *v = E::from_f32(-pseudo_random(seed + 1));
+    let pool = cache.pool_mut();
+    let (row, len) = (pool.shape().row_len(), pool.len());
+    let (mut key, mut value) = (vec![E::from_f32(0.0); row], vec![E::from_f32(0.0); row]);
+    for layer in 0..pool.shape().layers {
+        for slot in 0..t {
+            for (j, (k, v)) in key.iter_mut().zip(value.iter_mut()).enumerate() {
+                let seed = first * 7919 + layer as u64 * 104_729 + (slot * row + j) as u64;
+                *k = E::from_f32(pseudo_random(seed));
+                *v = E::from_f32(-pseudo_random(seed + 1));
+            }
+            pool.write_free_row(layer, len + slot, &key, &value).expect("room");
         }
     }
     cache.commit(t).expect("commit");

@@ -13,18 +13,14 @@
 use std::time::Instant;
 
 use half::f16;
-use ort::memory::Allocator;
-use ort::session::{Session, SessionInputValue};
-use ort::value::{PrimitiveTensorElementType, TensorRef};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{error_chain, Error, Result};
+use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
 use crate::kv::{PositionMap, Rope};
-use crate::model::binding::PoolRunBuilder;
 use crate::model::prompt::Prompt;
-use crate::model::{Manifest, Model};
+use crate::model::{Decoder, Embeddings, Manifest, Model, ModelElement};
 
 /// How tokens are chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -262,44 +258,12 @@ pub fn prefill_chunk_setting(tokens: usize) -> Option<usize> {
 pub struct Generator<'m> {
     model: &'m mut Model,
     cache: KvCache,
-    step: StepBuffers,
     pixels: Vec<f32>,
     probabilities: Vec<f32>,
     candidates: Vec<u32>,
     trace: StepTrace,
     /// Most prompt tokens per decoder run (`None`: as many as the pool takes).
     prefill_chunk: Option<usize>,
-}
-
-/// What a decoder step needs besides the session and the cache.
-struct StepBuffers {
-    names: DecoderNames,
-    /// The decoder's `past_bias` `[layer][slot]`, room for every slot. Stored
-    /// as f32 and viewed as the model's dtype; all-zero bits are 0.0 in f16
-    /// and f32 alike, so it stays valid for any length while the merge-count
-    /// bias is off.
-    bias: Vec<f32>,
-    /// One step's attention sums, `[layer][slot]`, held from the run until
-    /// the new entries are committed.
-    colsums: Vec<f32>,
-    colsum_stride: usize,
-    /// ONNX Runtime's CPU allocator, for the tensors over pool memory.
-    allocator: Allocator,
-    /// The last position's logits.
-    logits: Vec<f32>,
-    /// Time inside `session.run` since the last reset, in milliseconds.
-    run_ms: f64,
-    /// Entries the last step read.
-    past: usize,
-}
-
-/// The decoder graph's input and output names, built once.
-struct DecoderNames {
-    past_key: Vec<String>,
-    past_value: Vec<String>,
-    new_key: Vec<String>,
-    new_value: Vec<String>,
-    colsum: Vec<String>,
 }
 
 impl<'m> Generator<'m> {
@@ -311,33 +275,24 @@ impl<'m> Generator<'m> {
                 model.manifest.kv_shape()
             )));
         }
-        let layers = model.manifest.layers;
-        let names = DecoderNames {
-            past_key: (0..layers).map(|l| format!("past_key_{l}")).collect(),
-            past_value: (0..layers).map(|l| format!("past_value_{l}")).collect(),
-            new_key: (0..layers).map(|l| format!("new_key_{l}")).collect(),
-            new_value: (0..layers).map(|l| format!("new_value_{l}")).collect(),
-            colsum: (0..layers).map(|l| format!("attn_colsum_{l}")).collect(),
-        };
+        if cache.policy_needs_scores() && !model.decoder.has_scores() {
+            return Err(Error::Shape(format!(
+                "policy {} needs the attention column sums, which the decoder of model {} does not give \
+                 ({}); use --policy full or local, or a model exported with them",
+                cache.policy_kind(),
+                model.manifest.name,
+                model.decoder_summary()
+            )));
+        }
+        model.decoder.size_for(cache.pool().capacity());
         let vocab = model.manifest.vocab;
         let pixels = match &model.manifest.vision {
             Some(v) => vec![0.0; v.preprocess.output_len()],
             None => Vec::new(),
         };
-        let capacity = cache.pool().capacity();
         Ok(Generator {
             model,
             cache,
-            step: StepBuffers {
-                names,
-                bias: vec![0.0; layers * capacity],
-                colsums: vec![0.0; layers * capacity],
-                colsum_stride: capacity,
-                allocator: Allocator::default(),
-                logits: vec![0.0; vocab],
-                run_ms: 0.0,
-                past: 0,
-            },
             pixels,
             probabilities: vec![0.0; vocab],
             candidates: Vec::with_capacity(vocab),
@@ -429,7 +384,7 @@ impl<'m> Generator<'m> {
         }
     }
 
-    fn generate_typed<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn generate_typed<E: ModelElement>(
         &mut self,
         input: PromptInput<'_>,
         params: &GenerateParams,
@@ -451,20 +406,20 @@ impl<'m> Generator<'m> {
         let mut detokenizer = model.prompt.decoder();
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let decode_start = Instant::now();
-        self.step.run_ms = 0.0;
+        model.decoder.reset_timer();
         let mut stop = StopReason::MaxTokens;
         let mut stop_token = None;
         let mut first_token_at = None;
         let mut last_token_at = decode_start;
         while token_ids.len() < params.max_new_tokens {
-            let token = sampler.sample(&self.step.logits, &mut self.probabilities, &mut self.candidates);
+            let token = sampler.sample(model.decoder.logits(), &mut self.probabilities, &mut self.candidates);
             let now = Instant::now();
             if first_token_at.is_none() {
                 first_token_at = Some(now);
                 timings.time_to_first_token_ms = ms(start) + timings.image_decode_ms + timings.vision_ms;
             } else {
                 let step_ms = now.duration_since(last_token_at).as_secs_f64() * 1e3;
-                self.trace.record(step_ms, self.step.past);
+                self.trace.record(step_ms, model.decoder.last_past());
             }
             last_token_at = now;
             if !params.ignore_stop && model.manifest.stop_token_ids.contains(&token) {
@@ -481,15 +436,7 @@ impl<'m> Generator<'m> {
             if token_ids.len() == params.max_new_tokens {
                 break;
             }
-            feed_token::<E>(
-                &mut model.decoder,
-                &model.manifest,
-                &model.embeddings,
-                &mut self.cache,
-                &mut self.step,
-                &mut token_embed,
-                token,
-            )?;
+            feed_token::<E>(&mut model.decoder, &model.embeddings, &mut self.cache, &mut token_embed, token)?;
         }
         let tail = detokenizer.finish()?;
         if !tail.is_empty() {
@@ -497,7 +444,7 @@ impl<'m> Generator<'m> {
             on_text(tail)?;
         }
         timings.decode_ms = ms(decode_start);
-        timings.decode_run_ms = self.step.run_ms;
+        timings.decode_run_ms = model.decoder.run_ms();
         let decoded = token_ids.len().saturating_sub(1);
         if decoded > 0 {
             let since_first = first_token_at.map_or(timings.decode_ms, ms);
@@ -537,7 +484,7 @@ impl<'m> Generator<'m> {
         encoded?;
         Ok(self.cache.snapshot().map(|cache| EncodedPrompt {
             cache,
-            logits: self.step.logits.clone(),
+            logits: self.model.decoder.logits().to_vec(),
         }))
     }
 
@@ -617,7 +564,7 @@ impl<'m> Generator<'m> {
     /// Encodes the image and the prompt and prefills the cache with them
     /// (stage 1 included), leaving the first answer token's logits. Returns
     /// the prompt's length and when prefill started.
-    fn prefill<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn prefill<E: ModelElement>(
         &mut self,
         input: PromptInput<'_>,
         max_new_tokens: usize,
@@ -630,7 +577,7 @@ impl<'m> Generator<'m> {
     }
 
     /// Steps 1 to 3 of [`Self::prefill`]: everything but stage 1.
-    fn encode<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn encode<E: ModelElement>(
         &mut self,
         input: PromptInput<'_>,
         max_new_tokens: usize,
@@ -642,7 +589,7 @@ impl<'m> Generator<'m> {
                 let start = Instant::now();
                 self.cache.restore(&encoded.cache)?;
                 self.cache.admit(encoded.cache.len(), max_new_tokens)?;
-                self.step.logits.copy_from_slice(&encoded.logits);
+                self.model.decoder.logits_mut().copy_from_slice(&encoded.logits);
                 return Ok((encoded.cache.len(), start));
             }
             PromptInput::Chat { images, user_text } => {
@@ -689,15 +636,9 @@ impl<'m> Generator<'m> {
                     .map_or(taken_until - done, |c| c.min(taken_until - done));
                 positions.clear();
                 positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
-                let model = &mut *self.model;
-                decoder_step::<E>(
-                    &mut model.decoder,
-                    &model.manifest,
-                    &mut self.cache,
-                    &mut self.step,
-                    &embeds[done * hidden..(done + t) * hidden],
-                    &positions,
-                )?;
+                self.model
+                    .decoder
+                    .step::<E>(&mut self.cache, &embeds[done * hidden..(done + t) * hidden], &positions)?;
                 done += t;
             }
         }
@@ -720,7 +661,7 @@ impl<'m> Generator<'m> {
         }
     }
 
-    fn score_input<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn score_input<E: ModelElement>(
         &mut self,
         input: PromptInput<'_>,
         answer: &[u32],
@@ -731,25 +672,17 @@ impl<'m> Generator<'m> {
         let mut token_embed: Vec<E> = vec![E::from_f32(0.0); hidden];
         let mut nll = 0.0;
         for (i, &token) in answer.iter().enumerate() {
-            nll -= log_softmax_at(&self.step.logits, token as usize)?;
+            nll -= log_softmax_at(self.model.decoder.logits(), token as usize)?;
             if i + 1 == answer.len() {
                 break;
             }
             let model = &mut *self.model;
-            feed_token::<E>(
-                &mut model.decoder,
-                &model.manifest,
-                &model.embeddings,
-                &mut self.cache,
-                &mut self.step,
-                &mut token_embed,
-                token,
-            )?;
+            feed_token::<E>(&mut model.decoder, &model.embeddings, &mut self.cache, &mut token_embed, token)?;
         }
         Ok((nll, answer.len()))
     }
 
-    fn encode_images<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn encode_images<E: ModelElement>(
         &mut self,
         images: &[ImageInput<'_>],
         timings: &mut Timings,
@@ -792,16 +725,12 @@ impl<'m> Generator<'m> {
         Ok(embeds)
     }
 
-    fn encode_image<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    fn encode_image<E: ModelElement>(
         &mut self,
         image: ImageInput<'_>,
         timings: &mut Timings,
     ) -> Result<Vec<E>> {
-        let (Some(preprocess), Some(vision), Some(spec)) = (
-            &self.model.preprocess,
-            self.model.vision.as_mut(),
-            &self.model.manifest.vision,
-        ) else {
+        let (Some(preprocess), Some(vision)) = (&self.model.preprocess, self.model.vision.as_mut()) else {
             return Err(Error::Shape(format!(
                 "model {} has no vision graph; caption text only",
                 self.model.manifest.name
@@ -815,165 +744,25 @@ impl<'m> Generator<'m> {
         };
         timings.image_decode_ms += ms(start);
         let start = Instant::now();
-        let shape = [
-            1usize,
-            3,
-            spec.preprocess.height as usize,
-            spec.preprocess.width as usize,
-        ];
-        let input = TensorRef::from_array_view((shape, &self.pixels[..])).map_err(|e| run_error("pixel_values", &e))?;
-        let outputs = vision
-            .run(ort::inputs!["pixel_values" => input])
-            .map_err(|e| run_error("the vision graph", &e))?;
-        let (_, embeds) = outputs["image_embeds"]
-            .try_extract_tensor::<E>()
-            .map_err(|e| run_error("image_embeds", &e))?;
-        let expected = spec.image_tokens * self.model.manifest.hidden;
-        if embeds.len() != expected {
-            // The model's fault, not the picture's.
-            return Err(Error::Shape(format!(
-                "model {}: the vision graph gave {} values, but its manifest says vision.image_tokens {} x hidden {} \
-                 = {expected}: the graph does not match its manifest; rebuild the model",
-                self.model.manifest.name,
-                embeds.len(),
-                spec.image_tokens,
-                self.model.manifest.hidden
-            )));
-        }
-        let embeds = embeds.to_vec();
+        let embeds = vision.encode::<E>(&self.pixels, &self.model.manifest.name)?;
         timings.vision_ms += ms(start);
         Ok(embeds)
     }
 }
 
-/// One decoder step over `positions.len()` new tokens: the graph reads
-/// the past straight from the pool and writes the new K/V straight into
-/// the pool's next slots; then the entries are committed, the attention
-/// sums go to the policy, and the last position's logits are left in
-/// `self.logits`.
-fn decoder_step<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
-    decoder: &mut Session,
-    manifest: &Manifest,
-    cache: &mut KvCache,
-    buffers: &mut StepBuffers,
-    embeds: &[E],
-    positions: &[i64],
-) -> Result<()> {
-    let t = positions.len();
-    let (hidden, layers, kv_heads, head_dim) = (manifest.hidden, manifest.layers, manifest.kv_heads, manifest.head_dim);
-    let past = cache.pool().len();
-    let wants_scores = cache.wants_scores();
-    let StepBuffers {
-        names,
-        bias,
-        colsums,
-        colsum_stride,
-        allocator,
-        logits: last_logits,
-        run_ms,
-        past: last_past,
-    } = buffers;
-    let bias: &mut [E] = &mut bytemuck::cast_slice_mut(bias)[..layers * past];
-    if cache.merge_count_bias() {
-        cache.pool().write_merge_count_bias(bias)?;
-    }
-    let tensor_error = |e: ort::Error| run_error("building decoder inputs", &e);
-    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * layers);
-    inputs.push((
-        "inputs_embeds",
-        TensorRef::from_array_view(([1usize, t, hidden], embeds))
-            .map_err(tensor_error)?
-            .into(),
-    ));
-    inputs.push((
-        "position_ids",
-        TensorRef::from_array_view(([1usize, t], positions))
-            .map_err(tensor_error)?
-            .into(),
-    ));
-    inputs.push((
-        "past_bias",
-        TensorRef::from_array_view(([layers, past], &*bias))
-            .map_err(tensor_error)?
-            .into(),
-    ));
-    let past_shape = [1usize, past, kv_heads, head_dim];
-    let new_shape = [1i64, t as i64, kv_heads as i64, head_dim as i64];
-    let mut run = PoolRunBuilder::new(allocator);
-    for (layer, view) in cache.pool_mut().step_views::<E>(t)?.enumerate() {
-        inputs.push((
-            &names.past_key[layer],
-            TensorRef::from_array_view((past_shape, view.past_key))
-                .map_err(tensor_error)?
-                .into(),
-        ));
-        inputs.push((
-            &names.past_value[layer],
-            TensorRef::from_array_view((past_shape, view.past_value))
-                .map_err(tensor_error)?
-                .into(),
-        ));
-        run = run
-            .write_into(&names.new_key[layer], view.new_key, &new_shape)?
-            .write_into(&names.new_value[layer], view.new_value, &new_shape)?;
-    }
-    let run = run.build()?;
-    let run_start = Instant::now();
-    let outputs = run
-        .run(decoder, inputs)
-        .map_err(|e| run_error("the decoder graph", &e))?;
-    *run_ms += ms(run_start);
-    *last_past = past;
-    let (_, logits) = outputs["logits"]
-        .try_extract_tensor::<f32>()
-        .map_err(|e| run_error("logits", &e))?;
-    if logits.len() != last_logits.len() {
-        return Err(Error::Shape(format!(
-            "{} logits, vocabulary {}",
-            logits.len(),
-            last_logits.len()
-        )));
-    }
-    last_logits.copy_from_slice(logits);
-    if wants_scores {
-        for (layer, name) in names.colsum.iter().enumerate() {
-            let (_, colsum) = outputs[name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| run_error("attn_colsum", &e))?;
-            let scores = &mut colsums[layer * *colsum_stride..][..colsum.len()];
-            scores.copy_from_slice(colsum);
-        }
-    }
-    // The outputs and the run options share the tensors over the pool's
-    // slots: both go before the pool is touched again.
-    drop(outputs);
-    drop(run);
-    cache.commit(t)?;
-    if wants_scores {
-        let len = cache.pool().len();
-        for layer in 0..layers {
-            cache.add_scores(layer, &colsums[layer * *colsum_stride..][..len])?;
-        }
-    }
-    Ok(())
-}
-
 /// One token fed back (generated or teacher-forced), with the policy around
 /// it: room made before the step, the keep ratio enforced after it.
-#[allow(clippy::too_many_arguments)]
-fn feed_token<E: KvElement + PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
-    decoder: &mut Session,
-    manifest: &Manifest,
-    embeddings: &crate::model::Embeddings,
+fn feed_token<E: ModelElement>(
+    decoder: &mut Decoder,
+    embeddings: &Embeddings,
     cache: &mut KvCache,
-    buffers: &mut StepBuffers,
     embed: &mut [E],
     token: u32,
 ) -> Result<()> {
     cache.begin_token()?;
     embeddings.gather(&[token], embed)?;
     let position = [cache.rope_position(0) as i64];
-    decoder_step::<E>(decoder, manifest, cache, buffers, embed, &position)?;
+    decoder.step::<E>(cache, embed, &position)?;
     cache.end_token()
 }
 
@@ -1010,20 +799,6 @@ fn check_piece_images<E>(prompt: &Prompt, image_embeds: &[Vec<E>], hidden: usize
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
-}
-
-fn run_error(what: &str, err: &ort::Error) -> Error {
-    // ONNX Runtime's messages span lines; an error is one line.
-    let reason = error_chain(err)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    Error::Runtime {
-        context: what.to_string(),
-        reason,
-    }
 }
 
 /// Chooses the next token from logits. Allocation-free: the caller owns the

@@ -1245,6 +1245,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         kv_heads: args.pool.kv_heads.unwrap_or(3),
         head_dim: args.pool.head_dim.unwrap_or(64),
         dtype: args.pool.dtype.unwrap_or(KvDtype::F16),
+        layout: elastic_edge::kv::KvLayout::HeadMajor,
     };
     // Every file hashed, whatever .verified says: a file that rotted in
     // place keeps its size and modification time.

@@ -76,8 +76,8 @@ fn decode_steps_do_not_allocate() {
             for _ in 0..200 {
                 counting(true);
                 cache.begin_token().unwrap();
-                // The decoder would write the new K/V through step_views here.
-                drop(cache.pool_mut().step_views::<f32>(1));
+                // The decoder binds these blocks as its cache and appends in place.
+                drop(cache.pool_mut().cache_blocks::<f32>().map(|blocks| blocks.count()));
                 cache.commit(1).unwrap();
                 if cache.wants_scores() {
                     let len = cache.pool().len();

@@ -310,6 +310,17 @@ impl KvCache {
         self.policy.wants_scores(self.phase) || (self.collect_prompt_scores && self.phase == Phase::Prompt)
     }
 
+    /// Whether the policy reads attention column sums in any phase (H2O,
+    /// Elastic Cache), so the decoder graph must give them.
+    pub fn policy_needs_scores(&self) -> bool {
+        self.policy.wants_scores(Phase::Prompt) || self.policy.wants_scores(Phase::Generation)
+    }
+
+    /// The policy's kind.
+    pub fn policy_kind(&self) -> crate::kv::PolicyKind {
+        self.policy.kind()
+    }
+
     /// Collects the prompt's attention sums whatever the policy (for a
     /// [`PromptSnapshot`] that other policies will start from).
     pub fn collect_prompt_scores(&mut self, on: bool) {

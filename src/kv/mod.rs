@@ -13,5 +13,5 @@ pub use budget::{parse_bytes, KeepRatio, KvBudget};
 pub use cache::{CacheStats, KvCache, PositionMap, PromptSnapshot};
 pub use kind::{KindClass, TokenKind};
 pub use policy::{CachePolicy, Compression, Phase, PolicyConfig, PolicyKind};
-pub use pool::{KvDtype, KvElement, KvPool, KvShape, LayerStepView, PoolBacking, PoolSnapshot};
+pub use pool::{KvDtype, KvElement, KvLayout, KvPool, KvShape, LayerStepView, PoolBacking, PoolSnapshot};
 pub use rope::Rope;

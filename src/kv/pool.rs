@@ -1,12 +1,16 @@
 //! The KV pool: one memory mapping, sized once from a byte budget, never grown.
 //!
-//! Layout, like llama2.c's `key_cache`/`value_cache` but with the slot axis
-//! before the heads so the first `len` slots of a layer are one contiguous
-//! `[1, len, kv_heads, head_dim]` tensor the decoder graph reads in place:
+//! Layout, like llama2.c's `key_cache`/`value_cache`, in one of two orders
+//! (the decoder graph's, see [`KvLayout`]):
 //!
 //! ```text
-//! [layer][k | v][slot][kv_head][head_dim]     in f16 or f32
+//! format 2: [layer][k | v][kv_head][capacity][head_dim]   one [1, KV, C, D] tensor per layer
+//!           that GroupQueryAttention reads and appends to in place
+//! format 1: [layer][k | v][slot][kv_head][head_dim]       the first `len` slots are one
+//!           [1, len, KV, D] tensor the graph reads; its new rows go to the next slots
 //! ```
+//!
+//! in f16 or f32. Either way the live entries are the first `len` slots.
 //!
 //! Every layer holds the same number of live entries (`len`), but each layer
 //! chooses its own: per layer and slot we keep the entry's logical position
@@ -132,6 +136,18 @@ impl KvElement for f16 {
     }
 }
 
+/// The order of one layer's K (or V) block, which the decoder graph fixes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvLayout {
+    /// `[kv_head][capacity][head_dim]` (decoder format 2): the whole block is
+    /// the graph's `[1, kv_heads, capacity, head_dim]` past and present.
+    #[default]
+    HeadMajor,
+    /// `[slot][kv_head][head_dim]` (decoder format 1): the first `len` slots
+    /// are the graph's `[1, len, kv_heads, head_dim]` past.
+    SlotMajor,
+}
+
 /// The per-entry geometry of a model's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvShape {
@@ -139,6 +155,7 @@ pub struct KvShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub dtype: KvDtype,
+    pub layout: KvLayout,
 }
 
 /// Metadata bytes per layer and slot: position (u32), merge count (u32),
@@ -154,6 +171,7 @@ impl KvShape {
             kv_heads: 3,
             head_dim: 64,
             dtype,
+            layout: KvLayout::HeadMajor,
         }
     }
 
@@ -181,6 +199,22 @@ impl KvShape {
             )));
         }
         Ok(())
+    }
+
+    /// Where one entry's K (or V) row lies in a layer's block of `capacity`
+    /// slots: `(pieces, piece length, stride between pieces, stride between
+    /// slots)`, in elements. Format 1 keeps a row whole; format 2 splits it
+    /// into one piece per KV head, `capacity` slots apart.
+    const fn row_pieces(&self, capacity: usize) -> (usize, usize, usize, usize) {
+        match self.layout {
+            KvLayout::SlotMajor => (1, self.row_len(), 0, self.row_len()),
+            KvLayout::HeadMajor => (
+                self.kv_heads,
+                self.head_dim,
+                capacity.saturating_mul(self.head_dim),
+                self.head_dim,
+            ),
+        }
     }
 
     /// Elements in one entry's K (or V) for one layer (saturating: see
@@ -384,9 +418,9 @@ impl KvPool {
         };
         for layer in 0..self.shape.layers {
             for kv in 0..2 {
-                let start = self.row_offset(layer, kv, 0) * elem;
-                snap.data
-                    .extend_from_slice(&self.data[start..start + self.len * row_bytes]);
+                for piece in self.live_pieces(layer, kv) {
+                    snap.data.extend_from_slice(&self.data[piece.start * elem..piece.end * elem]);
+                }
             }
             let range = self.meta_range(layer);
             snap.position.extend_from_slice(&self.position[range.clone()]);
@@ -411,13 +445,15 @@ impl KvPool {
             )));
         }
         let elem = self.shape.dtype.size();
-        let block = snap.len * row_bytes;
         self.len = snap.len;
+        let mut from = 0;
         for layer in 0..self.shape.layers {
             for kv in 0..2 {
-                let start = self.row_offset(layer, kv, 0) * elem;
-                let from = (layer * 2 + kv) * block;
-                self.data[start..start + block].copy_from_slice(&snap.data[from..from + block]);
+                for piece in self.live_pieces(layer, kv) {
+                    let bytes = (piece.end - piece.start) * elem;
+                    self.data[piece.start * elem..piece.end * elem].copy_from_slice(&snap.data[from..from + bytes]);
+                    from += bytes;
+                }
             }
             let range = self.meta_range(layer);
             let from = layer * snap.len..(layer + 1) * snap.len;
@@ -519,27 +555,115 @@ impl KvPool {
         bytemuck::try_cast_slice(&self.data[..]).map_err(|e| Error::Shape(e.to_string()))
     }
 
-    /// Element offset of `(layer, k=0|v=1, slot)`.
-    fn row_offset(&self, layer: usize, kv: usize, slot: usize) -> usize {
-        ((layer * 2 + kv) * self.capacity + slot) * self.shape.row_len()
+    /// Element offset of the start of `(layer, k=0|v=1)`'s block.
+    fn block_offset(&self, layer: usize, kv: usize) -> usize {
+        (layer * 2 + kv) * self.capacity * self.shape.row_len()
     }
 
-    /// The live keys of one layer: `[len, kv_heads, head_dim]`, no copy.
+
+    /// Element ranges holding the live entries of `(layer, kv)`: one range
+    /// in format 1, one per KV head in format 2.
+    fn live_pieces(&self, layer: usize, kv: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let (pieces, _, piece_stride, slot_stride) = self.shape.row_pieces(self.capacity);
+        let start = self.block_offset(layer, kv);
+        let live = self.len * slot_stride;
+        (0..pieces).map(move |piece| start + piece * piece_stride..start + piece * piece_stride + live)
+    }
+
+    fn require_layout(&self, layout: KvLayout, what: &str) -> Result<()> {
+        if self.shape.layout != layout {
+            return Err(Error::Shape(format!(
+                "{what} needs a pool laid out {layout:?}, this one is {:?}",
+                self.shape.layout
+            )));
+        }
+        Ok(())
+    }
+
+    /// The live keys of one layer: `[len, kv_heads, head_dim]`, no copy
+    /// (format-1 layout only; see [`Self::key_head`]).
     pub fn keys<E: KvElement>(&self, layer: usize) -> Result<&[E]> {
-        let start = self.row_offset(layer, 0, 0);
+        self.require_layout(KvLayout::SlotMajor, "a layer's keys as one tensor")?;
+        let start = self.block_offset(layer, 0);
         Ok(&self.elems::<E>()?[start..start + self.len * self.shape.row_len()])
     }
 
-    /// The live values of one layer: `[len, kv_heads, head_dim]`, no copy.
+    /// The live values of one layer: `[len, kv_heads, head_dim]`, no copy
+    /// (format-1 layout only).
     pub fn values<E: KvElement>(&self, layer: usize) -> Result<&[E]> {
-        let start = self.row_offset(layer, 1, 0);
+        self.require_layout(KvLayout::SlotMajor, "a layer's values as one tensor")?;
+        let start = self.block_offset(layer, 1);
         Ok(&self.elems::<E>()?[start..start + self.len * self.shape.row_len()])
+    }
+
+    /// The key (`kv` 0) or value (`kv` 1) of one live entry for one KV head:
+    /// `head_dim` values, in either layout.
+    pub fn head_row<E: KvElement>(&self, layer: usize, kv: usize, slot: usize, head: usize) -> Result<&[E]> {
+        if layer >= self.shape.layers || kv > 1 || slot >= self.len || head >= self.shape.kv_heads {
+            return Err(Error::Plan(format!(
+                "layer {layer}, {} of slot {slot}, head {head}: outside {} layers x {} live slots x {} heads",
+                if kv == 0 { "key" } else { "value" },
+                self.shape.layers,
+                self.len,
+                self.shape.kv_heads
+            )));
+        }
+        let start = self.block_offset(layer, kv)
+            + match self.shape.layout {
+                KvLayout::SlotMajor => slot * self.shape.row_len() + head * self.shape.head_dim,
+                KvLayout::HeadMajor => (head * self.capacity + slot) * self.shape.head_dim,
+            };
+        Ok(&self.elems::<E>()?[start..start + self.shape.head_dim])
+    }
+
+    /// Writes the K and V rows (`[kv_heads, head_dim]` each) of the free slot
+    /// `slot` (at or after `len`), in either layout: how a client without a
+    /// graph (tests, benchmarks) fills the slots `append` then makes live.
+    pub fn write_free_row<E: KvElement>(&mut self, layer: usize, slot: usize, key: &[E], value: &[E]) -> Result<()> {
+        let row = self.shape.row_len();
+        if layer >= self.shape.layers || slot < self.len || slot >= self.capacity || key.len() != row || value.len() != row
+        {
+            return Err(Error::Plan(format!(
+                "writing slot {slot} of layer {layer} ({} and {} values) in a pool of {} live of {} slots, rows of {row}",
+                key.len(),
+                value.len(),
+                self.len,
+                self.capacity
+            )));
+        }
+        self.check_dtype::<E>()?;
+        let (_, piece_len, piece_stride, slot_stride) = self.shape.row_pieces(self.capacity);
+        let blocks = [self.block_offset(layer, 0), self.block_offset(layer, 1)];
+        let elems: &mut [E] =
+            bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
+        for (block, source) in blocks.into_iter().zip([key, value]) {
+            for (piece, part) in source.chunks_exact(piece_len).enumerate() {
+                let start = block + piece * piece_stride + slot * slot_stride;
+                elems[start..start + piece_len].copy_from_slice(part);
+            }
+        }
+        Ok(())
+    }
+
+    /// Per layer, the whole K and V blocks (`[kv_heads, capacity, head_dim]`
+    /// each): decoder format 2 binds each as the graph's past and present, so
+    /// GroupQueryAttention appends its new rows at slot `len` in place. Call
+    /// [`KvPool::append`] after the graph wrote them.
+    pub fn cache_blocks<E: KvElement>(&mut self) -> Result<impl Iterator<Item = (&mut [E], &mut [E])>> {
+        self.check_dtype::<E>()?;
+        self.require_layout(KvLayout::HeadMajor, "binding the pool as the graph's cache")?;
+        let block = self.capacity * self.shape.row_len();
+        let elems: &mut [E] =
+            bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
+        Ok(elems.chunks_exact_mut(2 * block).map(move |layer| layer.split_at_mut(block)))
     }
 
     /// Per layer: the live past to read and the next `t` slots to write, all
-    /// in place. Call [`KvPool::append`] after the graph wrote them.
+    /// in place (format-1 layout). Call [`KvPool::append`] after the graph
+    /// wrote them.
     pub fn step_views<E: KvElement>(&mut self, t: usize) -> Result<impl Iterator<Item = LayerStepView<'_, E>>> {
         self.check_dtype::<E>()?;
+        self.require_layout(KvLayout::SlotMajor, "a format-1 decoder step")?;
         if self.len + t > self.capacity {
             return Err(Error::CapacityExceeded {
                 needed: self.len + t,
@@ -661,12 +785,16 @@ impl KvPool {
     /// Moves entry `from` into slot `to` of one layer: K, V and metadata.
     /// The order index is the caller's to fix.
     fn move_entry(&mut self, layer: usize, from: usize, to: usize) {
-        let row_bytes = self.shape.row_len() * self.shape.dtype.size();
+        let elem = self.shape.dtype.size();
+        let (pieces, piece_len, piece_stride, slot_stride) = self.shape.row_pieces(self.capacity);
+        let piece_bytes = piece_len * elem;
         for kv in 0..2 {
-            let elem = self.shape.dtype.size();
-            let src = self.row_offset(layer, kv, from) * elem;
-            let dst = self.row_offset(layer, kv, to) * elem;
-            self.data.copy_within(src..src + row_bytes, dst);
+            let block = self.block_offset(layer, kv);
+            for piece in 0..pieces {
+                let src = (block + piece * piece_stride + from * slot_stride) * elem;
+                let dst = (block + piece * piece_stride + to * slot_stride) * elem;
+                self.data.copy_within(src..src + piece_bytes, dst);
+            }
         }
         let base = layer * self.capacity;
         self.position[base + to] = self.position[base + from];
@@ -706,9 +834,11 @@ impl KvPool {
     }
 
     fn merge_sorted<E: KvElement>(&mut self, layer: usize, pairs: &[(u32, u32)], aliased: bool) -> Result<()> {
-        let row = self.shape.row_len();
-        let key_base = self.row_offset(layer, 0, 0);
-        let value_base = self.row_offset(layer, 1, 0);
+        // Rows are merged piece by piece (one piece per KV head in format 2);
+        // counts and importance change only after every piece was read.
+        let (pieces, piece_len, piece_stride, slot_stride) = self.shape.row_pieces(self.capacity);
+        let key_block = self.block_offset(layer, 0);
+        let value_block = self.block_offset(layer, 1);
         let meta_base = layer * self.capacity;
         let KvPool {
             data,
@@ -720,69 +850,61 @@ impl KvPool {
             ..
         } = self;
         let elems: &mut [E] = bytemuck::try_cast_slice_mut(&mut data[..]).map_err(|e| Error::Shape(e.to_string()))?;
-        let (acc_key, rest) = merge_acc.split_at_mut(row);
-        let (acc_value, widened) = rest.split_at_mut(row);
-        merge_stash.clear();
+        let (acc_key, rest) = merge_acc.split_at_mut(piece_len);
+        let (acc_value, rest) = rest.split_at_mut(piece_len);
+        let widened = &mut rest[..piece_len];
         merge_stash_meta.clear();
-
         for group in pairs.chunk_by(|a, b| a.1 == b.1) {
             let anchor = group[0].1 as usize;
-            let anchor_count = merged[meta_base + anchor];
-            let mut total = anchor_count as f64;
+            let mut total = merged[meta_base + anchor] as f64;
             let mut importance = score[meta_base + anchor];
-            let weight = anchor_count as f32;
-            E::accumulate(acc_key, widened, &elems[key_base + anchor * row..][..row], weight, true);
-            E::accumulate(
-                acc_value,
-                widened,
-                &elems[value_base + anchor * row..][..row],
-                weight,
-                true,
-            );
             for &(member, _) in group {
-                let member = member as usize;
-                let count = merged[meta_base + member];
-                let weight = count as f32;
-                E::accumulate(
-                    acc_key,
-                    widened,
-                    &elems[key_base + member * row..][..row],
-                    weight,
-                    false,
-                );
-                E::accumulate(
-                    acc_value,
-                    widened,
-                    &elems[value_base + member * row..][..row],
-                    weight,
-                    false,
-                );
-                total += count as f64;
-                importance += score[meta_base + member];
+                total += merged[meta_base + member as usize] as f64;
+                importance += score[meta_base + member as usize];
             }
-            let inv = (1.0 / total) as f32;
-            let total = u32::try_from(total as u64).unwrap_or(u32::MAX);
+            merge_stash_meta.push((anchor as u32, u32::try_from(total as u64).unwrap_or(u32::MAX), importance));
+        }
+        for piece in 0..pieces {
+            let key_base = key_block + piece * piece_stride;
+            let value_base = value_block + piece * piece_stride;
+            let key_at = |slot: usize| key_base + slot * slot_stride;
+            let value_at = |slot: usize| value_base + slot * slot_stride;
+            merge_stash.clear();
+            for group in pairs.chunk_by(|a, b| a.1 == b.1) {
+                let anchor = group[0].1 as usize;
+                let anchor_count = merged[meta_base + anchor];
+                let mut total = anchor_count as f64;
+                let weight = anchor_count as f32;
+                E::accumulate(acc_key, widened, &elems[key_at(anchor)..][..piece_len], weight, true);
+                E::accumulate(acc_value, widened, &elems[value_at(anchor)..][..piece_len], weight, true);
+                for &(member, _) in group {
+                    let member = member as usize;
+                    let count = merged[meta_base + member];
+                    let weight = count as f32;
+                    E::accumulate(acc_key, widened, &elems[key_at(member)..][..piece_len], weight, false);
+                    E::accumulate(acc_value, widened, &elems[value_at(member)..][..piece_len], weight, false);
+                    total += count as f64;
+                }
+                let inv = (1.0 / total) as f32;
+                if aliased {
+                    merge_stash.extend(acc_key.iter().chain(acc_value.iter()).map(|v| v * inv));
+                } else {
+                    store_mean(&mut elems[key_at(anchor)..][..piece_len], acc_key, inv);
+                    store_mean(&mut elems[value_at(anchor)..][..piece_len], acc_value, inv);
+                }
+            }
             if aliased {
-                merge_stash.extend(acc_key.iter().chain(acc_value.iter()).map(|v| v * inv));
-                merge_stash_meta.push((anchor as u32, total, importance));
-            } else {
-                store_mean(&mut elems[key_base + anchor * row..][..row], acc_key, inv);
-                store_mean(&mut elems[value_base + anchor * row..][..row], acc_value, inv);
-                merged[meta_base + anchor] = total;
-                score[meta_base + anchor] = importance;
+                for (&(anchor, _, _), stashed) in merge_stash_meta.iter().zip(merge_stash.chunks_exact_mut(2 * piece_len)) {
+                    let anchor = anchor as usize;
+                    let (key, value) = stashed.split_at_mut(piece_len);
+                    store_mean(&mut elems[key_at(anchor)..][..piece_len], key, 1.0);
+                    store_mean(&mut elems[value_at(anchor)..][..piece_len], value, 1.0);
+                }
             }
         }
-        if aliased {
-            for (&(anchor, total, importance), stashed) in
-                merge_stash_meta.iter().zip(merge_stash.chunks_exact_mut(2 * row))
-            {
-                let anchor = anchor as usize;
-                let (key, value) = stashed.split_at_mut(row);
-                store_mean(&mut elems[key_base + anchor * row..][..row], key, 1.0);
-                store_mean(&mut elems[value_base + anchor * row..][..row], value, 1.0);
-                merged[meta_base + anchor] = total;
-                score[meta_base + anchor] = importance;
-            }
+        for &(anchor, total, importance) in merge_stash_meta.iter() {
+            merged[meta_base + anchor as usize] = total;
+            score[meta_base + anchor as usize] = importance;
         }
         Ok(())
     }
@@ -818,17 +940,22 @@ impl KvPool {
                 previous = Some(moved);
             }
         }
-        let row = self.shape.row_len();
         let capacity = self.capacity;
+        let (pieces, piece_len, piece_stride, _) = self.shape.row_pieces(capacity);
+        let blocks: Vec<usize> = (0..self.shape.layers).map(|layer| self.block_offset(layer, 0)).collect();
         let elems: &mut [E] =
             bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
-        for layer in 0..self.shape.layers {
+        for (layer, block) in blocks.into_iter().enumerate() {
             let base = layer * capacity;
-            let keys = &mut elems[2 * layer * capacity * row..][..self.len * row];
-            for (slot, key) in keys.chunks_exact_mut(row).enumerate() {
+            for slot in 0..self.len {
                 let old = self.position[base + slot];
                 let moved = new_position(layer, old);
-                rope.rotate(key, i64::from(moved) - i64::from(old));
+                let delta = i64::from(moved) - i64::from(old);
+                // The live slots of a piece are contiguous: slot stride = piece length.
+                for piece in 0..pieces {
+                    let start = block + piece * piece_stride + slot * piece_len;
+                    rope.rotate(&mut elems[start..start + piece_len], delta);
+                }
                 self.position[base + slot] = moved;
             }
         }
@@ -944,6 +1071,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 3,
             dtype,
+            layout: KvLayout::SlotMajor,
         }
     }
 
@@ -974,6 +1102,7 @@ mod tests {
             kv_heads: 3,
             head_dim: 1 << 61,
             dtype: KvDtype::F32,
+            layout: KvLayout::HeadMajor,
         };
         let err = huge.validate().unwrap_err().to_string();
         assert!(err.contains("one slot's size overflows"), "{err}");

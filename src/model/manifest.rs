@@ -11,13 +11,40 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kv::{KvDtype, KvShape};
+use crate::kv::{KvDtype, KvLayout, KvShape};
 use crate::model::image::{Preprocess, MAX_PIXELS_LIMIT, MAX_TARGET_SIDE};
 use crate::model::prompt::ChatTemplate;
 
 /// The manifest format this build reads.
 pub const FORMAT: &str = "elastic-edge-model";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this build reads; 1 (format-1 decoder) is read too.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// How the decoder graph holds the KV cache (docs/model-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderFormat {
+    /// Format 1: the past is read from the pool as `[1, S, kv_heads,
+    /// head_dim]`, the new rows come out as separate outputs written into the
+    /// pool's next slots; attention in plain ONNX ops.
+    PastAndNew,
+    /// Format 2: each layer's pool block `[1, kv_heads, capacity, head_dim]`
+    /// is both past and present of GroupQueryAttention, which appends in place.
+    InPlace,
+}
+
+impl DecoderFormat {
+    /// The oldest ONNX Runtime (minor version of 1.x) that runs this format:
+    /// GroupQueryAttention takes `attention_bias` and `position_ids` from
+    /// 1.22, and gives its probabilities (`qk_output`) on the CPU from 1.23.
+    pub const fn min_onnxruntime_minor(self, scores: bool) -> u32 {
+        match (self, scores) {
+            (DecoderFormat::PastAndNew, _) => 20,
+            (DecoderFormat::InPlace, false) => 22,
+            (DecoderFormat::InPlace, true) => 23,
+        }
+    }
+}
 
 /// The largest `manifest.json` read (the demo model's is 30 KB).
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
@@ -174,7 +201,32 @@ impl Manifest {
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             dtype: self.kv_dtype(),
+            layout: match self.decoder_format() {
+                DecoderFormat::PastAndNew => KvLayout::SlotMajor,
+                DecoderFormat::InPlace => KvLayout::HeadMajor,
+            },
         }
+    }
+
+    /// The decoder graph's format (checked in `validate`).
+    pub fn decoder_format(&self) -> DecoderFormat {
+        if self.format_version == 1 {
+            DecoderFormat::PastAndNew
+        } else {
+            DecoderFormat::InPlace
+        }
+    }
+
+    /// Whether the decoder graph gives the attention column sums the
+    /// H2O and Elastic Cache policies read (format 1 always does; a format-2
+    /// graph exported for CUDA does not, as CUDA's GroupQueryAttention has
+    /// no probability output).
+    pub fn decoder_scores(&self) -> bool {
+        self.graphs
+            .decoder
+            .outputs
+            .iter()
+            .any(|output| output.name == "attn_colsum_0")
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -199,12 +251,12 @@ impl Manifest {
                 format!("{:?}, expected {FORMAT:?}", self.format),
             ));
         }
-        if self.format_version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(invalid(
                 path,
                 "format_version",
                 format!(
-                    "{} is not supported (this build reads {FORMAT_VERSION})",
+                    "{} is not supported (this build reads 1 to {FORMAT_VERSION})",
                     self.format_version
                 ),
             ));
@@ -375,69 +427,62 @@ impl Manifest {
         Ok(())
     }
 
-    /// The decoder graph must follow the contract of DESIGN.md exactly.
+    /// The decoder graph must follow its format's contract
+    /// (docs/model-format.md) exactly.
     fn validate_decoder(&self, path: &Path) -> Result<()> {
         let graph = &self.graphs.decoder;
         let (inputs, outputs) = (&graph.inputs, &graph.outputs);
         let dt = self.dtype.as_str();
-        let kv = [
-            Dim::Fixed(1),
-            Dim::Any,
-            Dim::Fixed(self.kv_heads),
-            Dim::Fixed(self.head_dim),
-        ];
         let field_in = "graphs.decoder.inputs";
         let field_out = "graphs.decoder.outputs";
-        expect_tensor(
-            path,
-            field_in,
-            inputs,
+        let tensor_in = |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_in, inputs, name, dtype, dims);
+        let tensor_out = |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_out, outputs, name, dtype, dims);
+        tensor_in(
             "inputs_embeds",
             dt,
             &[Dim::Fixed(1), Dim::Any, Dim::Fixed(self.hidden)],
         )?;
-        expect_tensor(
-            path,
-            field_in,
-            inputs,
-            "position_ids",
-            "int64",
-            &[Dim::Fixed(1), Dim::Any],
-        )?;
+        tensor_in("position_ids", "int64", &[Dim::Fixed(1), Dim::Any])?;
+        tensor_out("logits", "float32", &[Dim::Fixed(1), Dim::Fixed(self.vocab)])?;
+        let format = self.decoder_format();
+        let (kv, new_names, bias, extra_inputs) = match format {
+            DecoderFormat::PastAndNew => (
+                [Dim::Fixed(1), Dim::Any, Dim::Fixed(self.kv_heads), Dim::Fixed(self.head_dim)],
+                ["new_key_", "new_value_"],
+                "past_bias",
+                0,
+            ),
+            DecoderFormat::InPlace => {
+                tensor_in("seqlens_k", "int32", &[Dim::Fixed(1)])?;
+                tensor_in("total_sequence_length", "int32", &[])?;
+                (
+                    [Dim::Fixed(1), Dim::Fixed(self.kv_heads), Dim::Any, Dim::Fixed(self.head_dim)],
+                    ["present_key_", "present_value_"],
+                    "attention_bias",
+                    2,
+                )
+            }
+        };
         // One row per layer: each layer merges its own entries.
-        expect_tensor(
-            path,
-            field_in,
-            inputs,
-            "past_bias",
-            dt,
-            &[Dim::Fixed(self.layers), Dim::Any],
-        )?;
-        expect_tensor(
-            path,
-            field_out,
-            outputs,
-            "logits",
-            "float32",
-            &[Dim::Fixed(1), Dim::Fixed(self.vocab)],
-        )?;
+        tensor_in(bias, dt, &[Dim::Fixed(self.layers), Dim::Any])?;
+        // Format 1 always gives the column sums; format 2 for every layer or none.
+        let scores = format == DecoderFormat::PastAndNew || self.decoder_scores();
         for layer in 0..self.layers {
             for name in [format!("past_key_{layer}"), format!("past_value_{layer}")] {
-                expect_tensor(path, field_in, inputs, &name, dt, &kv)?;
+                tensor_in(&name, dt, &kv)?;
             }
-            for name in [format!("new_key_{layer}"), format!("new_value_{layer}")] {
-                expect_tensor(path, field_out, outputs, &name, dt, &kv)?;
+            for prefix in new_names {
+                tensor_out(&format!("{prefix}{layer}"), dt, &kv)?;
             }
-            expect_tensor(
-                path,
-                field_out,
-                outputs,
-                &format!("attn_colsum_{layer}"),
-                "float32",
-                &[Dim::Fixed(1), Dim::Any],
-            )?;
+            if scores {
+                tensor_out(
+                    &format!("attn_colsum_{layer}"),
+                    "float32",
+                    &[Dim::Fixed(1), Dim::Any],
+                )?;
+            }
         }
-        let expected_inputs = 3 + 2 * self.layers;
+        let expected_inputs = 3 + extra_inputs + 2 * self.layers;
         if inputs.len() != expected_inputs {
             return Err(invalid(
                 path,

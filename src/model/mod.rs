@@ -4,12 +4,13 @@
 //! the graph contract, each file's size and sha256, and that the requested
 //! execution provider registers.
 
-pub(crate) mod binding;
+pub mod decoder;
 pub mod embeddings;
 pub mod image;
 pub mod manifest;
 pub mod prompt;
 pub mod providers;
+pub mod vision;
 
 use std::path::{Path, PathBuf};
 
@@ -17,9 +18,23 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 
 use crate::error::{error_chain, Error, Result};
 use crate::runtime;
+pub use decoder::Decoder;
 pub use embeddings::Embeddings;
-pub use manifest::{FileCheck, Manifest};
+pub use manifest::{DecoderFormat, FileCheck, Manifest};
 pub use providers::{Device, ProviderOptions};
+pub use vision::Vision;
+
+/// The element types a model's tensors come in (f32, f16): what the pool
+/// stores and ONNX Runtime reads and writes.
+pub trait ModelElement:
+    crate::kv::KvElement + ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static
+{
+}
+
+impl<E> ModelElement for E where
+    E: crate::kv::KvElement + ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static
+{
+}
 
 /// How to load a model.
 #[derive(Clone, Debug, Default)]
@@ -31,11 +46,13 @@ pub struct LoadOptions {
     pub onnxruntime: Option<PathBuf>,
 }
 
+/// A loaded model. Its graphs are its own: the decoder and vision types
+/// run them, so no ONNX Runtime type reaches the generation loop.
 pub struct Model {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    pub decoder: Session,
-    pub vision: Option<Session>,
+    pub(crate) decoder: Decoder,
+    pub(crate) vision: Option<Vision>,
     pub embeddings: Embeddings,
     pub prompt: prompt::PromptTokenizer,
     pub preprocess: Option<image::Preprocess>,
@@ -62,6 +79,7 @@ impl Model {
         let checked = manifest.verify_files(dir)?;
         log::info!("model {}: files check out: {checked}", dir.display());
         let library = runtime::load(options.onnxruntime.as_deref())?;
+        check_decoder_support(dir, &manifest, &library.version, options.providers.device)?;
         let session = |file: &str| build_session(library.environment(), &dir.join(file), options);
         let decoder = session(&manifest.files.decoder)?;
         check_graph(
@@ -74,6 +92,8 @@ impl Model {
         if let (Some(file), Some(session), Some(io)) = (&manifest.files.vision, &vision, &manifest.graphs.vision) {
             check_graph(&dir.join(file), "vision", session, io)?;
         }
+        let decoder = Decoder::new(decoder, &manifest)?;
+        let vision = vision.and_then(|session| Vision::new(session, &manifest));
         let embeddings = Embeddings::open(
             &dir.join(&manifest.files.embed_tokens),
             manifest.vocab,
@@ -99,6 +119,79 @@ impl Model {
             preprocess,
         })
     }
+}
+
+impl Model {
+    /// Which decoder graph runs, and why: for `doctor` and the logs.
+    pub fn decoder_summary(&self) -> String {
+        describe_decoder(&self.manifest)
+    }
+}
+
+/// What the manifest's decoder graph is, in one line.
+pub fn describe_decoder(manifest: &Manifest) -> String {
+    let scores = manifest.decoder_scores();
+    match manifest.decoder_format() {
+        DecoderFormat::PastAndNew => format!(
+            "format 1 (past read from the pool, new K/V written to its next slots; plain ONNX attention \
+             with column sums; ONNX Runtime 1.{} or newer)",
+            DecoderFormat::PastAndNew.min_onnxruntime_minor(true)
+        ),
+        DecoderFormat::InPlace => format!(
+            "format 2 (GroupQueryAttention appending to the pool in place{}; ONNX Runtime 1.{} or newer)",
+            if scores {
+                ", with attention column sums for H2O and Elastic Cache"
+            } else {
+                ", no attention column sums: policies full and local only"
+            },
+            DecoderFormat::InPlace.min_onnxruntime_minor(scores)
+        ),
+    }
+}
+
+/// The minor version of an ONNX Runtime 1.x version string (`1.31.1`).
+fn onnxruntime_minor(version: &str) -> Option<u32> {
+    let mut parts = version.split('.');
+    (parts.next()? == "1").then_some(())?;
+    parts.next()?.parse().ok()
+}
+
+/// Refuses, before any graph is loaded, a decoder that the loaded ONNX
+/// Runtime or the chosen device cannot run, naming what would.
+fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str, device: Device) -> Result<()> {
+    let format = manifest.decoder_format();
+    let scores = manifest.decoder_scores();
+    let path = dir.join(&manifest.files.decoder);
+    let refuse = |reason: String| Err(Error::ModelFile { path: path.clone(), reason });
+    let needed = format.min_onnxruntime_minor(scores);
+    if let Some(minor) = onnxruntime_minor(ort_version) {
+        if minor < needed {
+            return refuse(format!(
+                "this decoder is format {} (GroupQueryAttention{}), which needs ONNX Runtime 1.{needed} or newer; \
+                 the loaded one is {ort_version}: point ORT_DYLIB_PATH at a newer libonnxruntime.so, or export the \
+                 model in format 1 (scripts/build-demo-model.sh --decoder-format 1)",
+                manifest.format_version,
+                if scores { " with qk_output" } else { " with attention_bias and position_ids" }
+            ));
+        }
+    }
+    if format == DecoderFormat::InPlace && device != Device::Cpu {
+        if manifest.kv_dtype() != crate::kv::KvDtype::F16 {
+            return refuse(format!(
+                "ONNX Runtime's GroupQueryAttention on --device {device} takes float16 only and this decoder is \
+                 {}: use the fp16 model on a GPU",
+                manifest.dtype
+            ));
+        }
+        if scores {
+            return refuse(format!(
+                "this decoder outputs attention column sums (qk_output), which GroupQueryAttention on --device \
+                 {device} cannot give: export it without them (--decoder-scores off) for policies full and local, \
+                 or in format 1 for H2O and Elastic Cache on the GPU"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The graph's own inputs and outputs against what its manifest says of

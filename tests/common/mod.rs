@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use elastic_edge::kv::{
-    KeepRatio, KvCache, KvDtype, KvElement, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking,
+    KeepRatio, KvCache, KvDtype, KvElement, KvLayout, KvPool, KvShape, PolicyConfig, PolicyKind, PoolBacking,
 };
 use half::f16;
 
@@ -16,12 +16,18 @@ pub fn token_value(layer: usize, position: usize, j: usize) -> f32 {
     ((position * 31 + layer * 7 + j * 3) % 17) as f32
 }
 
+/// Format 2's layout (one piece per KV head); see [`shape_in`].
 pub fn shape(layers: usize, dtype: KvDtype) -> KvShape {
+    shape_in(layers, dtype, KvLayout::HeadMajor)
+}
+
+pub fn shape_in(layers: usize, dtype: KvDtype, layout: KvLayout) -> KvShape {
     KvShape {
         layers,
         kv_heads: 2,
         head_dim: 2,
         dtype,
+        layout,
     }
 }
 
@@ -32,15 +38,18 @@ pub fn cache(shape: KvShape, capacity: usize, kind: PolicyKind, config: &PolicyC
 
 fn write_new<E: KvElement>(cache: &mut KvCache, t: usize) {
     let first = cache.processed();
-    let views = cache.pool_mut().step_views::<E>(t).unwrap();
-    for (layer, view) in views.enumerate() {
-        let row = view.new_key.len() / t;
+    let pool = cache.pool_mut();
+    let (row, len) = (pool.shape().row_len(), pool.len());
+    let mut key = vec![E::from_f32(0.0); row];
+    let mut value = key.clone();
+    for layer in 0..pool.shape().layers {
         for i in 0..t {
             for j in 0..row {
                 let v = token_value(layer, first + i, j);
-                view.new_key[i * row + j] = E::from_f32(v);
-                view.new_value[i * row + j] = E::from_f32(-v);
+                key[j] = E::from_f32(v);
+                value[j] = E::from_f32(-v);
             }
+            pool.write_free_row(layer, len + i, &key, &value).unwrap();
         }
     }
 }
@@ -87,10 +96,9 @@ pub fn decode(cache: &mut KvCache, attention: &mut impl FnMut(usize, u32) -> f32
 /// Element 0 of the key of `slot` in `layer`, as f32.
 pub fn key0(cache: &KvCache, layer: usize, slot: usize) -> f32 {
     let pool = cache.pool();
-    let row = pool.shape().row_len();
     match pool.shape().dtype {
-        KvDtype::F16 => pool.keys::<f16>(layer).unwrap()[slot * row].to_f32(),
-        KvDtype::F32 => pool.keys::<f32>(layer).unwrap()[slot * row],
+        KvDtype::F16 => pool.head_row::<f16>(layer, 0, slot, 0).unwrap()[0].to_f32(),
+        KvDtype::F32 => pool.head_row::<f32>(layer, 0, slot, 0).unwrap()[0],
     }
 }
 
