@@ -279,6 +279,30 @@ struct AskBody {
     max_tokens: Option<usize>,
 }
 
+/// A checked `POST /memory/ask` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub question: String,
+    pub max_tokens: usize,
+}
+
+/// Reads a `POST /memory/ask` body; the error is the 400's message.
+pub fn parse_ask(body: &[u8]) -> Result<Ask, String> {
+    let ask: AskBody = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {e}"))?;
+    if ask.question.trim().is_empty() {
+        return Err("the question is empty".into());
+    }
+    let max_tokens = ask.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
+    if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS_LIMIT {
+        return Err(format!("max_tokens {max_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"));
+    }
+    Ok(Ask {
+        question: ask.question,
+        max_tokens,
+    })
+}
+
 fn post_ask(
     shared: &Shared,
     jobs: &SyncSender<Job>,
@@ -297,30 +321,15 @@ fn post_ask(
             return bad(status, &message);
         }
     };
-    let ask: AskBody = match serde_json::from_slice(&body) {
+    let Ask { question, max_tokens } = match parse_ask(&body) {
         Ok(ask) => ask,
-        Err(e) => {
-            return bad(
-                400,
-                &format!("the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {e}"),
-            )
-        }
+        Err(message) => return bad(400, &message),
     };
-    if ask.question.trim().is_empty() {
-        return bad(400, "the question is empty");
-    }
-    let max_tokens = ask.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
-    if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS_LIMIT {
-        return bad(
-            400,
-            &format!("max_tokens {max_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"),
-        );
-    }
     let (reply, answer) = mpsc::sync_channel(1);
     queue_and_wait(
         jobs,
         Job::Ask {
-            question: ask.question,
+            question,
             max_tokens,
             reply,
         },
