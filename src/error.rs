@@ -51,13 +51,17 @@ pub enum Error {
     NewTokens { max_new_tokens: usize, reason: String },
 
     /// A sampling setting that cannot be used (a NaN or negative
-    /// temperature, a top-p outside (0, 1]).
+    /// temperature, a top-p outside (0, 1], a repetition penalty of 0).
     #[error("{what} {value}: {reason}")]
     Sampling {
         what: &'static str,
         value: f32,
         reason: &'static str,
     },
+
+    /// Stop strings that cannot be used (an empty one, too many).
+    #[error("stop strings: {0}")]
+    StopStrings(String),
 
     /// A question to a memory that holds no frame yet.
     #[error("the memory holds no frame yet: ask after the first frame")]

@@ -12,29 +12,23 @@
 
 use std::time::Instant;
 
-use half::f16;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
 use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
 use crate::kv::{PositionMap, Rope};
 use crate::model::prompt::Prompt;
 use crate::model::{Decoder, Embeddings, Manifest, Model, ModelElement};
-
-/// How tokens are chosen.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampling {
-    /// The most likely token (ties: the lowest id, as `argmax` does).
-    Greedy,
-    /// Nucleus sampling at a temperature, from a seeded generator.
-    TopP { temperature: f32, top_p: f32, seed: u64 },
-}
+pub use crate::sampling::Sampling;
+use crate::sampling::{check_stop_strings, Sampler, StopStrings};
+use half::f16;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateParams {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Generation ends as soon as the text contains one of these; the text
+    /// returned and streamed ends before it (its tokens stay in
+    /// `token_ids`, the last one unfed). Honoured with `ignore_stop` too.
+    pub stop_strings: Vec<String>,
     /// Keep generating through stop tokens (for benchmarks of long outputs).
     pub ignore_stop: bool,
 }
@@ -56,44 +50,9 @@ impl GenerateParams {
             });
         }
         check_positions(self.max_new_tokens, manifest)?;
-        self.sampling.check()
+        self.sampling.check()?;
+        check_stop_strings(&self.stop_strings)
     }
-}
-
-impl Sampling {
-    /// A temperature that is finite and not negative (0 is greedy), and a
-    /// nucleus in (0, 1]: NaN or infinity would make every probability NaN.
-    pub fn check(&self) -> Result<()> {
-        let Sampling::TopP { temperature, top_p, .. } = *self else {
-            return Ok(());
-        };
-        check_temperature(temperature).map_err(|reason| Error::Sampling {
-            what: "temperature",
-            value: temperature,
-            reason,
-        })?;
-        check_top_p(top_p).map_err(|reason| Error::Sampling {
-            what: "top_p",
-            value: top_p,
-            reason,
-        })
-    }
-}
-
-/// Why a sampling temperature cannot be used, if it cannot.
-pub fn check_temperature(temperature: f32) -> std::result::Result<(), &'static str> {
-    if !temperature.is_finite() || temperature < 0.0 {
-        return Err("must be a finite number, 0 or more (0 is greedy)");
-    }
-    Ok(())
-}
-
-/// Why a nucleus (top-p) cannot be used, if it cannot.
-pub fn check_top_p(top_p: f32) -> std::result::Result<(), &'static str> {
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err("must be a number in (0, 1]: the probability the kept tokens reach");
-    }
-    Ok(())
 }
 
 /// An answer of `max_new_tokens` must leave the prompt at least one of the
@@ -115,7 +74,8 @@ impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
             max_new_tokens: 64,
-            sampling: Sampling::Greedy,
+            sampling: Sampling::GREEDY,
+            stop_strings: Vec::new(),
             ignore_stop: false,
         }
     }
@@ -127,6 +87,8 @@ impl Default for GenerateParams {
 pub enum StopReason {
     StopToken,
     MaxTokens,
+    /// The text reached one of [`GenerateParams::stop_strings`].
+    StopString,
 }
 
 /// Wall-clock times of one generation, in milliseconds.
@@ -393,6 +355,7 @@ impl<'m> Generator<'m> {
         // Before anything is sized for the answer.
         check_positions(params.max_new_tokens, &self.model.manifest)?;
         params.sampling.check()?;
+        check_stop_strings(&params.stop_strings)?;
         let mut timings = Timings::default();
         let hidden = self.model.manifest.hidden;
         self.trace.start(params.max_new_tokens);
@@ -400,6 +363,7 @@ impl<'m> Generator<'m> {
 
         // 4. Decode.
         let mut sampler = Sampler::new(params.sampling);
+        let mut stop_strings = StopStrings::new(&params.stop_strings);
         let mut token_ids = Vec::with_capacity(params.max_new_tokens);
         let mut text = String::new();
         let model = &mut *self.model;
@@ -412,7 +376,12 @@ impl<'m> Generator<'m> {
         let mut first_token_at = None;
         let mut last_token_at = decode_start;
         while token_ids.len() < params.max_new_tokens {
-            let token = sampler.sample(model.decoder.logits(), &mut self.probabilities, &mut self.candidates);
+            let token = sampler.sample(
+                model.decoder.logits(),
+                &token_ids,
+                &mut self.probabilities,
+                &mut self.candidates,
+            );
             let now = Instant::now();
             if first_token_at.is_none() {
                 first_token_at = Some(now);
@@ -428,20 +397,30 @@ impl<'m> Generator<'m> {
                 break;
             }
             token_ids.push(token);
-            let piece = detokenizer.push(token)?;
-            if !piece.is_empty() {
-                text.push_str(piece);
-                on_text(piece)?;
+            text.push_str(detokenizer.push(token)?);
+            let advance = stop_strings.advance(&mut text);
+            if !advance.ready.is_empty() {
+                on_text(&text[advance.ready])?;
+            }
+            if advance.stopped {
+                stop = StopReason::StopString;
+                break;
             }
             if token_ids.len() == params.max_new_tokens {
                 break;
             }
             feed_token::<E>(&mut model.decoder, &model.embeddings, &mut self.cache, &mut token_embed, token)?;
         }
-        let tail = detokenizer.finish()?;
-        if !tail.is_empty() {
-            text.push_str(tail);
-            on_text(tail)?;
+        if stop != StopReason::StopString {
+            text.push_str(detokenizer.finish()?);
+            let advance = stop_strings.advance(&mut text);
+            if advance.stopped {
+                stop = StopReason::StopString;
+            }
+            let rest = stop_strings.finish(&text);
+            if !rest.is_empty() {
+                on_text(&text[rest])?;
+            }
         }
         timings.decode_ms = ms(decode_start);
         timings.decode_run_ms = model.decoder.run_ms();
@@ -801,63 +780,6 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// Chooses the next token from logits. Allocation-free: the caller owns the
-/// buffers.
-struct Sampler {
-    sampling: Sampling,
-    rng: StdRng,
-}
-
-impl Sampler {
-    fn new(sampling: Sampling) -> Self {
-        let seed = match sampling {
-            Sampling::TopP { seed, .. } => seed,
-            Sampling::Greedy => 0,
-        };
-        Sampler {
-            sampling,
-            rng: StdRng::seed_from_u64(seed),
-        }
-    }
-
-    fn sample(&mut self, logits: &[f32], probabilities: &mut [f32], candidates: &mut Vec<u32>) -> u32 {
-        match self.sampling {
-            Sampling::Greedy => argmax(logits),
-            Sampling::TopP { temperature, top_p, .. } => {
-                if temperature <= 0.0 {
-                    return argmax(logits);
-                }
-                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0f64;
-                for (p, &l) in probabilities.iter_mut().zip(logits) {
-                    *p = ((l - max) / temperature).exp();
-                    total += *p as f64;
-                }
-                candidates.clear();
-                candidates.extend(0..logits.len() as u32);
-                candidates.sort_unstable_by(|&a, &b| probabilities[b as usize].total_cmp(&probabilities[a as usize]));
-                let mut kept = 0.0f64;
-                let mut cut = candidates.len();
-                for (i, &c) in candidates.iter().enumerate() {
-                    kept += probabilities[c as usize] as f64 / total;
-                    if kept >= top_p as f64 {
-                        cut = i + 1;
-                        break;
-                    }
-                }
-                let mut draw = self.rng.random::<f64>() * kept;
-                for &c in &candidates[..cut] {
-                    draw -= probabilities[c as usize] as f64 / total;
-                    if draw <= 0.0 {
-                        return c;
-                    }
-                }
-                candidates[cut - 1]
-            }
-        }
-    }
-}
-
 /// `log softmax(logits)[index]`, computed stably in f64.
 fn log_softmax_at(logits: &[f32], index: usize) -> Result<f64> {
     let Some(&chosen) = logits.get(index) else {
@@ -871,52 +793,9 @@ fn log_softmax_at(logits: &[f32], index: usize) -> Result<f64> {
     Ok(chosen as f64 - max - sum.ln())
 }
 
-/// The index of the largest logit; the first one on ties.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sampling_settings_are_checked() {
-        let top_p = |temperature: f32, top_p: f32| Sampling::TopP {
-            temperature,
-            top_p,
-            seed: 0,
-        };
-        assert!(Sampling::Greedy.check().is_ok());
-        assert!(top_p(0.0, 1.0).check().is_ok() && top_p(0.7, 0.9).check().is_ok());
-        for (t, p) in [
-            (-1.0, 0.9),
-            (f32::NAN, 0.9),
-            (f32::INFINITY, 0.9),
-            (0.7, f32::NAN),
-            (0.7, 0.0),
-            (0.7, 1.5),
-        ] {
-            let err = top_p(t, p).check().unwrap_err();
-            assert!(matches!(err, Error::Sampling { .. }), "{t} {p}: {err}");
-        }
-        assert!(top_p(-1.0, 0.9)
-            .check()
-            .unwrap_err()
-            .to_string()
-            .starts_with("temperature -1: "));
-        assert!(top_p(0.5, 2.0)
-            .check()
-            .unwrap_err()
-            .to_string()
-            .starts_with("top_p 2: "));
-    }
 
     #[test]
     fn log_softmax_is_normalised() {
@@ -939,31 +818,5 @@ mod tests {
         assert_eq!(trace.entries[..4], [0, 1, 2, 3]);
         trace.start(2);
         assert!(trace.ms.is_empty() && trace.entries.is_empty());
-    }
-
-    #[test]
-    fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), 1);
-        assert_eq!(argmax(&[3.0]), 0);
-    }
-
-    #[test]
-    fn top_p_is_seeded_and_stays_in_the_nucleus() {
-        let logits = [0.0, 5.0, 4.9, -3.0, 1.0];
-        let mut probabilities = vec![0.0; 5];
-        let mut candidates = Vec::new();
-        let sampling = Sampling::TopP {
-            temperature: 1.0,
-            top_p: 0.9,
-            seed: 7,
-        };
-        let draws = |sampler: &mut Sampler, p: &mut Vec<f32>, c: &mut Vec<u32>| -> Vec<u32> {
-            (0..50).map(|_| sampler.sample(&logits, p, c)).collect()
-        };
-        let first = draws(&mut Sampler::new(sampling), &mut probabilities, &mut candidates);
-        let second = draws(&mut Sampler::new(sampling), &mut probabilities, &mut candidates);
-        assert_eq!(first, second, "same seed, same tokens");
-        assert!(first.iter().all(|&t| t == 1 || t == 2), "{first:?}");
-        assert!(first.contains(&1) && first.contains(&2));
     }
 }

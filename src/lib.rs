@@ -15,6 +15,7 @@ pub mod memory;
 pub mod model;
 pub mod regular_file;
 pub mod runtime;
+pub mod sampling;
 pub mod serve;
 pub mod source;
 pub mod stream;

@@ -55,7 +55,8 @@ fn ids(value: &Value) -> Vec<u32> {
 fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str>, max_new_tokens: usize) -> Vec<u32> {
     let params = GenerateParams {
         max_new_tokens,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     };
     let image = image.map(ImageInput::File);
@@ -294,7 +295,8 @@ fn an_encoded_prompt_gives_what_encoding_it_again_gives() {
     let mut model = load(&repo().join("models/tiny"));
     let params = GenerateParams {
         max_new_tokens: 16,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     };
     for kind in PolicyKind::ALL {

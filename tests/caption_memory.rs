@@ -29,7 +29,8 @@ fn pool_stays_within_budget_and_memory_does_not_grow() {
     let image = repo.join("models/tiny/gradient.png");
     let params = GenerateParams {
         max_new_tokens: 40,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     };
     let mut rss_after_warmup = 0;

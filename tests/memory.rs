@@ -30,7 +30,8 @@ fn cache(model: &Model, kind: PolicyKind, config: &PolicyConfig, slots: usize) -
 fn greedy(max_new_tokens: usize) -> GenerateParams {
     GenerateParams {
         max_new_tokens,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     }
 }

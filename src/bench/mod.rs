@@ -267,7 +267,8 @@ pub fn run(
                 ));
                 let params = GenerateParams {
                     max_new_tokens: config.warmup_tokens.min(case.gen_tokens),
-                    sampling: Sampling::Greedy,
+                    sampling: Sampling::GREEDY,
+                    stop_strings: Vec::new(),
                     ignore_stop: true,
                 };
                 generator.generate_ids(&prompt, &params, &mut quiet)?;
@@ -280,7 +281,8 @@ pub fn run(
             ));
             let params = GenerateParams {
                 max_new_tokens: case.gen_tokens,
-                sampling: Sampling::Greedy,
+                sampling: Sampling::GREEDY,
+                stop_strings: Vec::new(),
                 ignore_stop: true,
             };
             let started = Instant::now();

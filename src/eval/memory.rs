@@ -119,7 +119,8 @@ pub fn run(
     let mut done = 0;
     let params = GenerateParams {
         max_new_tokens: config.max_new_tokens,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     };
     let shape = model.manifest.kv_shape();

@@ -134,7 +134,8 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
             } else {
                 let params = GenerateParams {
                     max_new_tokens: config.max_new_tokens,
-                    sampling: Sampling::Greedy,
+                    sampling: Sampling::GREEDY,
+                    stop_strings: Vec::new(),
                     ignore_stop: false,
                 };
                 match prompt.as_ref() {
@@ -305,7 +306,8 @@ fn full_cache_references(
             None => {
                 let params = GenerateParams {
                     max_new_tokens: config.max_new_tokens,
-                    sampling: Sampling::Greedy,
+                    sampling: Sampling::GREEDY,
+                    stop_strings: Vec::new(),
                     ignore_stop: false,
                 };
                 let images = sample.image_inputs();

@@ -318,8 +318,9 @@ impl Memory {
 
     /// Feeds back what closes an assistant turn kept in the memory.
     fn close_turn(&self, generator: &mut Generator<'_>, generation: &Generation) -> Result<()> {
+        // A stop string ends the loop before its last token is fed back.
         let unfed = match generation.stop {
-            StopReason::MaxTokens => generation.token_ids.last().copied(),
+            StopReason::MaxTokens | StopReason::StopString => generation.token_ids.last().copied(),
             StopReason::StopToken => None,
         };
         let turn_end = generator.model().prompt.memory_turn_end(unfed)?;

@@ -491,17 +491,18 @@ fn decode_jpeg<R: BufRead + Seek>(
         zune_jpeg::errors::DecodeErrors::FormatStatic(text) => ImageError::Corrupt {
             input: input(),
             format: "jpeg".into(),
-            reason: text.to_lowercase(),
+            reason: one_line(&text.to_lowercase()),
         },
         zune_jpeg::errors::DecodeErrors::Format(text) => ImageError::Corrupt {
             input: input(),
             format: "jpeg".into(),
-            reason: text,
+            reason: one_line(&text),
         },
+        // Its I/O errors end with a newline.
         other => ImageError::Corrupt {
             input: input(),
             format: "jpeg".into(),
-            reason: other.to_string(),
+            reason: one_line(&other.to_string()),
         },
     };
     let mut bytes = Vec::new();
@@ -617,24 +618,29 @@ fn map_decode_error(e: image::ImageError, name: &str, format: &str, limit_bytes:
         image::ImageError::Limits(l) => ImageError::MemoryLimit {
             input,
             limit_bytes,
-            reason: l.to_string(),
+            reason: one_line(&l.to_string()),
         },
         image::ImageError::Unsupported(u) => ImageError::Unsupported {
             input,
             format,
-            reason: u.to_string(),
+            reason: one_line(&u.to_string()),
         },
         image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ImageError::Corrupt {
             input,
             format,
-            reason: format!("unexpected end of data ({io})"),
+            reason: one_line(&format!("unexpected end of data ({io})")),
         },
         other => ImageError::Corrupt {
             input,
             format,
-            reason: other.to_string(),
+            reason: one_line(&other.to_string()),
         },
     }
+}
+
+/// A decoder's message on one line: the error is one line of a log.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// PIL's `convert("RGB")` for every layout the decoders produce: alpha
@@ -1176,6 +1182,17 @@ mod tests {
                 assert!(load(&p, &jpeg[..cut]).is_err(), "cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn decoder_messages_are_one_line() {
+        // Found by the `image_jpeg` fuzz target: zune-jpeg's I/O errors end
+        // with a newline, which reached the error line.
+        let p = pre(4, 4, Resize::BilinearSquash);
+        let e = load(&p, &[0xFF, 0xD8, 0xFF]).expect_err("a JPEG of three bytes");
+        let text = e.to_string();
+        assert!(matches!(e, ImageError::Corrupt { .. }), "{text}");
+        assert!(!text.contains(['\n', '\r']), "{text:?}");
     }
 
     #[test]

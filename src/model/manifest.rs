@@ -184,8 +184,13 @@ impl Manifest {
                 dir: dir.to_path_buf(),
                 reason: format!("cannot read {}: {source}", path.display()),
             })?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&path, "(json)", format!("{e}")))?;
-        manifest.validate(&path)?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks a manifest's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| invalid(path, "(json)", format!("{e}")))?;
+        manifest.validate(path)?;
         Ok(manifest)
     }
 

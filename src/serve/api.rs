@@ -6,7 +6,7 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /caption/latest` | the last stream caption's record; 404 before the first |
 //! | `GET /captions/stream`, `GET /events` | server-sent events, one `caption` event per stream caption |
-//! | `POST /caption[?prompt=...]` | captions the image in the body (413 over the limit, 400 if it does not decode; 409 while the memory is on: a caption would reset the pool the memory lives in) |
+//! | `POST /caption[?prompt=...]` | captions the image in the body (413 over the limit, 400 if it does not decode or a query parameter is bad; 409 while the memory is on: a caption would reset the pool the memory lives in); the query may also give `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed` (greedy unless it samples, as for `/v1/chat/completions`) and one `stop` string |
 //! | `POST /memory/ask` | JSON `{"question": "...", "max_tokens": 64}` (max_tokens optional): answers from the camera memory between frames, queued like `POST /caption`; 200 with the question, the answer, `frame_id` (the newest frame in memory) and the memory's figures; 400 for an empty question or a max_tokens of 0 or above what the budget holds, 409 when `[memory]` is off or no frame is in memory yet |
 //!
 //! | `POST /v1/chat/completions` | OpenAI's chat completions ([`super::openai`]): messages with images as `data:` URLs, streamed or not; queued like `POST /caption` (the same 409 while the memory is on, unless `"model": "memory"` asks it) |
@@ -31,9 +31,10 @@ use std::time::Duration;
 use super::config::{ApiKey, MAX_NEW_TOKENS_LIMIT};
 use super::http::{BodyError, Connection, Handler, Request, Response};
 use super::metrics::kind;
-use super::openai::{self, ApiError, StopCut};
+use super::openai::{self, ApiError};
 use super::worker::{chat_events_room, ChatEvent, Job, JobError};
 use super::Shared;
+use crate::sampling::Sampling;
 
 /// How long a POST waits for its caption (a queue of a few, each seconds
 /// long on a Jetson).
@@ -198,6 +199,10 @@ fn post_caption(
         Ok(prompt) => prompt,
         Err(reason) => return bad(400, &format!("bad query: {reason}")),
     };
+    let (sampling, stop_strings) = match caption_sampling(request) {
+        Ok(settings) => settings,
+        Err(message) => return bad(400, &message),
+    };
     let image = match connection.read_body(request, max_body) {
         Ok(body) if body.is_empty() => return bad(400, "empty body: POST the image's bytes (PNG, JPEG, ...)"),
         Ok(body) => body,
@@ -207,7 +212,50 @@ fn post_caption(
         }
     };
     let (reply, answer) = mpsc::sync_channel(1);
-    queue_and_wait(jobs, Job::Caption { image, prompt, reply }, &answer)
+    let job = Job::Caption {
+        image,
+        prompt,
+        sampling,
+        stop_strings,
+        reply,
+    };
+    queue_and_wait(jobs, job, &answer)
+}
+
+/// `POST /caption`'s sampling query parameters (`temperature`, `top_p`,
+/// `top_k`, `repetition_penalty`, `seed`, as `/v1/chat/completions` takes
+/// them) and its one `stop` string.
+fn caption_sampling(request: &Request) -> std::result::Result<(Sampling, Vec<String>), String> {
+    fn field<T: std::str::FromStr>(
+        request: &Request,
+        name: &str,
+        what: &str,
+    ) -> std::result::Result<Option<T>, String> {
+        match request.query_param(name) {
+            Ok(None) => Ok(None),
+            Ok(Some(value)) => value
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{name} {value:?} is not {what}")),
+            Err(reason) => Err(format!("bad query: {reason}")),
+        }
+    }
+    let fields = openai::SamplingFields {
+        temperature: field(request, "temperature", "a number")?,
+        top_p: field(request, "top_p", "a number")?,
+        top_k: field(request, "top_k", "a whole number, 0 (off) or more")?,
+        repetition_penalty: field(request, "repetition_penalty", "a number")?,
+        seed: field(request, "seed", "a whole number")?,
+    };
+    let sampling = fields.sampling().map_err(|(_, message)| message)?;
+    let stop_strings = match request.query_param("stop") {
+        Ok(None) => Vec::new(),
+        Ok(Some(stop)) if stop.is_empty() => return Err("the stop string is empty".into()),
+        Ok(Some(stop)) => vec![stop],
+        Err(reason) => return Err(format!("bad query: {reason}")),
+    };
+    Ok((sampling, stop_strings))
 }
 
 /// A body that could not be read, as a status and a message: 413 over
@@ -231,6 +279,30 @@ struct AskBody {
     max_tokens: Option<usize>,
 }
 
+/// A checked `POST /memory/ask` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub question: String,
+    pub max_tokens: usize,
+}
+
+/// Reads a `POST /memory/ask` body; the error is the 400's message.
+pub fn parse_ask(body: &[u8]) -> Result<Ask, String> {
+    let ask: AskBody = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {e}"))?;
+    if ask.question.trim().is_empty() {
+        return Err("the question is empty".into());
+    }
+    let max_tokens = ask.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
+    if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS_LIMIT {
+        return Err(format!("max_tokens {max_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"));
+    }
+    Ok(Ask {
+        question: ask.question,
+        max_tokens,
+    })
+}
+
 fn post_ask(
     shared: &Shared,
     jobs: &SyncSender<Job>,
@@ -249,30 +321,15 @@ fn post_ask(
             return bad(status, &message);
         }
     };
-    let ask: AskBody = match serde_json::from_slice(&body) {
+    let Ask { question, max_tokens } = match parse_ask(&body) {
         Ok(ask) => ask,
-        Err(e) => {
-            return bad(
-                400,
-                &format!("the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {e}"),
-            )
-        }
+        Err(message) => return bad(400, &message),
     };
-    if ask.question.trim().is_empty() {
-        return bad(400, "the question is empty");
-    }
-    let max_tokens = ask.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
-    if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS_LIMIT {
-        return bad(
-            400,
-            &format!("max_tokens {max_tokens} is outside 1..={MAX_NEW_TOKENS_LIMIT}"),
-        );
-    }
     let (reply, answer) = mpsc::sync_channel(1);
     queue_and_wait(
         jobs,
         Job::Ask {
-            question: ask.question,
+            question,
             max_tokens,
             reply,
         },
@@ -354,7 +411,7 @@ fn chat_completions(
         true => openai::MEMORY_MODEL.to_string(),
         false => routes.model.clone(),
     };
-    let (stream, include_usage, memory, stop) = (job.stream, job.include_usage, job.memory, job.stop.clone());
+    let (stream, include_usage, memory) = (job.stream, job.include_usage, job.memory);
     let (events, answers) = mpsc::sync_channel(chat_events_room(&job));
     match jobs.try_send(Job::Chat { job, events }) {
         Ok(()) => {}
@@ -378,7 +435,7 @@ fn chat_completions(
     let id = openai::completion_id();
     if !stream {
         return Chat::Respond(match next() {
-            Ok(ChatEvent::Done(Ok(answer))) => Response::json(200, &openai::completion(&id, &model, &answer, &stop)),
+            Ok(ChatEvent::Done(Ok(answer))) => Response::json(200, &openai::completion(&id, &model, &answer)),
             Ok(ChatEvent::Done(Err(error))) => ApiError::from(error).response(),
             // Not sent for a job that does not stream.
             Ok(ChatEvent::Text(_)) => ApiError::new(500, "a piece of text before the answer").response(),
@@ -404,33 +461,25 @@ fn chat_completions(
     if send(connection, &role).is_err() {
         return Chat::Streamed(200);
     }
-    let mut cut = StopCut::new(&stop);
     let mut event: Result<ChatEvent, ApiError> = Ok(first);
     loop {
         match event {
             Ok(ChatEvent::Text(piece)) => {
-                let text = cut.push(&piece);
-                if !text.is_empty() {
-                    let delta = openai::chunk(&id, &model, serde_json::json!({ "content": text }), None);
-                    if send(connection, &delta).is_err() {
-                        // Dropping `answers` ends the generation.
-                        log::debug!("http: a chat stream's client left");
-                        return Chat::Streamed(200);
-                    }
+                let delta = openai::chunk(&id, &model, serde_json::json!({ "content": piece }), None);
+                if send(connection, &delta).is_err() {
+                    // Dropping `answers` ends the generation.
+                    log::debug!("http: a chat stream's client left");
+                    return Chat::Streamed(200);
                 }
             }
             Ok(ChatEvent::Done(Ok(answer))) => {
                 let mut chunks = Vec::new();
                 // A memory's answer comes whole, at the end.
-                let mut rest = match memory {
-                    true => cut.push(&answer.text).to_string(),
-                    false => String::new(),
-                };
-                rest.push_str(cut.finish());
-                if !rest.is_empty() {
-                    chunks.push(openai::chunk(&id, &model, serde_json::json!({ "content": rest }), None));
+                if memory && !answer.text.is_empty() {
+                    let delta = serde_json::json!({ "content": answer.text });
+                    chunks.push(openai::chunk(&id, &model, delta, None));
                 }
-                chunks.extend(openai::final_chunks(&id, &model, &answer, cut.stopped, include_usage));
+                chunks.extend(openai::final_chunks(&id, &model, &answer, include_usage));
                 for chunk in &chunks {
                     if send(connection, chunk).is_err() {
                         return Chat::Streamed(200);

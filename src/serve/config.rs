@@ -21,6 +21,10 @@ use crate::stream::parse_interval;
 
 pub use crate::generate::MAX_NEW_TOKENS_LIMIT;
 
+/// The largest `http.max_body`: a body is held whole in memory (a chat
+/// request's pictures are decoded from it), and an edge board has little.
+pub const MAX_BODY_LIMIT: u64 = 64 << 20;
+
 /// The largest config file read (the commented example is 4 KB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -98,7 +102,7 @@ pub struct MemorySettings {
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// The largest `POST /caption` body, in bytes.
+    /// The largest request body, in bytes (at most [`MAX_BODY_LIMIT`]).
     pub max_body: u64,
     /// `api_key` (or the variable `api_key_env` names): when set, every
     /// route but `/healthz` wants `Authorization: Bearer KEY`.
@@ -357,6 +361,16 @@ impl ServeConfig {
             Some(text) => parse_bytes(text).map_err(|reason| bad("http.max_body", reason))?,
             None => 8 << 20,
         };
+        if max_body > MAX_BODY_LIMIT {
+            return Err(bad(
+                "http.max_body",
+                format!(
+                    "{:?} is over the cap of {} MiB (a request's body is held in memory while it is read)",
+                    raw.http.max_body.as_deref().unwrap_or_default(),
+                    MAX_BODY_LIMIT >> 20
+                ),
+            ));
+        }
         let api_key = match (raw.http.api_key, &raw.http.api_key_env) {
             (Some(_), Some(_)) => {
                 return Err(bad(
@@ -649,6 +663,11 @@ mod tests {
                 "[model]\ndir = \"m\"\n[stream]\ninterval = \"2 days\"\n",
                 "stream.interval",
                 "unknown unit",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nmax_body = \"100GB\"\n",
+                "http.max_body",
+                "over the cap of 64 MiB",
             ),
             (
                 "[model]\ndir = \"m\"\n[stream]\ninterval = 2\n",

@@ -1,9 +1,24 @@
-//! The service's counters and histograms, rendered in Prometheus' text
-//! exposition format (version 0.0.4) for `GET /metrics`.
+//! The service's counters and histograms for `GET /metrics`, kept and
+//! rendered by `prometheus-client` in Prometheus' text format (version
+//! 0.0.4, what the hand-written renderer produced: the same names, types,
+//! labels and help texts).
+//!
+//! Why `prometheus-client` rather than the `prometheus` crate: it is the
+//! Prometheus project's own client, has no protobuf dependency, and its
+//! collectors read figures at scrape time (the frame source's counters,
+//! the event-stream clients), which `prometheus` would have us copy into
+//! counters it can only increment.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::memory::MemoryFigures;
 use crate::source::GrabberCounters;
@@ -74,59 +89,27 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    /// Observations at or below each bound (cumulative when rendered).
-    counts: [u64; LATENCY_BUCKETS.len()],
-    sum: f64,
-    count: u64,
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| seconds <= b) {
-            self.counts[i] += 1;
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(self.counts) {
-            cumulative += count;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
+/// A registered metric's help: the registry appends the full stop.
+fn help(text: &'static str) -> &'static str {
+    text.strip_suffix('.').unwrap_or(text)
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    captions: BTreeMap<&'static str, u64>,
-    errors: BTreeMap<&'static str, u64>,
-    latency: Histogram,
-    ttft: Histogram,
-    generated_tokens: u64,
-    merged: u64,
-    evicted: u64,
-    pool_bytes: u64,
-    pool_slots: u64,
-    cache_entries: u64,
-    http_requests: BTreeMap<(&'static str, u16), u64>,
-    /// The camera memory's latest figures (`None`: no memory).
-    memory: Option<MemoryFigures>,
-    memory_frame_latency: Histogram,
-    answer_latency: Histogram,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OriginLabel {
+    origin: &'static str,
 }
 
-/// Every figure `/metrics` shows, behind one lock (held for microseconds).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    inner: Mutex<Inner>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+    status: u16,
 }
 
 /// The error kinds counted (`elastic_edge_errors_total{kind=...}`).
@@ -142,297 +125,399 @@ pub mod kind {
     pub const REQUEST: &str = "request";
 }
 
-impl Metrics {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while the lock was held cannot leave these counters
-        // inconsistent in a way that matters: keep serving them.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+const ERROR_KINDS: [&str; 4] = [kind::CAPTION, kind::IMAGE, kind::OUTPUT, kind::REQUEST];
 
+/// What only the caller knows at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+struct ScrapeInputs {
+    source: Option<(GrabberCounters, &'static str)>,
+    sse_clients: usize,
+    uptime_s: f64,
+}
+
+/// The figures encoded at scrape time, in families the registry cannot
+/// hold: the source's counters, the error kinds counted here and by the
+/// grabber, the memory's figures (only with a memory).
+#[derive(Debug)]
+struct ScrapeFigures {
+    errors: [Counter; ERROR_KINDS.len()],
+    merged: Counter,
+    evicted: Counter,
+    memory: Mutex<Option<MemoryFigures>>,
+    memory_frame_latency: Histogram,
+    answer_latency: Histogram,
+    inputs: Mutex<ScrapeInputs>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain figures, each written whole: usable after a panic elsewhere.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn encode_const(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    match metric_type {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => ConstGauge::new(value as i64).encode(metric),
+    }
+}
+
+impl Collector for ScrapeFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let inputs = *lock(&self.inputs);
+        let figures = inputs.source.map(|(f, _)| f).unwrap_or_default();
+        for (name, help, value) in [
+            (
+                "elastic_edge_frames",
+                "Frames delivered by the source.",
+                figures.frames_received,
+            ),
+            (
+                "elastic_edge_frames_dropped",
+                "Frames replaced by a newer one before they were captioned (latest frame wins).",
+                figures.frames_dropped,
+            ),
+            (
+                "elastic_edge_frames_corrupt",
+                "Frames that could not be decoded.",
+                figures.frames_corrupt,
+            ),
+            (
+                "elastic_edge_source_losses",
+                "Times the frame source was lost.",
+                figures.source_losses,
+            ),
+            (
+                "elastic_edge_source_reconnect_attempts",
+                "Attempts to reconnect a lost source.",
+                figures.reconnect_attempts,
+            ),
+        ] {
+            encode_const(&mut encoder, name, help, MetricType::Counter, value)?;
+        }
+        let current = inputs.source.map(|(_, s)| s);
+        let mut states = encoder.encode_descriptor(
+            "elastic_edge_source_state",
+            "The frame source's state (1 for the current one; all 0 without a source).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in SOURCE_STATES {
+            let labels = [("state", state)];
+            ConstGauge::new(i64::from(current == Some(state))).encode(states.encode_family(&labels)?)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "elastic_edge_errors",
+            "Errors, by kind (each is also logged): caption (the model failed), image (a frame or POSTed \
+             image did not decode), output (the caption file), request (a bad or oversized POST), \
+             corrupt_frame and source_lost (the frame source).",
+            None,
+            MetricType::Counter,
+        )?;
+        let grabber = [
+            ("corrupt_frame", figures.frames_corrupt),
+            ("source_lost", figures.source_losses),
+        ];
+        let ours = ERROR_KINDS.iter().zip(&self.errors).map(|(k, c)| (*k, c.get()));
+        for (kind, value) in ours.chain(grabber) {
+            let labels = [("kind", kind)];
+            ConstCounter::new(value).encode(errors.encode_family(&labels)?)?;
+        }
+        let memory = *lock(&self.memory);
+        encode_const(
+            &mut encoder,
+            "elastic_edge_cache_merged",
+            "KV entries merged into others by the cache policy, summed over layers.",
+            MetricType::Counter,
+            self.merged.get() + memory.as_ref().map_or(0, |m| m.merged),
+        )?;
+        encode_const(
+            &mut encoder,
+            "elastic_edge_cache_evicted",
+            "KV entries evicted by the cache policy, summed over layers.",
+            MetricType::Counter,
+            self.evicted.get() + memory.as_ref().map_or(0, |m| m.evicted),
+        )?;
+        if let Some(memory) = &memory {
+            for (name, help, metric_type, value) in [
+                (
+                    "elastic_edge_memory_frames",
+                    "Frames taken into the camera memory.",
+                    MetricType::Counter,
+                    memory.frames_seen,
+                ),
+                (
+                    "elastic_edge_memory_frames",
+                    "Frames with at least one KV entry left in the memory.",
+                    MetricType::Gauge,
+                    memory.frames_in_memory as u64,
+                ),
+                (
+                    "elastic_edge_memory_questions",
+                    "Questions answered from the memory.",
+                    MetricType::Counter,
+                    memory.questions,
+                ),
+                (
+                    "elastic_edge_memory_max_position",
+                    "The largest position in the memory (kept below the model's max_positions).",
+                    MetricType::Gauge,
+                    memory.max_position as u64,
+                ),
+                (
+                    "elastic_edge_memory_rebases",
+                    "Times the memory's positions were re-based into the model's range.",
+                    MetricType::Counter,
+                    memory.rebases,
+                ),
+            ] {
+                encode_const(&mut encoder, name, help, metric_type, value)?;
+            }
+        }
+        encode_const(
+            &mut encoder,
+            "elastic_edge_sse_clients",
+            "Clients connected to the caption event stream.",
+            MetricType::Gauge,
+            inputs.sse_clients as u64,
+        )?;
+        ConstGauge::new(inputs.uptime_s).encode(encoder.encode_descriptor(
+            "elastic_edge_uptime_seconds",
+            "Seconds since the service started.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        if memory.is_some() {
+            self.memory_frame_latency.encode(encoder.encode_descriptor(
+                "elastic_edge_memory_frame_seconds",
+                "Time to take one frame into the memory (and caption it, with memory.captions).",
+                None,
+                MetricType::Histogram,
+            )?)?;
+            self.answer_latency.encode(encoder.encode_descriptor(
+                "elastic_edge_memory_answer_seconds",
+                "Time to answer one question from the memory.",
+                None,
+                MetricType::Histogram,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every figure `/metrics` shows.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    scrape: std::sync::Arc<ScrapeFigures>,
+    /// Held while the scrape inputs are set and the text encoded, so two
+    /// scrapes at once do not mix their inputs.
+    rendering: Mutex<()>,
+    captions: Family<OriginLabel, Counter>,
+    latency: Histogram,
+    ttft: Histogram,
+    generated_tokens: Counter,
+    pool_bytes: Gauge,
+    pool_slots: Gauge,
+    cache_entries: Gauge,
+    http_requests: Family<RouteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let scrape = std::sync::Arc::new(ScrapeFigures {
+            errors: Default::default(),
+            merged: Counter::default(),
+            evicted: Counter::default(),
+            memory: Mutex::new(None),
+            memory_frame_latency: latency_histogram(),
+            answer_latency: latency_histogram(),
+            inputs: Mutex::new(ScrapeInputs::default()),
+        });
+        let metrics = Metrics {
+            registry: Registry::default(),
+            scrape,
+            rendering: Mutex::new(()),
+            captions: Family::default(),
+            latency: latency_histogram(),
+            ttft: latency_histogram(),
+            generated_tokens: Counter::default(),
+            pool_bytes: Gauge::default(),
+            pool_slots: Gauge::default(),
+            cache_entries: Gauge::default(),
+            http_requests: Family::default(),
+        };
+        // Both origins show from the start, at 0.
+        for origin in [Origin::Stream, Origin::Http] {
+            let _ = metrics.captions.get_or_create(&OriginLabel { origin: origin.name() });
+        }
+        let mut metrics = metrics;
+        let registry = &mut metrics.registry;
+        registry.register(
+            "elastic_edge_captions",
+            help("Captions generated, by origin (stream: the camera; http: POST /caption)."),
+            metrics.captions.clone(),
+        );
+        registry.register(
+            "elastic_edge_generated_tokens",
+            help("Tokens generated over all captions."),
+            metrics.generated_tokens.clone(),
+        );
+        registry.register(
+            "elastic_edge_kv_pool_bytes",
+            help("Bytes of the KV pool (fixed at start)."),
+            metrics.pool_bytes.clone(),
+        );
+        registry.register(
+            "elastic_edge_kv_pool_slots",
+            help("Slots of the KV pool (fixed at start)."),
+            metrics.pool_slots.clone(),
+        );
+        registry.register(
+            "elastic_edge_cache_entries",
+            help("KV entries live at the end of the last caption."),
+            metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "elastic_edge_http_requests",
+            help("HTTP requests answered, by route and status."),
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "elastic_edge_caption_latency_seconds",
+            help("Time to caption one image, from decoding it to the last token."),
+            metrics.latency.clone(),
+        );
+        registry.register(
+            "elastic_edge_time_to_first_token_seconds",
+            help("Time from the image to the first generated token."),
+            metrics.ttft.clone(),
+        );
+        registry.register_collector(Box::new(std::sync::Arc::clone(&metrics.scrape)));
+        metrics
+    }
+}
+
+impl Metrics {
     /// The pool's size, known once the cache is built.
     pub fn set_pool(&self, bytes: u64, slots: usize) {
-        let mut inner = self.lock();
-        inner.pool_bytes = bytes;
-        inner.pool_slots = slots as u64;
+        self.pool_bytes.set(bytes as i64);
+        self.pool_slots.set(slots as i64);
     }
 
     /// A caption done.
     pub fn caption(&self, origin: Origin, figures: &CaptionFigures) {
-        let mut inner = self.lock();
-        *inner.captions.entry(origin.name()).or_default() += 1;
-        inner.latency.observe(figures.caption_ms / 1e3);
-        inner.ttft.observe(figures.time_to_first_token_ms / 1e3);
-        inner.generated_tokens += figures.tokens as u64;
-        inner.merged += figures.merged;
-        inner.evicted += figures.evicted;
-        inner.pool_bytes = figures.pool_bytes;
-        inner.pool_slots = figures.pool_slots as u64;
-        inner.cache_entries = figures.cache_entries as u64;
+        self.captions
+            .get_or_create(&OriginLabel { origin: origin.name() })
+            .inc();
+        self.latency.observe(figures.caption_ms / 1e3);
+        self.ttft.observe(figures.time_to_first_token_ms / 1e3);
+        self.generated_tokens.inc_by(figures.tokens as u64);
+        self.scrape.merged.inc_by(figures.merged);
+        self.scrape.evicted.inc_by(figures.evicted);
+        self.set_pool(figures.pool_bytes, figures.pool_slots);
+        self.cache_entries.set(figures.cache_entries as i64);
     }
 
     /// A frame taken into the camera memory (`frame_ms`: its whole step).
     pub fn remembered(&self, frame_ms: f64, figures: &MemoryFigures) {
-        let mut inner = self.lock();
-        inner.memory_frame_latency.observe(frame_ms / 1e3);
-        inner.cache_entries = figures.cache_entries as u64;
-        inner.memory = Some(*figures);
+        self.scrape.memory_frame_latency.observe(frame_ms / 1e3);
+        self.cache_entries.set(figures.cache_entries as i64);
+        *lock(&self.scrape.memory) = Some(*figures);
     }
 
     /// A question answered from the camera memory.
     pub fn question(&self, answer_ms: f64, figures: &MemoryFigures) {
-        let mut inner = self.lock();
-        inner.answer_latency.observe(answer_ms / 1e3);
-        inner.cache_entries = figures.cache_entries as u64;
-        inner.memory = Some(*figures);
+        self.scrape.answer_latency.observe(answer_ms / 1e3);
+        self.cache_entries.set(figures.cache_entries as i64);
+        *lock(&self.scrape.memory) = Some(*figures);
     }
 
     /// Questions answered from the memory so far.
     pub fn questions(&self) -> u64 {
-        self.lock().memory.as_ref().map_or(0, |m| m.questions)
+        lock(&self.scrape.memory).as_ref().map_or(0, |m| m.questions)
     }
 
+    /// Counts an error of `kind` (one of [`kind`]'s).
     pub fn error(&self, kind: &'static str) {
-        *self.lock().errors.entry(kind).or_default() += 1;
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.scrape.errors[i].inc();
+        }
     }
 
     pub fn http_request(&self, route: &'static str, status: u16) {
-        *self.lock().http_requests.entry((route, status)).or_default() += 1;
+        self.http_requests.get_or_create(&RouteLabels { route, status }).inc();
     }
 
     /// Captions so far, by origin.
     pub fn captions(&self, origin: Origin) -> u64 {
-        self.lock().captions.get(origin.name()).copied().unwrap_or(0)
+        self.captions
+            .get_or_create(&OriginLabel { origin: origin.name() })
+            .get()
     }
 
     pub fn errors(&self, kind: &'static str) -> u64 {
-        self.lock().errors.get(kind).copied().unwrap_or(0)
+        ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.scrape.errors[i].get())
     }
 
     /// The exposition text. `source` is `None` when no camera is configured,
     /// else its counters and its state's name (one of [`SOURCE_STATES`]).
-    pub fn render(&self, source: Option<(GrabberCounters, &str)>, sse_clients: usize, uptime_s: f64) -> String {
-        let inner = self.lock();
-        let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in rows {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+    pub fn render(&self, source: Option<(GrabberCounters, &'static str)>, sse_clients: usize, uptime_s: f64) -> String {
+        let _rendering = lock(&self.rendering);
+        *lock(&self.scrape.inputs) = ScrapeInputs {
+            source,
+            sse_clients,
+            uptime_s,
         };
-        let plain = |v: u64| vec![(String::new(), v.to_string())];
-
-        let figures = source.map(|(f, _)| f).unwrap_or_default();
-        metric(
-            "elastic_edge_frames_total",
-            "counter",
-            "Frames delivered by the source.",
-            &plain(figures.frames_received),
-        );
-        metric(
-            "elastic_edge_frames_dropped_total",
-            "counter",
-            "Frames replaced by a newer one before they were captioned (latest frame wins).",
-            &plain(figures.frames_dropped),
-        );
-        metric(
-            "elastic_edge_frames_corrupt_total",
-            "counter",
-            "Frames that could not be decoded.",
-            &plain(figures.frames_corrupt),
-        );
-        metric(
-            "elastic_edge_source_losses_total",
-            "counter",
-            "Times the frame source was lost.",
-            &plain(figures.source_losses),
-        );
-        metric(
-            "elastic_edge_source_reconnect_attempts_total",
-            "counter",
-            "Attempts to reconnect a lost source.",
-            &plain(figures.reconnect_attempts),
-        );
-        let current = source.map(|(_, s)| s);
-        metric(
-            "elastic_edge_source_state",
-            "gauge",
-            "The frame source's state (1 for the current one; all 0 without a source).",
-            &SOURCE_STATES
-                .iter()
-                .map(|s| (format!("{{state=\"{s}\"}}"), u64::from(current == Some(*s)).to_string()))
-                .collect::<Vec<_>>(),
-        );
-        let captions: Vec<_> = [Origin::Stream, Origin::Http]
-            .iter()
-            .map(|o| {
-                (
-                    format!("{{origin=\"{}\"}}", o.name()),
-                    inner.captions.get(o.name()).copied().unwrap_or(0).to_string(),
-                )
-            })
-            .collect();
-        metric(
-            "elastic_edge_captions_total",
-            "counter",
-            "Captions generated, by origin (stream: the camera; http: POST /caption).",
-            &captions,
-        );
-        let mut errors: Vec<_> = [kind::CAPTION, kind::IMAGE, kind::OUTPUT, kind::REQUEST]
-            .iter()
-            .map(|k| {
-                (
-                    format!("{{kind=\"{k}\"}}"),
-                    inner.errors.get(k).copied().unwrap_or(0).to_string(),
-                )
-            })
-            .collect();
-        // The grabber's own errors, counted where they happen.
-        errors.push(("{kind=\"corrupt_frame\"}".into(), figures.frames_corrupt.to_string()));
-        errors.push(("{kind=\"source_lost\"}".into(), figures.source_losses.to_string()));
-        metric(
-            "elastic_edge_errors_total",
-            "counter",
-            "Errors, by kind (each is also logged): caption (the model failed), image (a frame or POSTed \
-             image did not decode), output (the caption file), request (a bad or oversized POST), \
-             corrupt_frame and source_lost (the frame source).",
-            &errors,
-        );
-        metric(
-            "elastic_edge_generated_tokens_total",
-            "counter",
-            "Tokens generated over all captions.",
-            &plain(inner.generated_tokens),
-        );
-        metric(
-            "elastic_edge_cache_merged_total",
-            "counter",
-            "KV entries merged into others by the cache policy, summed over layers.",
-            &plain(inner.merged + inner.memory.as_ref().map_or(0, |m| m.merged)),
-        );
-        metric(
-            "elastic_edge_cache_evicted_total",
-            "counter",
-            "KV entries evicted by the cache policy, summed over layers.",
-            &plain(inner.evicted + inner.memory.as_ref().map_or(0, |m| m.evicted)),
-        );
-        metric(
-            "elastic_edge_kv_pool_bytes",
-            "gauge",
-            "Bytes of the KV pool (fixed at start).",
-            &plain(inner.pool_bytes),
-        );
-        metric(
-            "elastic_edge_kv_pool_slots",
-            "gauge",
-            "Slots of the KV pool (fixed at start).",
-            &plain(inner.pool_slots),
-        );
-        metric(
-            "elastic_edge_cache_entries",
-            "gauge",
-            "KV entries live at the end of the last caption.",
-            &plain(inner.cache_entries),
-        );
-        if let Some(memory) = &inner.memory {
-            metric(
-                "elastic_edge_memory_frames_total",
-                "counter",
-                "Frames taken into the camera memory.",
-                &plain(memory.frames_seen),
-            );
-            metric(
-                "elastic_edge_memory_frames",
-                "gauge",
-                "Frames with at least one KV entry left in the memory.",
-                &plain(memory.frames_in_memory as u64),
-            );
-            metric(
-                "elastic_edge_memory_questions_total",
-                "counter",
-                "Questions answered from the memory.",
-                &plain(memory.questions),
-            );
-            metric(
-                "elastic_edge_memory_max_position",
-                "gauge",
-                "The largest position in the memory (kept below the model's max_positions).",
-                &plain(memory.max_position as u64),
-            );
-            metric(
-                "elastic_edge_memory_rebases_total",
-                "counter",
-                "Times the memory's positions were re-based into the model's range.",
-                &plain(memory.rebases),
-            );
-        }
-        let requests: Vec<_> = inner
-            .http_requests
-            .iter()
-            .map(|((route, status), n)| (format!("{{route=\"{route}\",status=\"{status}\"}}"), n.to_string()))
-            .collect();
-        metric(
-            "elastic_edge_http_requests_total",
-            "counter",
-            "HTTP requests answered, by route and status.",
-            &requests,
-        );
-        metric(
-            "elastic_edge_sse_clients",
-            "gauge",
-            "Clients connected to the caption event stream.",
-            &plain(sse_clients as u64),
-        );
-        metric(
-            "elastic_edge_uptime_seconds",
-            "gauge",
-            "Seconds since the service started.",
-            &[(String::new(), format!("{uptime_s:.3}"))],
-        );
-        inner.latency.render(
-            &mut out,
-            "elastic_edge_caption_latency_seconds",
-            "Time to caption one image, from decoding it to the last token.",
-        );
-        inner.ttft.render(
-            &mut out,
-            "elastic_edge_time_to_first_token_seconds",
-            "Time from the image to the first generated token.",
-        );
-        if inner.memory.is_some() {
-            inner.memory_frame_latency.render(
-                &mut out,
-                "elastic_edge_memory_frame_seconds",
-                "Time to take one frame into the memory (and caption it, with memory.captions).",
-            );
-            inner.answer_latency.render(
-                &mut out,
-                "elastic_edge_memory_answer_seconds",
-                "Time to answer one question from the memory.",
-            );
+        let mut out = String::with_capacity(8192);
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
+            // Writing to a String fails only if an encoder does.
+            log::error!("metrics: encoding failed: {e}");
         }
         out
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::default();
-        for s in [0.005, 0.02, 0.02, 3.0, 500.0] {
-            h.observe(s);
+        let metrics = Metrics::default();
+        for seconds in [0.005, 0.02, 0.02, 3.0, 500.0] {
+            let figures = CaptionFigures {
+                caption_ms: seconds * 1e3,
+                ..CaptionFigures::default()
+            };
+            metrics.caption(Origin::Http, &figures);
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.01\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.025\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"2.5\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"5\"} 4\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"120\"} 4\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
-        assert!(out.contains("x_count 5\n"), "{out}");
+        let out = metrics.render(None, 0, 1.0);
+        let x = "elastic_edge_caption_latency_seconds";
+        assert!(out.contains(&format!("# TYPE {x} histogram\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"0.01\"}} 1\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"0.025\"}} 3\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"2.5\"}} 3\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"5\"}} 4\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"120\"}} 4\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"+Inf\"}} 5\n")), "{out}");
+        assert!(out.contains(&format!("{x}_count 5\n")), "{out}");
+        assert!(
+            out.contains("elastic_edge_captions_total{origin=\"http\"} 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("elastic_edge_captions_total{origin=\"stream\"} 0\n"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -477,5 +562,8 @@ mod tests {
         assert!(text.contains("elastic_edge_errors_total{kind=\"output\"} 1\n"));
         assert!(text.contains("elastic_edge_errors_total{kind=\"source_lost\"} 2\n"));
         assert!(text.contains("elastic_edge_http_requests_total{route=\"/healthz\",status=\"200\"} 1\n"));
+        assert!(text.contains(
+            "# HELP elastic_edge_kv_pool_bytes Bytes of the KV pool (fixed at start).\n# TYPE elastic_edge_kv_pool_bytes gauge\n"
+        ));
     }
 }

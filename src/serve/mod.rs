@@ -215,7 +215,8 @@ pub fn check(config: &ServeConfig) -> Result<CheckReport> {
 fn caption_params(config: &ServeConfig) -> GenerateParams {
     GenerateParams {
         max_new_tokens: config.caption.max_new_tokens,
-        sampling: Sampling::Greedy,
+        sampling: Sampling::GREEDY,
+        stop_strings: Vec::new(),
         ignore_stop: false,
     }
 }

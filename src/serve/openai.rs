@@ -11,8 +11,10 @@
 //! text or `text` / `image_url` parts (images inline as `data:image/...;
 //! base64,` URLs; `http(s)://` URLs are refused, as the device may be
 //! offline), `max_tokens` / `max_completion_tokens`, `temperature`,
-//! `top_p`, `seed`, `stop`, `stream`, `n` (1 only). Other fields OpenAI
-//! defines are accepted and ignored, as other servers do.
+//! `top_p`, `seed`, `stop` (generation ends at a stop string), `stream`,
+//! `n` (1 only), and, as llama-server and vLLM take them beside OpenAI's
+//! fields, `top_k` and `repetition_penalty`. Other fields OpenAI defines
+//! are accepted and ignored, as other servers do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,9 +25,10 @@ use serde_json::{json, Map, Value};
 
 use super::config::MAX_NEW_TOKENS_LIMIT;
 use super::http::Response;
-use crate::generate::{check_temperature, check_top_p, GenerateParams, Sampling, StopReason, Timings};
+use crate::generate::{GenerateParams, StopReason, Timings};
 use crate::kv::PolicyKind;
 use crate::model::prompt::ChatRole;
+use crate::sampling::{check_repetition_penalty, check_temperature, check_top_p, Sampling};
 
 /// The `model` that asks the camera memory (with `[memory] enabled`).
 pub const MEMORY_MODEL: &str = "memory";
@@ -114,9 +117,8 @@ pub struct ChatJob {
     /// The system and developer messages, joined (`None`: the template's).
     pub system: Option<String>,
     pub turns: Vec<Turn>,
+    /// With the request's `stop` strings.
     pub params: GenerateParams,
-    /// Where the text is cut (applied to the text generated).
-    pub stop: Vec<String>,
     /// `"model": "memory"`: a question for the camera memory.
     pub memory: bool,
     pub stream: bool,
@@ -146,14 +148,56 @@ pub struct Extension {
     pub cache_entries: usize,
     pub merged: u64,
     pub evicted: u64,
-    /// Why generation ended: `stop_token`, `max_tokens`, or `stop_sequence`
-    /// (the text was cut at a `stop` string).
+    /// Why generation ended: `stop_token`, `max_tokens`, or `stop_string`
+    /// (the text reached a `stop` string).
     pub stop: &'static str,
     pub total_ms: f64,
     pub timings_ms: Timings,
     /// For `"model": "memory"`: the newest frame in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frame_id: Option<u64>,
+}
+
+/// The sampling fields a request may give (`POST /caption`'s query and
+/// OpenAI's body alike), each absent or as given.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingFields {
+    /// The sampling asked for, or the field that cannot be used and why.
+    /// Greedy unless the request samples: a temperature above 0, or a
+    /// nucleus or top-k alone (at OpenAI's default temperature of 1). A
+    /// repetition penalty alone stays greedy.
+    pub fn sampling(&self) -> Result<Sampling, (&'static str, String)> {
+        let refuse = |field: &'static str, value: f32| move |reason| (field, format!("{field} {value} {reason}"));
+        if let Some(t) = self.temperature {
+            check_temperature(t).map_err(refuse("temperature", t))?;
+        }
+        if let Some(p) = self.top_p {
+            check_top_p(p).map_err(refuse("top_p", p))?;
+        }
+        if let Some(p) = self.repetition_penalty {
+            check_repetition_penalty(p).map_err(refuse("repetition_penalty", p))?;
+        }
+        let samples = self.top_p.is_some() || self.top_k.is_some_and(|k| k > 0);
+        let temperature = self.temperature.unwrap_or(if samples { 1.0 } else { 0.0 });
+        Ok(Sampling {
+            temperature,
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            // Unseeded draws differ from request to request, as OpenAI's do.
+            seed: self
+                .seed
+                .unwrap_or_else(|| if temperature > 0.0 { rand::random() } else { 0 }),
+        })
+    }
 }
 
 /// Reads a request body into a job. `default_tokens` is the answer length
@@ -289,14 +333,15 @@ pub fn parse_request(body: &[u8], default_tokens: usize, memory: bool) -> Result
                 .ok_or_else(|| ApiError::bad(name, format!("{name} must be a number"))),
         }
     };
-    let temperature = number("temperature")?;
-    let top_p = number("top_p")?;
-    if let Some(t) = temperature {
-        check_temperature(t).map_err(|reason| ApiError::bad("temperature", format!("temperature {t} {reason}")))?;
-    }
-    if let Some(p) = top_p {
-        check_top_p(p).map_err(|reason| ApiError::bad("top_p", format!("top_p {p} {reason}")))?;
-    }
+    let top_k = match request.get("top_k") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .and_then(|k| usize::try_from(k).ok())
+                .ok_or_else(|| ApiError::bad("top_k", "top_k must be a whole number, 0 (off) or more"))?,
+        ),
+    };
     let seed = match request.get("seed") {
         None | Some(Value::Null) => None,
         // OpenAI's seeds are any integer: a negative one as its bits.
@@ -307,17 +352,16 @@ pub fn parse_request(body: &[u8], default_tokens: usize, memory: bool) -> Result
                 .ok_or_else(|| ApiError::bad("seed", "seed must be an integer"))?,
         ),
     };
-    // Greedy unless the request samples: a temperature above 0, or a
-    // nucleus alone (at OpenAI's default temperature of 1).
-    let sampling = match (temperature, top_p) {
-        (Some(0.0), _) => Sampling::Greedy,
-        (None, None) => Sampling::Greedy,
-        (t, p) => Sampling::TopP {
-            temperature: t.unwrap_or(1.0),
-            top_p: p.unwrap_or(1.0),
-            seed: seed.unwrap_or_else(rand::random),
-        },
+    let fields = SamplingFields {
+        temperature: number("temperature")?,
+        top_p: number("top_p")?,
+        top_k,
+        repetition_penalty: number("repetition_penalty")?,
+        seed,
     };
+    let sampling = fields
+        .sampling()
+        .map_err(|(field, message)| ApiError::bad(field, message))?;
 
     let stop = match request.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -358,9 +402,9 @@ pub fn parse_request(body: &[u8], default_tokens: usize, memory: bool) -> Result
         params: GenerateParams {
             max_new_tokens,
             sampling,
+            stop_strings: stop,
             ignore_stop: false,
         },
-        stop,
         memory: wants_memory,
         stream,
         include_usage,
@@ -451,68 +495,6 @@ fn data_url(url: &str, at: &str) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-/// Cuts generated text at the first stop string, streamed or not: text
-/// that may be the start of one is held back until it is known not to be.
-#[derive(Debug, Default)]
-pub struct StopCut {
-    stops: Vec<String>,
-    text: String,
-    /// Bytes of `text` already given out.
-    sent: usize,
-    /// A stop string was found (at `text.len()`, which no longer grows).
-    pub stopped: bool,
-}
-
-impl StopCut {
-    pub fn new(stops: &[String]) -> Self {
-        StopCut {
-            stops: stops.to_vec(),
-            ..StopCut::default()
-        }
-    }
-
-    /// Takes a piece; returns what can be given out now.
-    pub fn push(&mut self, piece: &str) -> &str {
-        if self.stopped {
-            return "";
-        }
-        self.text.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.text.find(s.as_str())).min() {
-            self.text.truncate(at);
-            self.stopped = true;
-        }
-        let start = self.sent;
-        let mut end = self.text.len();
-        if !self.stopped {
-            // Hold back the longest end that begins a stop string.
-            let held = self
-                .stops
-                .iter()
-                .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
-                .filter(|prefix| self.text.ends_with(prefix))
-                .map(str::len)
-                .max()
-                .unwrap_or(0);
-            end -= held;
-        }
-        let end = end.max(start);
-        self.sent = end;
-        &self.text[start..end]
-    }
-
-    /// The rest held back, at the end of the text.
-    pub fn finish(&mut self) -> &str {
-        let start = self.sent;
-        self.sent = self.text.len();
-        &self.text[start..]
-    }
-
-    /// The whole text, cut.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-}
-
 /// `created`: now, in unix seconds.
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -525,10 +507,11 @@ pub fn completion_id() -> String {
     format!("chatcmpl-{:x}{n:04x}", now_unix())
 }
 
-fn finish_reason(stop: StopReason, cut: bool) -> &'static str {
-    match (cut, stop) {
-        (true, _) | (false, StopReason::StopToken) => "stop",
-        (false, StopReason::MaxTokens) => "length",
+/// OpenAI's `finish_reason`: `stop` for a stop token or string.
+fn finish_reason(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::StopToken | StopReason::StopString => "stop",
+        StopReason::MaxTokens => "length",
     }
 }
 
@@ -540,19 +523,12 @@ fn usage(answer: &ChatAnswer, completion_tokens: usize) -> Value {
     })
 }
 
-fn extension(answer: &ChatAnswer, cut: bool) -> Value {
-    let mut extension = answer.extension.clone();
-    if cut {
-        extension.stop = "stop_sequence";
-    }
-    serde_json::to_value(&extension).unwrap_or(Value::Null)
+fn extension(answer: &ChatAnswer) -> Value {
+    serde_json::to_value(&answer.extension).unwrap_or(Value::Null)
 }
 
-/// The `chat.completion` object of an answer, its text cut at `stop`.
-pub fn completion(id: &str, model: &str, answer: &ChatAnswer, stop: &[String]) -> Value {
-    let mut cut = StopCut::new(stop);
-    cut.push(&answer.text);
-    let text = cut.text().to_string();
+/// The `chat.completion` object of an answer.
+pub fn completion(id: &str, model: &str, answer: &ChatAnswer) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -560,13 +536,13 @@ pub fn completion(id: &str, model: &str, answer: &ChatAnswer, stop: &[String]) -
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
+            "message": {"role": "assistant", "content": answer.text, "refusal": null},
             "logprobs": null,
-            "finish_reason": finish_reason(answer.stop, cut.stopped),
+            "finish_reason": finish_reason(answer.stop),
         }],
         "usage": usage(answer, answer.completion_tokens),
         "system_fingerprint": null,
-        "elastic_edge": extension(answer, cut.stopped),
+        "elastic_edge": extension(answer),
     })
 }
 
@@ -584,10 +560,10 @@ pub fn chunk(id: &str, model: &str, delta: Value, finish: Option<&str>) -> Value
 
 /// The last chunks of a stream: the finish reason with our figures, then
 /// (`include_usage`) the usage with no choices.
-pub fn final_chunks(id: &str, model: &str, answer: &ChatAnswer, cut: bool, include_usage: bool) -> Vec<Value> {
-    let mut last = chunk(id, model, json!({}), Some(finish_reason(answer.stop, cut)));
+pub fn final_chunks(id: &str, model: &str, answer: &ChatAnswer, include_usage: bool) -> Vec<Value> {
+    let mut last = chunk(id, model, json!({}), Some(finish_reason(answer.stop)));
     if let Value::Object(map) = &mut last {
-        map.insert("elastic_edge".into(), extension(answer, cut));
+        map.insert("elastic_edge".into(), extension(answer));
     }
     let mut chunks = vec![last];
     if include_usage {
@@ -637,7 +613,8 @@ mod tests {
                 {"role": "assistant", "content": "A dot."},
                 {"role": "user", "content": "And its colour?"}
             ],
-            "max_tokens": 8, "temperature": 0.7, "seed": 3, "stop": ["\n"], "frequency_penalty": 0
+            "max_tokens": 8, "temperature": 0.7, "seed": 3, "stop": ["\n"], "frequency_penalty": 0,
+            "top_k": 40, "repetition_penalty": 1.3
         }))
         .unwrap();
         assert_eq!(job.system.as_deref(), Some("Be brief."));
@@ -647,16 +624,30 @@ mod tests {
         assert_eq!(job.params.max_new_tokens, 8);
         assert_eq!(
             job.params.sampling,
-            Sampling::TopP {
+            Sampling {
                 temperature: 0.7,
                 top_p: 1.0,
+                top_k: 40,
+                repetition_penalty: 1.3,
                 seed: 3
             }
         );
-        assert_eq!(job.stop, vec!["\n".to_string()]);
-        let greedy = parse(json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap();
-        assert_eq!(greedy.params.sampling, Sampling::Greedy);
+        assert_eq!(job.params.stop_strings, vec!["\n".to_string()]);
+        let user = json!({"role": "user", "content": "hi"});
+        let greedy = parse(json!({"messages": [user], "stop": "Demon"})).unwrap();
+        assert!(greedy.params.sampling.is_greedy());
+        assert_eq!(greedy.params.stop_strings, ["Demon"]);
         assert_eq!(greedy.params.max_new_tokens, 16, "the config's default");
+        // A penalty alone stays greedy; a top-k alone samples at OpenAI's
+        // default temperature.
+        let penalised = parse(json!({"messages": [user], "repetition_penalty": 1.2})).unwrap();
+        assert!(penalised.params.sampling.is_greedy());
+        assert_eq!(penalised.params.sampling.repetition_penalty, 1.2);
+        let top_k = parse(json!({"messages": [user], "top_k": 5})).unwrap();
+        assert_eq!(
+            (top_k.params.sampling.temperature, top_k.params.sampling.top_k),
+            (1.0, 5)
+        );
     }
 
     #[test]
@@ -685,6 +676,24 @@ mod tests {
             Some("temperature")
         );
         assert_eq!(param(json!({"messages": [user], "top_p": 0})).as_deref(), Some("top_p"));
+        for top_k in [json!(-1), json!(2.5), json!("40")] {
+            assert_eq!(
+                param(json!({"messages": [user], "top_k": top_k})).as_deref(),
+                Some("top_k")
+            );
+        }
+        for penalty in [json!(0), json!(-1.3), json!("1.3")] {
+            assert_eq!(
+                param(json!({"messages": [user], "repetition_penalty": penalty})).as_deref(),
+                Some("repetition_penalty")
+            );
+        }
+        for stop in [json!(""), json!(["a", "b", "c", "d", "e"]), json!([1]), json!(7)] {
+            assert_eq!(
+                param(json!({"messages": [user], "stop": stop})).as_deref(),
+                Some("stop")
+            );
+        }
         assert_eq!(param(json!({"messages": [user], "n": 2})).as_deref(), Some("n"));
         let image = |url: &str| json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
         for url in [
@@ -707,27 +716,6 @@ mod tests {
         assert_eq!(memory.status, 409);
         let memory = parse(json!({"model": "memory", "messages": [user]})).unwrap_err();
         assert_eq!(memory.status, 409);
-    }
-
-    #[test]
-    fn stop_strings_cut_the_text_streamed_or_not() {
-        let stops = vec!["STOP".to_string(), "\n\n".to_string()];
-        let mut cut = StopCut::new(&stops);
-        let mut out = String::new();
-        for piece in ["Hello ", "S", "T", "rong ", "wor", "ld ST", "OP and more"] {
-            out.push_str(cut.push(piece));
-        }
-        out.push_str(cut.finish());
-        assert_eq!(out, "Hello STrong world ");
-        assert!(cut.stopped);
-        let mut cut = StopCut::new(&stops);
-        let mut out = String::from(cut.push("ends with S"));
-        assert_eq!(out, "ends with ");
-        out.push_str(cut.finish());
-        assert_eq!(out, "ends with S");
-        assert!(!cut.stopped);
-        let mut cut = StopCut::new(&[]);
-        assert_eq!(cut.push("é"), "é");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::Shared;
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, ImageInput, StopReason};
 use crate::model::prompt::ChatTurn;
+use crate::sampling::Sampling;
 use crate::source::{Grabber, NextFrame, StopFlag};
 use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord, Stream};
 
@@ -27,6 +28,9 @@ pub enum Job {
     Caption {
         image: Vec<u8>,
         prompt: Option<String>,
+        /// The request's; the config gives the rest of the settings.
+        sampling: Sampling,
+        stop_strings: Vec<String>,
         /// Capacity 1: the answer never blocks the captioning thread.
         reply: SyncSender<std::result::Result<PostCaption, JobError>>,
     },
@@ -173,8 +177,19 @@ impl Captioner {
 
     fn serve(&mut self, generator: &mut Generator<'_>, stream: &mut Stream<'_>, job: Job) {
         match job {
-            Job::Caption { image, prompt, reply } => {
-                let outcome = self.caption(generator, &image, prompt.as_deref());
+            Job::Caption {
+                image,
+                prompt,
+                sampling,
+                stop_strings,
+                reply,
+            } => {
+                let params = GenerateParams {
+                    sampling,
+                    stop_strings,
+                    ..self.params.clone()
+                };
+                let outcome = self.caption(generator, &image, prompt.as_deref(), &params);
                 // The requester may have given up (timed out, disconnected).
                 let _ = reply.try_send(outcome);
             }
@@ -183,7 +198,11 @@ impl Captioner {
                 max_tokens,
                 reply,
             } => {
-                let outcome = self.ask(generator, stream, &question, max_tokens);
+                let params = GenerateParams {
+                    max_new_tokens: max_tokens,
+                    ..self.params.clone()
+                };
+                let outcome = self.ask(generator, stream, &question, &params);
                 let _ = reply.try_send(outcome);
             }
             Job::Chat { job, events } => {
@@ -201,14 +220,13 @@ impl Captioner {
         generator: &mut Generator<'_>,
         image: &[u8],
         prompt: Option<&str>,
+        params: &GenerateParams,
     ) -> std::result::Result<PostCaption, JobError> {
         let health = &self.shared.health;
         health.beat(false);
         let started = Instant::now();
         let prompt = prompt.or(self.prompt.as_deref());
-        let generated = generator.generate(&[ImageInput::Bytes(image)], prompt, &self.params, &mut |_| {
-            health.beat(false)
-        });
+        let generated = generator.generate(&[ImageInput::Bytes(image)], prompt, params, &mut |_| health.beat(false));
         health.beat(true);
         match generated {
             Ok(generation) => {
@@ -233,14 +251,10 @@ impl Captioner {
         generator: &mut Generator<'_>,
         stream: &mut Stream<'_>,
         question: &str,
-        max_tokens: usize,
+        params: &GenerateParams,
     ) -> std::result::Result<AnswerRecord, JobError> {
         self.shared.health.beat(false);
-        let params = GenerateParams {
-            max_new_tokens: max_tokens,
-            ..self.params.clone()
-        };
-        let answered = stream.ask(generator, question, &params, self);
+        let answered = stream.ask(generator, question, params, self);
         self.shared.health.beat(true);
         match answered {
             Ok(record) => {
@@ -355,7 +369,8 @@ impl Captioner {
     ) -> std::result::Result<ChatAnswer, JobError> {
         // Invariant of `openai::parse_request`: a memory job has one user turn.
         let question = job.turns.last().map_or("", |t| t.text.as_str());
-        let record = self.ask(generator, stream, question, job.params.max_new_tokens)?;
+        // The request's length, sampling and stop strings.
+        let record = self.ask(generator, stream, question, &job.params)?;
         let pool = generator.cache().pool();
         Ok(ChatAnswer {
             text: record.answer.clone(),
@@ -387,7 +402,8 @@ impl Captioner {
             | Error::CapacityExceeded { .. }
             | Error::Request(_)
             | Error::NewTokens { .. }
-            | Error::Sampling { .. } => (kind::REQUEST, JobError::BadRequest(message.clone())),
+            | Error::Sampling { .. }
+            | Error::StopStrings(_) => (kind::REQUEST, JobError::BadRequest(message.clone())),
             _ => (kind::CAPTION, JobError::Failed(message.clone())),
         };
         log::warn!("{route}: {message}");
@@ -401,6 +417,7 @@ fn stop_name(stop: StopReason) -> &'static str {
     match stop {
         StopReason::StopToken => "stop_token",
         StopReason::MaxTokens => "max_tokens",
+        StopReason::StopString => "stop_string",
     }
 }
 
