@@ -238,7 +238,7 @@ impl<'m> Generator<'m> {
             )));
         }
         if cache.policy_needs_scores() && !model.decoder.has_scores() {
-            return Err(Error::Shape(format!(
+            return Err(Error::Plan(format!(
                 "policy {} needs the attention column sums, which the decoder of model {} does not give \
                  ({}); use --policy full or local, or a model exported with them",
                 cache.policy_kind(),
@@ -409,7 +409,13 @@ impl<'m> Generator<'m> {
             if token_ids.len() == params.max_new_tokens {
                 break;
             }
-            feed_token::<E>(&mut model.decoder, &model.embeddings, &mut self.cache, &mut token_embed, token)?;
+            feed_token::<E>(
+                &mut model.decoder,
+                &model.embeddings,
+                &mut self.cache,
+                &mut token_embed,
+                token,
+            )?;
         }
         if stop != StopReason::StopString {
             text.push_str(detokenizer.finish()?);
@@ -568,6 +574,7 @@ impl<'m> Generator<'m> {
                 let start = Instant::now();
                 self.cache.restore(&encoded.cache)?;
                 self.cache.admit(encoded.cache.len(), max_new_tokens)?;
+                self.admit_positions(0, max_new_tokens)?;
                 self.model.decoder.logits_mut().copy_from_slice(&encoded.logits);
                 return Ok((encoded.cache.len(), start));
             }
@@ -579,6 +586,7 @@ impl<'m> Generator<'m> {
                 let prompt = self.model.prompt.build_images(user_text, &rows)?;
                 self.cache.reset();
                 self.cache.admit(prompt.len(), max_new_tokens)?;
+                self.admit_positions(prompt.len(), max_new_tokens)?;
                 (self.embed_prompt(&prompt, &image_embeds)?, prompt.len())
             }
             PromptInput::Piece { prompt, images } => {
@@ -587,11 +595,13 @@ impl<'m> Generator<'m> {
                 self.cache.continue_sequence();
                 self.cache
                     .admit(self.cache.pool().len() + prompt.len(), max_new_tokens)?;
+                self.admit_positions(prompt.len(), max_new_tokens)?;
                 (self.embed_prompt(prompt, &image_embeds)?, prompt.len())
             }
             PromptInput::Ids(ids) => {
                 self.cache.reset();
                 self.cache.admit(ids.len(), max_new_tokens)?;
+                self.admit_positions(ids.len(), max_new_tokens)?;
                 // Raw ids are all the user's: what `commit` gives unlisted tokens.
                 self.cache.set_prompt_kinds(&[]);
                 let mut embeds: Vec<E> = vec![E::from_f32(0.0); ids.len() * hidden];
@@ -615,13 +625,34 @@ impl<'m> Generator<'m> {
                     .map_or(taken_until - done, |c| c.min(taken_until - done));
                 positions.clear();
                 positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
-                self.model
-                    .decoder
-                    .step::<E>(&mut self.cache, &embeds[done * hidden..(done + t) * hidden], &positions)?;
+                self.model.decoder.step::<E>(
+                    &mut self.cache,
+                    &embeds[done * hidden..(done + t) * hidden],
+                    &positions,
+                )?;
                 done += t;
             }
         }
         Ok((prompt_tokens, start))
+    }
+
+    /// Refuses a prompt and answer whose positions would leave the model's
+    /// range: its RoPE table ends there (format 2 reads it, and the model
+    /// never saw positions beyond it), so the answer could not finish.
+    fn admit_positions(&self, prompt_tokens: usize, max_new_tokens: usize) -> Result<()> {
+        let manifest = &self.model.manifest;
+        let last = self.cache.last_position_after(prompt_tokens + max_new_tokens);
+        if last >= manifest.max_positions {
+            return Err(Error::NewTokens {
+                max_new_tokens,
+                reason: format!(
+                    "after the prompt's {prompt_tokens} tokens the answer would reach position {last}, past \
+                     the {} positions of model {}: ask for fewer tokens",
+                    manifest.max_positions, manifest.name
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Teacher forcing: the negative log-likelihood of `answer` after the
@@ -640,11 +671,7 @@ impl<'m> Generator<'m> {
         }
     }
 
-    fn score_input<E: ModelElement>(
-        &mut self,
-        input: PromptInput<'_>,
-        answer: &[u32],
-    ) -> Result<(f64, usize)> {
+    fn score_input<E: ModelElement>(&mut self, input: PromptInput<'_>, answer: &[u32]) -> Result<(f64, usize)> {
         let mut timings = Timings::default();
         self.prefill::<E>(input, answer.len(), &mut timings)?;
         let hidden = self.model.manifest.hidden;
@@ -656,7 +683,13 @@ impl<'m> Generator<'m> {
                 break;
             }
             let model = &mut *self.model;
-            feed_token::<E>(&mut model.decoder, &model.embeddings, &mut self.cache, &mut token_embed, token)?;
+            feed_token::<E>(
+                &mut model.decoder,
+                &model.embeddings,
+                &mut self.cache,
+                &mut token_embed,
+                token,
+            )?;
         }
         Ok((nll, answer.len()))
     }
@@ -704,11 +737,7 @@ impl<'m> Generator<'m> {
         Ok(embeds)
     }
 
-    fn encode_image<E: ModelElement>(
-        &mut self,
-        image: ImageInput<'_>,
-        timings: &mut Timings,
-    ) -> Result<Vec<E>> {
+    fn encode_image<E: ModelElement>(&mut self, image: ImageInput<'_>, timings: &mut Timings) -> Result<Vec<E>> {
         let (Some(preprocess), Some(vision)) = (&self.model.preprocess, self.model.vision.as_mut()) else {
             return Err(Error::Shape(format!(
                 "model {} has no vision graph; caption text only",

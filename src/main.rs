@@ -1297,6 +1297,15 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
                 manifest.vision.as_ref().map_or(0, |v| v.image_tokens),
                 weights_bytes as f64 / 1e6
             );
+            // Which decoder graph runs, and whether this runtime and each
+            // device can run it (the check `caption` makes before loading).
+            outln!("  decoder: {}", model::describe_decoder(&manifest));
+            for device in [Device::Cpu, Device::Cuda, Device::Tensorrt] {
+                match model::check_decoder_support(&dir, &manifest, &library.version, device) {
+                    Ok(()) => outln!("    on --device {device} with onnxruntime {}: runs", library.version),
+                    Err(err) => outln!("    on --device {device}: does not run: {}", error_chain(&err)),
+                }
+            }
         }
         Err(err) => outln!("model: {}", error_chain(&err)),
     }

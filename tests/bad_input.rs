@@ -638,7 +638,7 @@ fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
         "--image",
         &image,
         "--max-new-tokens",
-        "1000",
+        "900",
         "--ignore-stop",
     ];
     let (whole, text) = run_into_pipe(&long, Some(usize::MAX));
@@ -954,11 +954,13 @@ fn doctor_refuses_geometry_flags_that_a_model_overrides() {
 fn tiny_with_one_kv_head(dir: &Path) -> String {
     tiny_with_manifest(dir, |m| {
         m["kv_heads"] = 1.into();
+        // [1, kv_heads, C, head_dim] in format 2, [1, S, kv_heads, head_dim] in format 1
+        let heads_axis = if m["format_version"] == 2 { 1 } else { 2 };
         for side in ["inputs", "outputs"] {
             for tensor in m["graphs"]["decoder"][side].as_array_mut().unwrap() {
                 let name = tensor["name"].as_str().unwrap().to_string();
                 if name.contains("key") || name.contains("value") {
-                    tensor["shape"][2] = 1.into();
+                    tensor["shape"][heads_axis] = 1.into();
                 }
             }
         }
@@ -974,7 +976,7 @@ fn a_graph_that_does_not_match_its_manifest_is_the_models_fault_not_the_pictures
     let image = gradient();
     let line = run(&["caption", "--model", &model, "--image", &image]).one_error_line(&[
         "decoder.onnx: the decoder graph does not match its manifest",
-        "input \"past_key_0\" has shape [1, ?, 2, 16] in the graph, [1, S, 1, 16] in graphs.decoder.inputs",
+        "input \"past_key_0\" has shape [1, 2, ?, 16] in the graph, [1, 1, C, 16] in graphs.decoder.inputs",
     ]);
     assert!(!line.contains("gradient.png"), "{line}");
     eprintln!("{line}");
@@ -1258,7 +1260,7 @@ fn corpus_flags() {
         (&["--prompt", "   "], &["the prompt is empty"]),
         (
             &["--device", "cuda"],
-            &["registering the cuda execution provider", "not enabled in this build"],
+            &["--device cuda takes float16 only", "use the fp16 model on a GPU"],
         ),
         (
             &["--kv-file", "/nonexistent-dir/pool.kv"],
@@ -1466,4 +1468,32 @@ fn corpus_stream_sources() {
 fn run_output(model: &str, source: &str, output: &str) {
     run(&["stream", "--model", model, "--source", source, "--output", output])
         .one_error_line(&["writing ", "no-such-dir/out.jsonl: No such file"]);
+}
+
+#[test]
+fn an_answer_past_the_models_positions_is_refused_before_any_work() {
+    // 62 prompt tokens + 1000 would pass the tiny model's 1024 positions,
+    // where its RoPE table ends.
+    let (model, image) = (tiny(), gradient());
+    let args = [
+        "caption",
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "1000",
+    ];
+    run(&args).one_error_line(&[
+        "max_new_tokens 1000",
+        "would reach position 1061, past the 1024 positions of model tiny",
+    ]);
+}
+
+#[test]
+fn a_format_1_decoder_goes_to_the_gpu_provider_which_this_build_lacks() {
+    let model = repo("models/tiny-format1").display().to_string();
+    let image = gradient();
+    run(&["caption", "--model", &model, "--image", &image, "--device", "cuda"])
+        .one_error_line(&["registering the cuda execution provider", "not enabled in this build"]);
 }

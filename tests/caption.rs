@@ -72,18 +72,24 @@ fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str
     ids
 }
 
+/// The committed tiny model in both decoder formats: format 2 (the pool is
+/// the graph's cache) and format 1 (past and new K/V apart), same weights.
+const TINY_FORMATS: [&str; 2] = ["models/tiny", "models/tiny-format1"];
+
 #[test]
 fn tiny_model_full_cache_matches_pytorch() {
     let expected = fixture("tiny_expected.json");
-    let mut model = load(&repo().join("models/tiny"));
-    let cache = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
-    let mut generator = Generator::new(&mut model, cache).unwrap();
-    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    for case in expected["cases"].as_array().unwrap() {
-        let image = case["image"].as_str().map(|p| repo().join(p));
-        let text = case["user_text"].as_str();
-        let got = greedy(&mut generator, image.as_deref(), text, max_new);
-        assert_eq!(got, ids(&case["expected_ids"]), "case {text:?}");
+    for dir in TINY_FORMATS {
+        let mut model = load(&repo().join(dir));
+        let cache = cache(&model, PolicyKind::Full, 1.0, KvBudget::Tokens(512));
+        let mut generator = Generator::new(&mut model, cache).unwrap();
+        let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+        for case in expected["cases"].as_array().unwrap() {
+            let image = case["image"].as_str().map(|p| repo().join(p));
+            let text = case["user_text"].as_str();
+            let got = greedy(&mut generator, image.as_deref(), text, max_new);
+            assert_eq!(got, ids(&case["expected_ids"]), "{dir} case {text:?}");
+        }
     }
 }
 
@@ -182,11 +188,12 @@ fn demo_model_full_cache_matches_transformers() {
 fn policies_match_the_python_reference() {
     let expected = fixture("policy_expected.json");
     let mut checked = 0;
-    for model_name in ["tiny", "demo"] {
-        let dir = match model_name {
-            "tiny" => repo().join("models/tiny"),
-            _ => repo().join(".cache/models/demo-fp32"),
-        };
+    for (model_name, dir) in [
+        ("tiny", "models/tiny"),
+        ("tiny", "models/tiny-format1"),
+        ("demo", ".cache/models/demo-fp32"),
+    ] {
+        let dir = repo().join(dir);
         if !dir.join("manifest.json").is_file() {
             eprintln!("note: {} not built; its policy cases are skipped", dir.display());
             continue;
@@ -235,7 +242,7 @@ fn policies_match_the_python_reference() {
             checked += 1;
         }
     }
-    assert!(checked >= 48, "only {checked} cases checked");
+    assert!(checked >= 96, "only {checked} cases checked");
 }
 
 /// Teacher forcing scores the answer generation would give: the greedy

@@ -212,7 +212,10 @@ fn bad_prompts_models_and_devices_are_one_line_errors() {
         &["--image", &gradient(), "--policy", "full", "--kv-budget", "30tokens"],
         "raise --kv-budget",
     );
-    caption_fails(&["--image", &gradient(), "--device", "cuda"], "CUDA");
+    caption_fails(
+        &["--image", &gradient(), "--device", "cuda"],
+        "GroupQueryAttention on --device cuda takes float16 only",
+    );
 
     let output = elastic_edge(&["caption", "--model", "/nonexistent/model", "--image", &gradient()]);
     assert_eq!(output.status.code(), Some(1));

@@ -77,7 +77,14 @@ fn decode_steps_do_not_allocate() {
                 counting(true);
                 cache.begin_token().unwrap();
                 // The decoder binds these blocks as its cache and appends in place.
-                drop(cache.pool_mut().cache_blocks::<f32>().map(|blocks| blocks.count()));
+                let bound = match dtype {
+                    KvDtype::F16 => cache
+                        .pool_mut()
+                        .cache_blocks::<half::f16>()
+                        .map(|blocks| blocks.count()),
+                    KvDtype::F32 => cache.pool_mut().cache_blocks::<f32>().map(|blocks| blocks.count()),
+                };
+                assert_eq!(bound.unwrap(), layers);
                 cache.commit(1).unwrap();
                 if cache.wants_scores() {
                     let len = cache.pool().len();

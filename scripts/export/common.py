@@ -14,7 +14,6 @@ import numpy as np
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CACHE = os.path.join(REPO, ".cache")
 ASSETS = os.path.join(CACHE, "assets")  # extracted from the pinned wheels by setup-python.sh
-FORMAT_VERSION = 1
 
 _T0 = time.time()
 

@@ -13,7 +13,7 @@ Each layer's K and V are inputs `past_key_{l}` / `past_value_{l}` of shape
 `present_key_{l}` / `present_value_{l}` of the same shape: the client binds
 both to the same pool memory, so GroupQueryAttention appends the T new rows at
 slots [S, S+T) in place and copies nothing of the past (checked by
-verify_v2.in_place_check). Inputs besides the cache:
+verify.in_place_check). Inputs besides the cache:
 
   inputs_embeds          [1, T, hidden]   model dtype
   position_ids           [1, T]           int64, RoPE positions (gaps allowed)
@@ -177,3 +177,34 @@ def save(mp, path: str, weights_file: str | None = None) -> None:
     onnx.save(mp, path, save_as_external_data=True, all_tensors_to_one_file=True,
               location=weights_file, size_threshold=1024, convert_attribute=False)
     _ = os.path.getsize(path)
+
+
+def export_decoder_v2(model: ContractDecoder, path: str, dtype, scores: bool = True,
+                      weights_file: str | None = None) -> None:
+    save(build_graph(model, dtype, scores), path, weights_file)
+
+
+def add_format_args(ap) -> None:
+    """The exporters' shared flags choosing the decoder graph."""
+    ap.add_argument("--decoder-format", type=int, choices=(1, 2), default=2,
+                    help="2 (default): the pool is the graph's cache (GroupQueryAttention, fused norms; "
+                         f"ONNX Runtime >= {MIN_ORT}, >= {MIN_ORT_SCORES} with scores); "
+                         "1: past and new K/V as separate tensors, for older runtimes (>= 1.20)")
+    ap.add_argument("--decoder-scores", choices=("on", "off"), default="on",
+                    help="on (default): the graph also outputs the attention column sums H2O and Elastic "
+                         "Cache read; off: without them (what CUDA's GroupQueryAttention needs; policies "
+                         "full and local only). Format 1 always has them")
+
+
+def check_format_args(a) -> None:
+    if a.decoder_format == 1 and a.decoder_scores == "off":
+        raise SystemExit("error: --decoder-scores off needs --decoder-format 2 (format 1 always outputs the scores)")
+
+
+def export_any(model: ContractDecoder, path: str, dtype, decoder_format: int, scores: bool) -> None:
+    """Writes decoder.onnx in the chosen format."""
+    if decoder_format == 1:
+        from .decoder import export_decoder
+        export_decoder(model, path, dtype)
+    else:
+        export_decoder_v2(model, path, dtype, scores)

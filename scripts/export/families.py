@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .common import AtomicDir, die, log, write_json
-from .decoder import DecoderConfig, build_from_state_dict, export_decoder, set_output_shapes, state_dict_from_hf_llama
+from .decoder import DecoderConfig, build_from_state_dict, set_output_shapes, state_dict_from_hf_llama
+from .decoder_v2 import add_format_args, check_format_args, export_any
 from .manifest import write_manifest
 
 KNOWN = {
@@ -170,7 +171,8 @@ def family_parts(ckpt: str, family: str, cfg, model):
     return dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens
 
 
-def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None) -> str:
+def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None, decoder_format: int = 2,
+           scores: bool = True) -> str:
     check_files(ckpt)
     family = detect(ckpt)
     cfg, model = load(ckpt, family)
@@ -178,8 +180,9 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32
     size = vis_meta["image_size"]
     with AtomicDir(out) as tmp:
-        log(f"{family}: exporting decoder.onnx ({dcfg.layers} layers)")
-        export_decoder(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype)
+        log(f"{family}: exporting decoder.onnx ({dcfg.layers} layers, format {decoder_format})")
+        export_any(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype,
+                   decoder_format, scores)
         log(f"{family}: exporting vision.onnx ({size}x{size} -> {vis_meta['image_tokens']} tokens)")
 
         class Cast(nn.Module):
@@ -266,44 +269,52 @@ def selftest() -> Dict:
                         p.mul_(3.0)
             model.save_pretrained(ck)
             write_json(os.path.join(ck, "preprocessor_config.json"), pp)
-            out = os.path.join(root, family + "-onnx")
-            export(ck, out)
             ref = load(ck, family)[1]
-            om = OrtModel(out)
-            # vision
-            px = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-            with torch.no_grad():
-                if family == "llava":
-                    t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px))
-                    t_ie = t_ie[0] if isinstance(t_ie, (list, tuple)) else t_ie
-                else:
-                    t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px)[:, None])
-                t_ie = t_ie.reshape(1, -1, t_ie.shape[-1])
-            o_ie = om.image_embeds(px)
-            verr = float(np.abs(o_ie - t_ie.numpy()).max())
-            # decoder + greedy on a prompt with the image
-            pieces = ["USER: ", None, "\ndescribe the image briefly. ASSISTANT:"]
-            embs = []
-            for p in pieces:
-                embs.append(o_ie[0] if p is None else np.asarray(om.embed[om.encode(p)]))
-            emb = np.concatenate(embs, 0)[None]
-            from .verify import decoder_vs_hf
-            dv = decoder_vs_hf(ref, om, emb)
-            e = torch.from_numpy(emb)
-            with torch.no_grad():
-                g = ref.generate(inputs_embeds=e, attention_mask=torch.ones(e.shape[:2], dtype=torch.long),
-                                 max_new_tokens=12, do_sample=False, eos_token_id=om.m["stop_token_ids"],
-                                 pad_token_id=om.m["stop_token_ids"][0])[0].tolist()
-            got = om.generate(emb, 12)
-            ok = got == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
-            results[family] = {"vision_max_abs_err": verr, **dv, "greedy_transformers": g, "greedy_onnxruntime": got,
-                               "ok": ok}
-            log(f"selftest {family}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, greedy match {got == g}")
-            if not ok:
-                die(f"selftest {family} failed: {results[family]}")
+            for decoder_format in (2, 1):
+                results[f"{family}-format{decoder_format}"] = _check_export(ck, ref, family, root, decoder_format)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+def _check_export(ck: str, ref, family: str, root: str, decoder_format: int) -> Dict:
+    from .ortrun import OrtModel
+    out = os.path.join(root, f"{family}-onnx-format{decoder_format}")
+    export(ck, out, decoder_format=decoder_format)
+    om = OrtModel(out)
+    # vision
+    px = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        if family == "llava":
+            t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px))
+            t_ie = t_ie[0] if isinstance(t_ie, (list, tuple)) else t_ie
+        else:
+            t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px)[:, None])
+        t_ie = t_ie.reshape(1, -1, t_ie.shape[-1])
+    o_ie = om.image_embeds(px)
+    verr = float(np.abs(o_ie - t_ie.numpy()).max())
+    # decoder + greedy on a prompt with the image
+    pieces = ["USER: ", None, "\ndescribe the image briefly. ASSISTANT:"]
+    embs = []
+    for p in pieces:
+        embs.append(o_ie[0] if p is None else np.asarray(om.embed[om.encode(p)]))
+    emb = np.concatenate(embs, 0)[None]
+    from .verify import decoder_vs_hf
+    dv = decoder_vs_hf(ref, om, emb)
+    e = torch.from_numpy(emb)
+    with torch.no_grad():
+        g = ref.generate(inputs_embeds=e, attention_mask=torch.ones(e.shape[:2], dtype=torch.long),
+                         max_new_tokens=12, do_sample=False, eos_token_id=om.m["stop_token_ids"],
+                         pad_token_id=om.m["stop_token_ids"][0])[0].tolist()
+    got = om.generate(emb, 12)
+    ok = got == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
+    result = {"vision_max_abs_err": verr, **dv, "greedy_transformers": g, "greedy_onnxruntime": got,
+              "ok": ok}
+    log(f"selftest {family} format {decoder_format}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, "
+        f"greedy match {got == g}")
+    if not ok:
+        die(f"selftest {family} format {decoder_format} failed: {result}")
+    return result
 
 
 def main():
@@ -313,14 +324,16 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--name")
     ap.add_argument("--selftest", action="store_true")
+    add_format_args(ap)
     a = ap.parse_args()
+    check_format_args(a)
     if a.selftest:
         r = selftest()
         print(json.dumps(r, indent=1))
         return
     if not a.checkpoint or not a.out:
         ap.error("CHECKPOINT_DIR and OUT_DIR are required (or --selftest)")
-    export(a.checkpoint, a.out, a.dtype, a.name)
+    export(a.checkpoint, a.out, a.dtype, a.name, a.decoder_format, a.decoder_scores == "on")
 
 
 if __name__ == "__main__":

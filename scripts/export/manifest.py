@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from .common import FORMAT_VERSION, file_entries, write_json
+from .common import file_entries, write_json
 from .decoder import DecoderConfig
 
 _ONNX_DT = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
@@ -27,6 +27,8 @@ def graph_io(path: str) -> Dict[str, List[Dict]]:
 def write_manifest(d: str, *, name: str, description: str, dtype: str, cfg: DecoderConfig,
                    tokens: Dict, vision: Optional[Dict], chat_template: Dict, build: Dict,
                    extra_files: List[str] = ()) -> Dict:
+    """format_version follows the decoder graph: 2 when it takes the pool as its cache
+    (an `attention_bias` input), 1 for past and new K/V as separate tensors."""
     files = {"decoder": "decoder.onnx", "embed_tokens": "embed_tokens.bin", "tokenizer": "tokenizer.json"}
     if vision is not None:
         files["vision"] = "vision.onnx"
@@ -36,7 +38,7 @@ def write_manifest(d: str, *, name: str, description: str, dtype: str, cfg: Deco
         graphs["vision"] = graph_io(os.path.join(d, files["vision"]))
     man = {
         "format": "elastic-edge-model",
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any(i["name"] == "attention_bias" for i in graphs["decoder"]["inputs"]) else 1,
         "name": name,
         "description": description,
         "architecture": "llama",

@@ -4,6 +4,10 @@ It does what the Rust side does: embeds tokens from the memory-mapped table,
 runs the vision graph, prefills (optionally in chunks, first chunk with S=0),
 keeps the cache itself ([1, S, kv_heads, head_dim] per layer), and decodes
 greedily. Used by the verification and to write the fixtures.
+
+Both decoder formats: for format 2 each step copies the cache into one
+[1, kv_heads, capacity, head_dim] buffer per layer and binds it as both
+past and present, as the Rust pool does, then reads the new rows back.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ class OrtModel:
         from tokenizers import Tokenizer
         self.tok = Tokenizer.from_file(os.path.join(model_dir, m["files"]["tokenizer"]))
         self.L = m["layers"]
+        self.format = m["format_version"]
+        self.outputs = [o.name for o in self.dec.get_outputs()]
 
     # ---------------------------------------------------------- pieces
     def encode(self, text: str) -> List[int]:
@@ -73,7 +79,12 @@ class OrtModel:
         z = np.zeros((1, 0, m["kv_heads"], m["head_dim"]), self.np_dtype)
         return {"k": [z] * self.L, "v": [z] * self.L, "bias": np.zeros((self.L, 0), self.np_dtype), "pos": []}
 
-    def step(self, cache, embeds: np.ndarray, positions: List[int]):
+    def step(self, cache, embeds: np.ndarray, positions: List[int], spare: int = 0, fill: float = 0.0):
+        """Runs the decoder on T new tokens at `positions`, appends their K/V to the cache and
+        returns the outputs by name (new_key_l / new_value_l as [1, T, kv_heads, head_dim] in
+        both formats). Format 2 only: `spare` free rows after S+T in the buffer, set to `fill`."""
+        if self.format == 2:
+            return self._step_in_place(cache, embeds, positions, spare, fill)
         feed = {"inputs_embeds": embeds.astype(self.np_dtype),
                 "position_ids": np.array([positions], np.int64),
                 "past_bias": cache["bias"]}
@@ -87,6 +98,45 @@ class OrtModel:
             cache["k"][l] = np.concatenate([cache["k"][l], out[f"new_key_{l}"]], 1)
             cache["v"][l] = np.concatenate([cache["v"][l], out[f"new_value_{l}"]], 1)
         cache["bias"] = np.concatenate([cache["bias"], np.zeros((self.L, T), self.np_dtype)], 1)
+        cache["pos"] += positions
+        return out
+
+    def _step_in_place(self, cache, embeds: np.ndarray, positions: List[int], spare: int, fill: float):
+        import onnxruntime as ort
+        L, T, S = self.L, embeds.shape[1], cache["k"][0].shape[1]
+        kv, hd, C = self.m["kv_heads"], self.m["head_dim"], S + T + spare
+        bias = np.concatenate([cache["bias"], np.zeros((L, T), self.np_dtype)], 1)
+        io = self.dec.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds.astype(self.np_dtype)))
+        io.bind_cpu_input("position_ids", np.array([positions], np.int64))
+        io.bind_cpu_input("attention_bias", np.ascontiguousarray(bias))
+        io.bind_cpu_input("seqlens_k", np.array([S + T - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(S + T, np.int32))
+        pasts = {}
+        for l in range(L):
+            for which in ("key", "value"):
+                buf = np.full((1, kv, C, hd), fill, self.np_dtype)
+                buf[0, :, :S] = cache["k" if which == "key" else "v"][l][0].transpose(1, 0, 2)
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                io.bind_ortvalue_input(f"past_{which}_{l}", value)
+                io.bind_ortvalue_output(f"present_{which}_{l}", value)
+                pasts[which, l] = (buf.copy(), value)  # the OrtValue may share buf's memory
+        rest = [n for n in self.outputs if not n.startswith("present_")]
+        for n in rest:
+            io.bind_output(n)
+        self.dec.run_with_iobinding(io)
+        got = io.get_outputs()
+        out = {n: got[2 * L + i].numpy() for i, n in enumerate(rest)}
+        for (which, l), (before, value) in pasts.items():
+            after = value.numpy()
+            if not np.array_equal(after[0, :, :S], before[0, :, :S], equal_nan=True) or \
+                    not np.array_equal(after[0, :, S + T:], before[0, :, S + T:], equal_nan=True):
+                raise SystemExit(f"error: the format-2 decoder wrote {which} rows of layer {l} outside [S, S+T)")
+            out[f"new_{which}_{l}"] = np.ascontiguousarray(after[:, :, S:S + T].transpose(0, 2, 1, 3))
+        for l in range(L):
+            cache["k"][l] = np.concatenate([cache["k"][l], out[f"new_key_{l}"]], 1)
+            cache["v"][l] = np.concatenate([cache["v"][l], out[f"new_value_{l}"]], 1)
+        cache["bias"] = bias
         cache["pos"] += positions
         return out
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .common import REPO, AtomicDir, log, preprocess, prompt_pieces, write_json, load_image_rgb
-from .decoder import ContractDecoder, DecoderConfig, export_decoder
+from .decoder import ContractDecoder, DecoderConfig
+from .decoder_v2 import export_any
 from .manifest import write_manifest
 
 SEED = 1234
@@ -107,18 +108,11 @@ def seeded_decoder():
     return dec, embed
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(REPO, "models", "tiny"))
-    ap.add_argument("--fixture", default=os.path.join(REPO, "models", "fixtures", "tiny_expected.json"))
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    tok = build_tokenizer()
-    dec, embed = seeded_decoder()
-    vis = TinyVision(CFG.hidden).eval()
-    with AtomicDir(a.out) as tmp:
-        log("tiny: exporting decoder.onnx / vision.onnx")
-        export_decoder(dec, os.path.join(tmp, "decoder.onnx"), torch.float32)
+def write_model(dest: str, tok, dec, vis, embed, decoder_format: int):
+    """Exports the tiny model to dest in one decoder format; -> its fixture (checked against torch)."""
+    with AtomicDir(dest) as tmp:
+        log(f"tiny: exporting decoder.onnx (format {decoder_format}) / vision.onnx to {os.path.relpath(dest, REPO)}")
+        export_any(dec, os.path.join(tmp, "decoder.onnx"), torch.float32, decoder_format, scores=True)
         with torch.no_grad():
             torch.onnx.export(vis, (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),), os.path.join(tmp, "vision.onnx"),
                               input_names=["pixel_values"], output_names=["image_embeds"], opset_version=17,
@@ -133,17 +127,43 @@ def main():
                   "projector": {"kind": "random-patch-linear"}}
         tokens = {"bos_token_id": 1, "add_bos": False, "eos_token_id": 2, "pad_token_id": 2,
                   "stop_token_ids": [2, 0]}
-        build = {"key": f"tiny-seed{SEED}", "exporter": "scripts/export/tiny.py", "seed": SEED,
-                 "torch": torch.__version__}
+        build = {"key": f"tiny-seed{SEED}-format{decoder_format}", "exporter": "scripts/export/tiny.py",
+                 "seed": SEED, "torch": torch.__version__}
         write_manifest(tmp, name="tiny", description="random weights, for tests only", dtype="float32",
                        cfg=CFG, tokens=tokens, vision=vision, chat_template=CHAT_TEMPLATE, build=build,
                        extra_files=["gradient.png"])
         fixture = reference_fixture(tmp, tok, dec, vis, embed)
-        write_json(a.fixture, fixture)
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
         log(f"tiny: {total / 1024:.0f} KiB in all")
         if total > 2 * 1024 * 1024:
             raise SystemExit(f"error: tiny model is {total} bytes, over 2 MB")
+    return fixture
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "models", "tiny"),
+                    help="the format-2 model (the one the tests use)")
+    ap.add_argument("--out-format1", default=os.path.join(REPO, "models", "tiny-format1"),
+                    help="the same weights with a format-1 decoder (older ONNX Runtime)")
+    ap.add_argument("--fixture", default=os.path.join(REPO, "models", "fixtures", "tiny_expected.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    dec, embed = seeded_decoder()
+    vis = TinyVision(CFG.hidden).eval()
+    fixture = write_model(a.out, tok, dec, vis, embed, 2)
+    fixture_v1 = write_model(a.out_format1, tok, dec, vis, embed, 1)
+    for c2, c1 in zip(fixture["cases"], fixture_v1["cases"]):
+        if c2["expected_ids"] != c1["expected_ids"]:
+            raise SystemExit(f"error: tiny model: format 1 and 2 disagree: {c1['expected_ids']} / {c2['expected_ids']}")
+    from .ortrun import OrtModel
+    from .verify import formats_agree
+    om2, om1 = OrtModel(a.out), OrtModel(a.out_format1)
+    emb, _, _ = om2.prompt(PROMPTS[0][0], load_image_rgb(os.path.join(a.out, "gradient.png")))
+    fixture["format1_vs_format2"] = formats_agree(om1, om2, emb)
+    log(f"tiny: format 1 vs format 2: {fixture['format1_vs_format2']}")
+    write_json(a.fixture, fixture)
 
 
 def torch_greedy(dec: ContractDecoder, embed: torch.Tensor, emb: torch.Tensor, stops):
@@ -234,7 +254,7 @@ def reference_fixture(d: str, tok, dec, vis, embed):
         cases.append(case)
         log(f"tiny: {text!r} image={with_image}: {len(ids)} prompt tokens -> {out_ids} (margin {margin:.3f})")
     return {
-        "comment": "Written by scripts/export/build-tiny-model.sh (python -m export.tiny). Reference: the PyTorch "
+        "comment": "Written by python -m export.tiny (from scripts/). Reference: the PyTorch "
                    "module (float32), greedy, full cache, max 16 new tokens, stop ids included; checked against "
                    "ONNX Runtime 1.31 (whole prefill and chunks of 7). prompt_ids has -1 where the image tokens go; "
                    "text pieces are tokenized separately without special tokens. attn_colsum sums are over S+T=P.",

@@ -348,6 +348,18 @@ impl KvCache {
         Ok(())
     }
 
+    /// The largest rotary position `n` more tokens reach (`n` >= 1). A policy
+    /// that places tokens at their cache index never goes past the pool's
+    /// last slot; the others count every token processed.
+    pub fn last_position_after(&self, n: usize) -> usize {
+        let counted = self.processed - self.shift + n.saturating_sub(1);
+        if self.policy.rope_position(counted, 0) == counted {
+            counted
+        } else {
+            (self.pool.len() + n.saturating_sub(1)).min(self.pool.capacity().saturating_sub(1))
+        }
+    }
+
     /// The rotary position of the `i`-th of the next tokens.
     pub fn rope_position(&self, i: usize) -> usize {
         self.policy

@@ -352,8 +352,10 @@ impl KvPool {
             order: vec![0; meta],
             keep_mark: vec![false; capacity],
             merge_acc: vec![0.0; 3 * row],
-            merge_stash: Vec::new(),
-            merge_stash_meta: Vec::new(),
+            // Reserved once: a merge has at most one anchor per live entry,
+            // and aliased merges stash one key and value piece per anchor.
+            merge_stash: Vec::with_capacity(2 * capacity * shape.row_pieces(capacity).1),
+            merge_stash_meta: Vec::with_capacity(capacity),
         })
     }
 
@@ -419,7 +421,8 @@ impl KvPool {
         for layer in 0..self.shape.layers {
             for kv in 0..2 {
                 for piece in self.live_pieces(layer, kv) {
-                    snap.data.extend_from_slice(&self.data[piece.start * elem..piece.end * elem]);
+                    snap.data
+                        .extend_from_slice(&self.data[piece.start * elem..piece.end * elem]);
                 }
             }
             let range = self.meta_range(layer);
@@ -560,7 +563,6 @@ impl KvPool {
         (layer * 2 + kv) * self.capacity * self.shape.row_len()
     }
 
-
     /// Element ranges holding the live entries of `(layer, kv)`: one range
     /// in format 1, one per KV head in format 2.
     fn live_pieces(&self, layer: usize, kv: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -621,7 +623,11 @@ impl KvPool {
     /// graph (tests, benchmarks) fills the slots `append` then makes live.
     pub fn write_free_row<E: KvElement>(&mut self, layer: usize, slot: usize, key: &[E], value: &[E]) -> Result<()> {
         let row = self.shape.row_len();
-        if layer >= self.shape.layers || slot < self.len || slot >= self.capacity || key.len() != row || value.len() != row
+        if layer >= self.shape.layers
+            || slot < self.len
+            || slot >= self.capacity
+            || key.len() != row
+            || value.len() != row
         {
             return Err(Error::Plan(format!(
                 "writing slot {slot} of layer {layer} ({} and {} values) in a pool of {} live of {} slots, rows of {row}",
@@ -655,7 +661,9 @@ impl KvPool {
         let block = self.capacity * self.shape.row_len();
         let elems: &mut [E] =
             bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
-        Ok(elems.chunks_exact_mut(2 * block).map(move |layer| layer.split_at_mut(block)))
+        Ok(elems
+            .chunks_exact_mut(2 * block)
+            .map(move |layer| layer.split_at_mut(block)))
     }
 
     /// Per layer: the live past to read and the next `t` slots to write, all
@@ -862,7 +870,11 @@ impl KvPool {
                 total += merged[meta_base + member as usize] as f64;
                 importance += score[meta_base + member as usize];
             }
-            merge_stash_meta.push((anchor as u32, u32::try_from(total as u64).unwrap_or(u32::MAX), importance));
+            merge_stash_meta.push((
+                anchor as u32,
+                u32::try_from(total as u64).unwrap_or(u32::MAX),
+                importance,
+            ));
         }
         for piece in 0..pieces {
             let key_base = key_block + piece * piece_stride;
@@ -876,13 +888,25 @@ impl KvPool {
                 let mut total = anchor_count as f64;
                 let weight = anchor_count as f32;
                 E::accumulate(acc_key, widened, &elems[key_at(anchor)..][..piece_len], weight, true);
-                E::accumulate(acc_value, widened, &elems[value_at(anchor)..][..piece_len], weight, true);
+                E::accumulate(
+                    acc_value,
+                    widened,
+                    &elems[value_at(anchor)..][..piece_len],
+                    weight,
+                    true,
+                );
                 for &(member, _) in group {
                     let member = member as usize;
                     let count = merged[meta_base + member];
                     let weight = count as f32;
                     E::accumulate(acc_key, widened, &elems[key_at(member)..][..piece_len], weight, false);
-                    E::accumulate(acc_value, widened, &elems[value_at(member)..][..piece_len], weight, false);
+                    E::accumulate(
+                        acc_value,
+                        widened,
+                        &elems[value_at(member)..][..piece_len],
+                        weight,
+                        false,
+                    );
                     total += count as f64;
                 }
                 let inv = (1.0 / total) as f32;
@@ -894,7 +918,9 @@ impl KvPool {
                 }
             }
             if aliased {
-                for (&(anchor, _, _), stashed) in merge_stash_meta.iter().zip(merge_stash.chunks_exact_mut(2 * piece_len)) {
+                for (&(anchor, _, _), stashed) in
+                    merge_stash_meta.iter().zip(merge_stash.chunks_exact_mut(2 * piece_len))
+                {
                     let anchor = anchor as usize;
                     let (key, value) = stashed.split_at_mut(piece_len);
                     store_mean(&mut elems[key_at(anchor)..][..piece_len], key, 1.0);
@@ -942,7 +968,9 @@ impl KvPool {
         }
         let capacity = self.capacity;
         let (pieces, piece_len, piece_stride, _) = self.shape.row_pieces(capacity);
-        let blocks: Vec<usize> = (0..self.shape.layers).map(|layer| self.block_offset(layer, 0)).collect();
+        let blocks: Vec<usize> = (0..self.shape.layers)
+            .map(|layer| self.block_offset(layer, 0))
+            .collect();
         let elems: &mut [E] =
             bytemuck::try_cast_slice_mut(&mut self.data[..]).map_err(|e| Error::Shape(e.to_string()))?;
         for (layer, block) in blocks.into_iter().enumerate() {

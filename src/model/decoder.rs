@@ -414,7 +414,12 @@ impl Decoder {
         };
         scratch.input(
             &names.bias,
-            tensor(info, bias.as_ptr(), layers * bias_len, &[layers as i64, bias_len as i64])?,
+            tensor(
+                info,
+                bias.as_ptr(),
+                layers * bias_len,
+                &[layers as i64, bias_len as i64],
+            )?,
         );
         let (past_shape, out_shape) = match self.format {
             DecoderFormat::PastAndNew => (
@@ -441,7 +446,10 @@ impl Decoder {
                         .into_iter()
                         .zip([&names.out_key[layer], &names.out_value[layer]])
                     {
-                        scratch.output(name, tensor(info, new.as_mut_ptr().cast_const(), new.len(), &out_shape)?);
+                        scratch.output(
+                            name,
+                            tensor(info, new.as_mut_ptr().cast_const(), new.len(), &out_shape)?,
+                        );
                     }
                 }
             }
@@ -475,12 +483,20 @@ impl Decoder {
         }
         scratch.output(
             &names.logits,
-            tensor(info, self.logits.as_ptr(), self.logits.len(), &[1, self.logits.len() as i64])?,
+            tensor(
+                info,
+                self.logits.as_ptr(),
+                self.logits.len(),
+                &[1, self.logits.len() as i64],
+            )?,
         );
         if wants_scores {
             for (layer, name) in names.colsum.iter().enumerate() {
                 let row = &mut self.colsums[layer * self.capacity..][..total];
-                scratch.output(name, tensor(info, row.as_mut_ptr().cast_const(), total, &[1, total as i64])?);
+                scratch.output(
+                    name,
+                    tensor(info, row.as_mut_ptr().cast_const(), total, &[1, total as i64])?,
+                );
             }
         }
         let api = ort::api();

@@ -440,19 +440,22 @@ impl Manifest {
         let dt = self.dtype.as_str();
         let field_in = "graphs.decoder.inputs";
         let field_out = "graphs.decoder.outputs";
-        let tensor_in = |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_in, inputs, name, dtype, dims);
-        let tensor_out = |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_out, outputs, name, dtype, dims);
-        tensor_in(
-            "inputs_embeds",
-            dt,
-            &[Dim::Fixed(1), Dim::Any, Dim::Fixed(self.hidden)],
-        )?;
+        let tensor_in =
+            |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_in, inputs, name, dtype, dims);
+        let tensor_out =
+            |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_out, outputs, name, dtype, dims);
+        tensor_in("inputs_embeds", dt, &[Dim::Fixed(1), Dim::Any, Dim::Fixed(self.hidden)])?;
         tensor_in("position_ids", "int64", &[Dim::Fixed(1), Dim::Any])?;
         tensor_out("logits", "float32", &[Dim::Fixed(1), Dim::Fixed(self.vocab)])?;
         let format = self.decoder_format();
         let (kv, new_names, bias, extra_inputs) = match format {
             DecoderFormat::PastAndNew => (
-                [Dim::Fixed(1), Dim::Any, Dim::Fixed(self.kv_heads), Dim::Fixed(self.head_dim)],
+                [
+                    Dim::Fixed(1),
+                    Dim::Any,
+                    Dim::Fixed(self.kv_heads),
+                    Dim::Fixed(self.head_dim),
+                ],
                 ["new_key_", "new_value_"],
                 "past_bias",
                 0,
@@ -461,7 +464,12 @@ impl Manifest {
                 tensor_in("seqlens_k", "int32", &[Dim::Fixed(1)])?;
                 tensor_in("total_sequence_length", "int32", &[])?;
                 (
-                    [Dim::Fixed(1), Dim::Fixed(self.kv_heads), Dim::Any, Dim::Fixed(self.head_dim)],
+                    [
+                        Dim::Fixed(1),
+                        Dim::Fixed(self.kv_heads),
+                        Dim::Any,
+                        Dim::Fixed(self.head_dim),
+                    ],
                     ["present_key_", "present_value_"],
                     "attention_bias",
                     2,
@@ -480,11 +488,7 @@ impl Manifest {
                 tensor_out(&format!("{prefix}{layer}"), dt, &kv)?;
             }
             if scores {
-                tensor_out(
-                    &format!("attn_colsum_{layer}"),
-                    "float32",
-                    &[Dim::Fixed(1), Dim::Any],
-                )?;
+                tensor_out(&format!("attn_colsum_{layer}"), "float32", &[Dim::Fixed(1), Dim::Any])?;
             }
         }
         let expected_inputs = 3 + extra_inputs + 2 * self.layers;

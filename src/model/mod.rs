@@ -158,11 +158,16 @@ fn onnxruntime_minor(version: &str) -> Option<u32> {
 
 /// Refuses, before any graph is loaded, a decoder that the loaded ONNX
 /// Runtime or the chosen device cannot run, naming what would.
-fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str, device: Device) -> Result<()> {
+pub fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str, device: Device) -> Result<()> {
     let format = manifest.decoder_format();
     let scores = manifest.decoder_scores();
     let path = dir.join(&manifest.files.decoder);
-    let refuse = |reason: String| Err(Error::ModelFile { path: path.clone(), reason });
+    let refuse = |reason: String| {
+        Err(Error::ModelFile {
+            path: path.clone(),
+            reason,
+        })
+    };
     let needed = format.min_onnxruntime_minor(scores);
     if let Some(minor) = onnxruntime_minor(ort_version) {
         if minor < needed {
@@ -171,7 +176,11 @@ fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str, dev
                  the loaded one is {ort_version}: point ORT_DYLIB_PATH at a newer libonnxruntime.so, or export the \
                  model in format 1 (scripts/build-demo-model.sh --decoder-format 1)",
                 manifest.format_version,
-                if scores { " with qk_output" } else { " with attention_bias and position_ids" }
+                if scores {
+                    " with qk_output"
+                } else {
+                    " with attention_bias and position_ids"
+                }
             ));
         }
     }
@@ -349,4 +358,73 @@ pub fn default_model_dir() -> PathBuf {
         .map(|dir| dir.join(".cache/models/demo-fp32"))
         .find(|dir| dir.join("manifest.json").is_file())
         .unwrap_or(fallback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(dir: &str) -> (PathBuf, Manifest) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let manifest = Manifest::load(&dir).unwrap();
+        (dir, manifest)
+    }
+
+    #[test]
+    fn onnxruntime_minor_versions_are_read_from_1_x_strings_only() {
+        assert_eq!(onnxruntime_minor("1.31.1"), Some(31));
+        assert_eq!(onnxruntime_minor("1.17.0"), Some(17));
+        assert_eq!(onnxruntime_minor("2.0.0"), None);
+        assert_eq!(onnxruntime_minor("garbage"), None);
+    }
+
+    #[test]
+    fn a_format_2_decoder_on_an_older_onnxruntime_is_refused_naming_the_minimum() {
+        let (dir, manifest) = tiny("models/tiny");
+        assert_eq!(manifest.decoder_format(), DecoderFormat::InPlace);
+        assert!(manifest.decoder_scores());
+        let err = check_decoder_support(&dir, &manifest, "1.22.0", Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs ONNX Runtime 1.23 or newer"), "{err}");
+        assert!(err.contains("the loaded one is 1.22.0"), "{err}");
+        assert!(err.contains("--decoder-format 1"), "{err}");
+        assert!(!err.contains('\n'));
+        check_decoder_support(&dir, &manifest, "1.23.0", Device::Cpu).unwrap();
+        // The same weights in format 1 run on JetPack 6's older runtimes.
+        let (dir, manifest) = tiny("models/tiny-format1");
+        assert_eq!(manifest.decoder_format(), DecoderFormat::PastAndNew);
+        check_decoder_support(&dir, &manifest, "1.20.0", Device::Cpu).unwrap();
+        let err = check_decoder_support(&dir, &manifest, "1.17.1", Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs ONNX Runtime 1.20 or newer"), "{err}");
+    }
+
+    #[test]
+    fn a_gpu_refuses_what_its_group_query_attention_cannot_do() {
+        let (dir, manifest) = tiny("models/tiny");
+        for device in [Device::Cuda, Device::Tensorrt] {
+            let err = check_decoder_support(&dir, &manifest, "1.31.1", device)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("takes float16 only"), "{err}");
+        }
+        // fp16 with scores: the probabilities output is CPU-only.
+        let mut fp16 = manifest.clone();
+        fp16.dtype = "float16".into();
+        let err = check_decoder_support(&dir, &fp16, "1.31.1", Device::Cuda)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--decoder-scores off"), "{err}");
+        // fp16 without scores is what the GPU runs.
+        fp16.graphs
+            .decoder
+            .outputs
+            .retain(|o| !o.name.starts_with("attn_colsum_"));
+        check_decoder_support(&dir, &fp16, "1.31.1", Device::Cuda).unwrap();
+        // Format 1 goes to the provider as it is.
+        let (dir, manifest) = tiny("models/tiny-format1");
+        check_decoder_support(&dir, &manifest, "1.31.1", Device::Cuda).unwrap();
+    }
 }

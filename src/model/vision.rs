@@ -26,12 +26,7 @@ impl Vision {
         let spec = manifest.vision.as_ref()?;
         Some(Vision {
             session,
-            shape: [
-                1,
-                3,
-                spec.preprocess.height as usize,
-                spec.preprocess.width as usize,
-            ],
+            shape: [1, 3, spec.preprocess.height as usize, spec.preprocess.width as usize],
             embeds_len: spec.image_tokens * manifest.hidden,
         })
     }
@@ -47,8 +42,7 @@ impl Vision {
             context: format!("running {what}"),
             reason: crate::model::decoder::one_line(&error_chain(err)),
         };
-        let input =
-            TensorRef::from_array_view((self.shape, pixels)).map_err(|e| fail("pixel_values", &e))?;
+        let input = TensorRef::from_array_view((self.shape, pixels)).map_err(|e| fail("pixel_values", &e))?;
         let outputs = self
             .session
             .run(ort::inputs!["pixel_values" => input])
