@@ -12,7 +12,7 @@
 //! format, and none of them with the memory.
 #![no_main]
 
-use elastic_edge::generate::{check_temperature, check_top_p, Sampling};
+use elastic_edge::sampling::{check_temperature, check_top_p, Sampling};
 use elastic_edge::model::image::Resize;
 use elastic_edge::model::prompt::ChatRole;
 use elastic_edge::serve::config::MAX_NEW_TOKENS_LIMIT;
@@ -42,12 +42,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(last.role, ChatRole::User);
         assert!(!last.text.trim().is_empty() || !last.images.is_empty());
         assert!((1..=MAX_NEW_TOKENS_LIMIT).contains(&job.params.max_new_tokens));
-        if let Sampling::TopP { temperature, top_p, .. } = job.params.sampling {
-            check_temperature(temperature).expect("an accepted temperature");
-            check_top_p(top_p).expect("an accepted top_p");
-            assert!(temperature > 0.0, "sampling at temperature 0");
+        let sampling: Sampling = job.params.sampling;
+        if !sampling.is_greedy() {
+            check_temperature(sampling.temperature).expect("an accepted temperature");
+            check_top_p(sampling.top_p).expect("an accepted top_p");
         }
-        assert!(job.stop.len() <= 4 && job.stop.iter().all(|s| !s.is_empty()));
+        sampling.check().expect("accepted sampling settings");
+        assert!(job.params.stop_strings.len() <= 4 && job.params.stop_strings.iter().all(|s| !s.is_empty()));
         if memory {
             assert_eq!(job.turns.len(), 1);
             assert!(job.system.is_none());
