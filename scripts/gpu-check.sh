@@ -7,10 +7,14 @@
 # ONNX Runtime must be a CUDA build (JetPack's, or PyPI's onnxruntime-gpu):
 # point ORT_DYLIB_PATH at its libonnxruntime.so. Exit status 0 only when
 # CUDA ran and gave the same greedy tokens as the CPU.
+# The default model is the GPU's format-2 graph (GroupQueryAttention on CUDA
+# takes fp16 and gives no attention scores): build it with
+#   scripts/build-demo-model.sh --variants fp16 --decoder-scores off
+# (or pass --model .cache/models/demo-fp16-format1 for format 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-model=.cache/models/demo-fp32
+model=.cache/models/demo-fp16-noscores
 binary=target/release/elastic-edge
 images=()
 while [ $# -gt 0 ]; do
@@ -18,7 +22,7 @@ while [ $# -gt 0 ]; do
     --model) model=$2; shift 2 ;;
     --binary) binary=$2; shift 2 ;;
     --image) images+=("$2"); shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
