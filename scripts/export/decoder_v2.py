@@ -13,7 +13,7 @@ Each layer's K and V are inputs `past_key_{l}` / `past_value_{l}` of shape
 `present_key_{l}` / `present_value_{l}` of the same shape: the client binds
 both to the same pool memory, so GroupQueryAttention appends the T new rows at
 slots [S, S+T) in place and copies nothing of the past (checked by
-verify.in_place_check). Inputs besides the cache:
+ortrun.OrtModel.step and verify.formats_agree). Inputs besides the cache:
 
   inputs_embeds          [1, T, hidden]   model dtype
   position_ids           [1, T]           int64, RoPE positions (gaps allowed)
@@ -167,16 +167,14 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
 
 
 def save(mp, path: str, weights_file: str | None = None) -> None:
-    """Saves the graph; with weights_file, the initializers go to that file
-    (page-aligned, so ONNX Runtime can memory-map them)."""
+    """Saves the graph; with weights_file, the initializers go to that file next to it
+    (what a checkpoint over protobuf's 2 GB needs)."""
     import onnx
     if weights_file is None:
         onnx.save(mp, path)
         return
-    import os
     onnx.save(mp, path, save_as_external_data=True, all_tensors_to_one_file=True,
               location=weights_file, size_threshold=1024, convert_attribute=False)
-    _ = os.path.getsize(path)
 
 
 def export_decoder_v2(model: ContractDecoder, path: str, dtype, scores: bool = True,
