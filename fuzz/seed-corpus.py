@@ -117,6 +117,11 @@ def texts():
     config_text = (ROOT / "scripts" / "elastic-edge.toml").read_text()
     return {
         "chat_request": {f"chat-{i}.json": json.dumps(c).encode() for i, c in enumerate(chat)},
+        "query": {
+            "query-0.txt": b"prompt=What+is%20on%20the%20table%3F&temperature=0.7",
+            "query-1.txt": b"stop=%0A&prompt=%C3%A9t%C3%A9&seed=1",
+            "query-2.txt": b"x&prompt=&=y&prompt=second",
+        },
         "ask_request": {
             "ask-0.json": b'{"question": "What is on the table?"}',
             "ask-1.json": b'{"question": "Who came in?", "max_tokens": 32}',

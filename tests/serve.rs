@@ -460,7 +460,7 @@ fn every_endpoint_through_a_real_client() {
     // A declared terabyte is refused before anything is read.
     let mut raw = TcpStream::connect(service.addr).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    raw.write_all(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+    raw.write_all(b"POST /caption HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1000000000000\r\n\r\n")
         .unwrap();
     let mut reply = String::new();
     raw.read_to_string(&mut reply).unwrap();
@@ -940,6 +940,189 @@ fn runs_under_memory_deny_write_execute() {
     assert_eq!(post(&service.url("/caption"), &png).0, 200);
     let (status, _, stderr) = service.terminate();
     assert!(status.success(), "{stderr}");
+}
+
+/// One raw request on its own connection: the status and the body.
+fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The server may answer before reading everything: ignore a reset.
+    let _ = stream.write_all(raw);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (status, body)
+}
+
+fn chat_request(body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Idle, slow and hostile clients: 200 idle connections, a head dripped a
+/// byte at a time, a 100 KB request line, a connection over the cap, and
+/// 500 bad requests. Health answers 200 throughout, every bad request gets
+/// its 4xx (OpenAI-shaped on /v1), slow clients lose their connection after
+/// the configured timeouts, the refusals are in /metrics, and the resident
+/// memory does not grow across the 500.
+#[test]
+fn idle_slow_and_hostile_clients_leave_health_answering_and_memory_flat() {
+    let config = format!(
+        "{}\n[http]\nlisten = \"127.0.0.1:0\"\nmax_body = \"64KiB\"\nmax_connections = 220\n\
+         header_timeout = \"3s\"\nidle_timeout = \"1s\"\n",
+        base_config()
+    );
+    let service = start(&config, &Launch::default());
+    let healthy = || {
+        let (status, health) = get_json(&service.url("/healthz"));
+        assert_eq!(status, 200, "{health}");
+    };
+
+    // 200 idle connections: health still answers while they are open (the
+    // server accepts in order, so they were accepted before these two
+    // requests, and header_timeout is 3 s)...
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(service.addr).unwrap()).collect();
+    healthy();
+    let text = metrics(&service);
+    if started.elapsed() < Duration::from_secs(2) {
+        assert!(metric(&text, "elastic_edge_http_connections") >= 200.0, "{text}");
+    }
+    // ...and the server closes them after header_timeout.
+    for stream in &mut idle {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "idle connections closed after {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+
+    // A head dripped a byte every 100 ms is cut off after header_timeout.
+    let mut slow = TcpStream::connect(service.addr).unwrap();
+    let started = Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nX-Slow: ";
+    let cut = head.iter().chain(std::iter::repeat(&b'a')).any(|byte| {
+        std::thread::sleep(Duration::from_millis(100));
+        slow.write_all(&[*byte]).is_err() || started.elapsed() > Duration::from_secs(12)
+    });
+    assert!(
+        cut && started.elapsed() < Duration::from_secs(5),
+        "slow head cut after {:?}",
+        started.elapsed()
+    );
+    healthy();
+
+    // A request line of 100 KB.
+    let line = format!("GET /{} HTTP/1.1\r\nConnection: close\r\n\r\n", "a".repeat(100_000));
+    let (status, _) = raw_exchange(service.addr, line.as_bytes());
+    assert!((400..500).contains(&status), "{status}");
+
+    // Over the cap (220): a 503, counted once the connections go.
+    let held: Vec<TcpStream> = (0..220).map(|_| TcpStream::connect(service.addr).unwrap()).collect();
+    wait_for(10, "220 connections open", || {
+        let (status, _) = raw_exchange(service.addr, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n");
+        (status == 503).then_some(())
+    });
+    drop(held);
+    wait_for(10, "the held connections to close", || {
+        let (status, _) = raw_exchange(service.addr, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n");
+        (status == 200).then_some(())
+    });
+    let text = metrics(&service);
+    assert!(
+        metric(&text, "elastic_edge_http_connections_refused_total") >= 1.0,
+        "{text}"
+    );
+
+    // 500 bad requests, each with its 4xx; RSS after 100 and after 500.
+    let over = format!(
+        "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "x".repeat(70_000)
+    );
+    let cases: Vec<(Vec<u8>, u16, bool)> = vec![
+        (chat_request("{\"messages\": ["), 400, true),
+        (
+            chat_request(r#"{"messages": [{"role": "system", "content": "Be brief."}]}"#),
+            400,
+            true,
+        ),
+        (
+            chat_request(
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!notbase64"}}]}]}"#,
+            ),
+            400,
+            true,
+        ),
+        (
+            chat_request(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}"#),
+            400,
+            true,
+        ),
+        (
+            chat_request(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000000}"#),
+            400,
+            true,
+        ),
+        (
+            chat_request(r#"{"messages": [{"role": "robot", "content": "Hi"}]}"#),
+            400,
+            true,
+        ),
+        (chat_request(&over), 413, true),
+        (
+            b"POST /caption HTTP/1.1\r\nConnection: close\r\nContent-Length: 9\r\n\r\nnot a png".to_vec(),
+            400,
+            false,
+        ),
+        (b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 404, false),
+        (
+            b"BREW /healthz HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            false,
+        ),
+    ];
+    let pid = service.pid();
+    let mut rss_100 = 0;
+    for i in 0..500 {
+        let (raw, want, openai) = &cases[i % cases.len()];
+        let (status, body) = raw_exchange(service.addr, raw);
+        assert_eq!(status, *want, "case {}: {body}", i % cases.len());
+        let error: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+        if *openai {
+            assert!(
+                error["error"]["message"].is_string() && error["error"]["type"].is_string(),
+                "{body}"
+            );
+        } else {
+            assert!(error["error"].is_string(), "{body}");
+        }
+        if i % 50 == 49 {
+            healthy();
+        }
+        if i == 99 {
+            rss_100 = rss_bytes(pid);
+        }
+    }
+    let rss_500 = rss_bytes(pid);
+    let growth = rss_500 as i64 - rss_100 as i64;
+    println!("hostile: RSS after 100 bad requests {rss_100} bytes, after 500 {rss_500} bytes, growth {growth}");
+    let (status, _, stderr) = service.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(growth <= 2_000_000, "RSS grew by {growth} bytes over 400 bad requests");
 }
 
 /// 500 frames through the whole service (source, grabber, stream loop,

@@ -589,10 +589,9 @@ impl PromptTokenizer {
     pub fn decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder {
             tok: self,
-            ids: Vec::with_capacity(16),
-            prefix_text: String::new(),
-            read: 0,
-            text: String::new(),
+            stream: self.tokenizer.decode_stream(true),
+            pending: Vec::with_capacity(MAX_PENDING_TOKENS + 1),
+            piece: String::new(),
         }
     }
 }
@@ -601,28 +600,43 @@ impl PromptTokenizer {
 /// this the replacement character is emitted (only a broken model gets here).
 const MAX_PENDING_TOKENS: usize = 8;
 
-/// Incremental detokenization.
+/// `tokenizers`' incremental decoder over the tokenizer a `tokenizer.json` loads.
+type TokenizersStream<'a> = tokenizers::DecodeStream<
+    'a,
+    tokenizers::models::ModelWrapper,
+    tokenizers::normalizers::NormalizerWrapper,
+    tokenizers::pre_tokenizers::PreTokenizerWrapper,
+    tokenizers::processors::PostProcessorWrapper,
+    tokenizers::decoders::DecoderWrapper,
+>;
+
+/// Incremental detokenization on `tokenizers`' [`tokenizers::DecodeStream`].
 ///
 /// Each [`Self::push`] returns the text that became final with that id.
 /// Text ending in an incomplete UTF-8 sequence (a character split across
 /// byte-level tokens) is held back until the character completes;
-/// [`Self::finish`] returns whatever is still held. The concatenation of all
-/// pieces equals [`PromptTokenizer::decode`] of all ids for byte-level and
-/// SentencePiece-style decoders: only a short window of ids is re-decoded
-/// (the last emitted chunk as context plus the pending ids), so a step costs
-/// O(window), not O(generated). Each step allocates the window's decoded
-/// string inside `tokenizers`; the returned `&str` borrows the decoder.
-#[derive(Debug)]
+/// [`Self::finish`] returns whatever is still held, as U+FFFD where a
+/// character never completed. The concatenation of all pieces equals
+/// [`PromptTokenizer::decode`] of all ids (the tests check it for every
+/// tokenizer shipped). What is ours: the vocabulary check, the cap of
+/// [`MAX_PENDING_TOKENS`] held back (`DecodeStream` alone would hold a
+/// broken model's bytes forever, re-decoding more each step), and `finish`.
+/// `DecodeStream` re-decodes only a short window of ids each step.
 pub struct StreamDecoder<'a> {
     tok: &'a PromptTokenizer,
-    /// The window: the last emitted chunk's ids, then the pending ids.
-    ids: Vec<u32>,
-    /// Decoded text of `ids[..read]`.
-    prefix_text: String,
-    /// Ids in the window already emitted.
-    read: usize,
-    /// Decoded text of the whole window (the returned slice points into it).
-    text: String,
+    stream: TokenizersStream<'a>,
+    /// Ids pushed since the last piece came out.
+    pending: Vec<u32>,
+    /// The last piece (the returned `&str` borrows it).
+    piece: String,
+}
+
+impl std::fmt::Debug for StreamDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDecoder")
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamDecoder<'_> {
@@ -634,55 +648,36 @@ impl StreamDecoder<'_> {
                 vocab: self.tok.vocab,
             });
         }
-        self.ids.push(id);
-        self.text = self.tok.decode(&self.ids)?;
-        let pending = self.ids.len() - self.read;
-        let ready = self.text.len() > self.prefix_text.len() && !self.text.ends_with('\u{FFFD}');
-        if ready || pending > MAX_PENDING_TOKENS {
-            self.emit()
-        } else {
-            Ok("")
+        self.pending.push(id);
+        match self.stream.step(id).map_err(|e| PromptError::Decode(e.to_string()))? {
+            Some(text) => {
+                self.pending.clear();
+                self.piece = text;
+                Ok(&self.piece)
+            }
+            None if self.pending.len() > MAX_PENDING_TOKENS => self.flush(),
+            None => Ok(""),
         }
     }
 
-    /// Returns the text still held back (an incomplete character at the end
-    /// comes out as U+FFFD, as a full decode gives it) and resets the decoder.
+    /// Returns the text still held back and resets the decoder.
     pub fn finish(&mut self) -> Result<&str, PromptError> {
-        if self.ids.len() > self.read {
-            self.text = self.tok.decode(&self.ids)?;
-            let start = common_prefix_len(&self.prefix_text, &self.text);
-            self.ids.clear();
-            self.read = 0;
-            self.prefix_text.clear();
-            return Ok(&self.text[start..]);
-        }
-        self.ids.clear();
-        self.read = 0;
-        self.prefix_text.clear();
-        self.text.clear();
-        Ok("")
+        self.flush()
     }
 
-    /// Emits `text` past the prefix; the emitted ids become the next context.
-    fn emit(&mut self) -> Result<&str, PromptError> {
-        let start = common_prefix_len(&self.prefix_text, &self.text);
-        self.ids.drain(..self.read);
-        self.read = self.ids.len();
-        self.prefix_text = self.tok.decode(&self.ids)?;
-        Ok(&self.text[start..])
+    /// Emits the held-back ids as they decode (U+FFFD for a broken
+    /// character, as a full decode gives it) and starts afresh. They decode
+    /// alone as in context: each ends a prefix that is not whole text, so
+    /// they are byte pieces, and the text before them ended on a character.
+    fn flush(&mut self) -> Result<&str, PromptError> {
+        self.piece = match self.pending.is_empty() {
+            true => String::new(),
+            false => self.tok.decode(&self.pending)?,
+        };
+        self.pending.clear();
+        self.stream = self.tok.tokenizer.decode_stream(true);
+        Ok(&self.piece)
     }
-}
-
-/// Byte length of the longest common prefix of `a` and `b` that ends on a
-/// character boundary (usually all of `a`).
-fn common_prefix_len(a: &str, b: &str) -> usize {
-    if b.starts_with(a) {
-        return a.len();
-    }
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, ca), cb)| ca != cb)
-        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 #[cfg(test)]
@@ -990,6 +985,70 @@ mod tests {
             tok.decoder().push(vocab + 7),
             Err(PromptError::UnknownToken { .. })
         ));
+    }
+
+    /// A SentencePiece-style tokenizer as Llama's (and LLaVA-1.5's)
+    /// `tokenizer.json` has it: `▁` for spaces, byte-fallback tokens, a
+    /// decoder that strips the first space. Only decoding is exercised.
+    fn sentencepiece_style() -> PromptTokenizer {
+        let mut vocab = serde_json::Map::new();
+        for (i, token) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(token.to_string(), i.into());
+        }
+        for byte in 0..=255u32 {
+            vocab.insert(format!("<0x{byte:02X}>"), (3 + byte).into());
+        }
+        for (i, token) in ["▁", "▁Hello", "▁w", "ö", "rld", ".", "▁again", "!"].iter().enumerate() {
+            vocab.insert(token.to_string(), (259 + i).into());
+        }
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "vocab": vocab, "merges": []}
+        });
+        PromptTokenizer::from_bytes(json.to_string().as_bytes(), tiny_template(), Some(1), true).expect("tokenizer")
+    }
+
+    #[test]
+    fn stream_decoding_equals_decoding_for_a_sentencepiece_tokenizer() {
+        let tok = sentencepiece_style();
+        let (hello, w, o_umlaut, rld, dot, again, bang, space) = (260, 261, 262, 263, 264, 265, 266, 259);
+        // '€' is E2 82 AC, '🙂' is F0 9F 99 82: byte-fallback ids are 3 + byte.
+        let euro = [3 + 0xE2, 3 + 0x82, 3 + 0xAC];
+        let smile = [3 + 0xF0, 3 + 0x9F, 3 + 0x99, 3 + 0x82];
+        let mut cases: Vec<Vec<u32>> = vec![
+            vec![hello, w, o_umlaut, rld, dot],
+            vec![1, hello, 2, again, bang],
+            vec![space, euro[0], euro[1], euro[2], again],
+            [&[hello, space][..], &smile, &smile, &[dot]].concat(),
+            // A character that never completes, at the end and in the middle.
+            vec![hello, euro[0], euro[1]],
+            vec![hello, euro[0], again, bang],
+            // A broken model: more lone continuation bytes than are held back.
+            [vec![hello], vec![3 + 0x82; MAX_PENDING_TOKENS + 3], vec![again]].concat(),
+        ];
+        cases.push(cases.concat());
+        for ids in &cases {
+            let full = tok.decode(ids).expect("decode");
+            assert_eq!(streamed(&tok, ids), full, "{ids:?}");
+        }
+        assert_eq!(streamed(&tok, &cases[0]), "Hello wörld.");
+        // The decoder strips the first space of the text.
+        assert_eq!(streamed(&tok, &cases[2]), "€ again");
     }
 
     #[test]

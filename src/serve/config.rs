@@ -19,11 +19,22 @@ use crate::model::Device;
 use crate::source::SourceSpec;
 use crate::stream::parse_interval;
 
+use super::http::Limits;
+
 pub use crate::generate::MAX_NEW_TOKENS_LIMIT;
 
 /// The largest `http.max_body`: a body is held whole in memory (a chat
 /// request's pictures are decoded from it), and an edge board has little.
 pub const MAX_BODY_LIMIT: u64 = 64 << 20;
+
+/// `http.max_connections` when not set, and the most it may be: each open
+/// connection holds a file descriptor (systemd's default soft limit is
+/// 1024), and each request in progress a thread.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+pub const MAX_CONNECTIONS_LIMIT: usize = 4096;
+/// `http.header_timeout` and `http.idle_timeout` when not set.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest config file read (the commented example is 4 KB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -107,6 +118,8 @@ pub struct HttpConfig {
     /// `api_key` (or the variable `api_key_env` names): when set, every
     /// route but `/healthz` wants `Authorization: Bearer KEY`.
     pub api_key: Option<ApiKey>,
+    /// `max_connections`, `header_timeout`, `idle_timeout`.
+    pub limits: Limits,
 }
 
 /// A secret: its `Debug` does not show it, so a logged config cannot leak
@@ -215,6 +228,45 @@ struct RawHttp {
     max_body: Option<String>,
     api_key: Option<String>,
     api_key_env: Option<String>,
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+/// `[http]`'s connection limits, checked; the error names its key.
+fn http_limits(raw: &RawHttp) -> std::result::Result<Limits, (&'static str, String)> {
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
+        return Err((
+            "http.max_connections",
+            format!("{max_connections} is outside 1..={MAX_CONNECTIONS_LIMIT}"),
+        ));
+    }
+    let timeout = |key: &'static str, text: &Option<String>, default: Duration, range: (Duration, Duration)| {
+        let value = match text {
+            Some(text) => parse_interval(text).map_err(|e| (key, e.to_string()))?,
+            None => default,
+        };
+        if value < range.0 || value > range.1 {
+            return Err((key, format!("{value:?} is outside {:?}..={:?}", range.0, range.1)));
+        }
+        Ok(value)
+    };
+    Ok(Limits {
+        max_connections,
+        header_timeout: timeout(
+            "http.header_timeout",
+            &raw.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+            (Duration::from_millis(100), Duration::from_secs(600)),
+        )?,
+        idle_timeout: timeout(
+            "http.idle_timeout",
+            &raw.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        )?,
+    })
 }
 
 impl ServeConfig {
@@ -371,6 +423,7 @@ impl ServeConfig {
                 ),
             ));
         }
+        let limits = http_limits(&raw.http).map_err(|(key, reason)| bad(key, reason))?;
         let api_key = match (raw.http.api_key, &raw.http.api_key_env) {
             (Some(_), Some(_)) => {
                 return Err(bad(
@@ -419,6 +472,7 @@ impl ServeConfig {
                 listen,
                 max_body,
                 api_key,
+                limits,
             },
         })
     }
@@ -512,6 +566,9 @@ mod tests {
         assert_eq!(config.model.dir, Path::new("/etc/elastic-edge/models/tiny"));
         assert_eq!(config.http.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.http.max_body, 8 << 20);
+        assert_eq!(config.http.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.http.limits.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(config.http.limits.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(config.cache.policy, PolicyKind::Elastic);
         assert_eq!(config.cache.keep, KeepRatio::FULL);
         assert_eq!(config.stream.interval, Duration::from_secs(2));
@@ -668,6 +725,21 @@ mod tests {
                 "[model]\ndir = \"m\"\n[http]\nmax_body = \"100GB\"\n",
                 "http.max_body",
                 "over the cap of 64 MiB",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nmax_connections = 0\n",
+                "http.max_connections",
+                "outside 1..=4096",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nheader_timeout = \"0s\"\n",
+                "http.header_timeout",
+                "outside",
+            ),
+            (
+                "[model]\ndir = \"m\"\n[http]\nidle_timeout = \"2 weeks\"\n",
+                "http.idle_timeout",
+                "unknown unit",
             ),
             (
                 "[model]\ndir = \"m\"\n[stream]\ninterval = 2\n",

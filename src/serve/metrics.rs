@@ -129,10 +129,14 @@ const ERROR_KINDS: [&str; 4] = [kind::CAPTION, kind::IMAGE, kind::OUTPUT, kind::
 
 /// What only the caller knows at scrape time.
 #[derive(Clone, Copy, Debug, Default)]
-struct ScrapeInputs {
-    source: Option<(GrabberCounters, &'static str)>,
-    sse_clients: usize,
-    uptime_s: f64,
+pub struct ScrapeInputs {
+    /// The frame source's counters and state name.
+    pub source: Option<(GrabberCounters, &'static str)>,
+    pub sse_clients: usize,
+    /// HTTP connections open, and refused at the cap since the start.
+    pub http_connections: usize,
+    pub http_connections_refused: u64,
+    pub uptime_s: f64,
 }
 
 /// The figures encoded at scrape time, in families the registry cannot
@@ -286,6 +290,20 @@ impl Collector for ScrapeFigures {
             "Clients connected to the caption event stream.",
             MetricType::Gauge,
             inputs.sse_clients as u64,
+        )?;
+        encode_const(
+            &mut encoder,
+            "elastic_edge_http_connections",
+            "HTTP connections open.",
+            MetricType::Gauge,
+            inputs.http_connections as u64,
+        )?;
+        encode_const(
+            &mut encoder,
+            "elastic_edge_http_connections_refused",
+            "HTTP connections answered 503 and closed because http.max_connections were open.",
+            MetricType::Counter,
+            inputs.http_connections_refused,
         )?;
         ConstGauge::new(inputs.uptime_s).encode(encoder.encode_descriptor(
             "elastic_edge_uptime_seconds",
@@ -471,13 +489,9 @@ impl Metrics {
 
     /// The exposition text. `source` is `None` when no camera is configured,
     /// else its counters and its state's name (one of [`SOURCE_STATES`]).
-    pub fn render(&self, source: Option<(GrabberCounters, &'static str)>, sse_clients: usize, uptime_s: f64) -> String {
+    pub fn render(&self, inputs: ScrapeInputs) -> String {
         let _rendering = lock(&self.rendering);
-        *lock(&self.scrape.inputs) = ScrapeInputs {
-            source,
-            sse_clients,
-            uptime_s,
-        };
+        *lock(&self.scrape.inputs) = inputs;
         let mut out = String::with_capacity(8192);
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
             // Writing to a String fails only if an encoder does.
@@ -500,7 +514,10 @@ mod tests {
             };
             metrics.caption(Origin::Http, &figures);
         }
-        let out = metrics.render(None, 0, 1.0);
+        let out = metrics.render(ScrapeInputs {
+            uptime_s: 1.0,
+            ..ScrapeInputs::default()
+        });
         let x = "elastic_edge_caption_latency_seconds";
         assert!(out.contains(&format!("# TYPE {x} histogram\n")), "{out}");
         assert!(out.contains(&format!("{x}_bucket{{le=\"0.01\"}} 1\n")), "{out}");
@@ -525,8 +542,8 @@ mod tests {
         let metrics = Metrics::default();
         metrics.error(kind::OUTPUT);
         metrics.http_request("/healthz", 200);
-        let text = metrics.render(
-            Some((
+        let text = metrics.render(ScrapeInputs {
+            source: Some((
                 GrabberCounters {
                     frames_received: 9,
                     frames_dropped: 3,
@@ -536,9 +553,11 @@ mod tests {
                 },
                 "reconnecting",
             )),
-            2,
-            1.5,
-        );
+            sse_clients: 2,
+            http_connections: 7,
+            http_connections_refused: 5,
+            uptime_s: 1.5,
+        });
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -557,6 +576,8 @@ mod tests {
             }
         }
         assert!(text.contains("elastic_edge_frames_dropped_total 3\n"));
+        assert!(text.contains("elastic_edge_http_connections 7\n"));
+        assert!(text.contains("elastic_edge_http_connections_refused_total 5\n"));
         assert!(text.contains("elastic_edge_source_state{state=\"reconnecting\"} 1\n"));
         assert!(text.contains("elastic_edge_source_state{state=\"running\"} 0\n"));
         assert!(text.contains("elastic_edge_errors_total{kind=\"output\"} 1\n"));

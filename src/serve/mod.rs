@@ -42,13 +42,11 @@ use crate::stream::{JsonLines, MemoryStreamConfig, Stream, StreamConfig};
 pub use config::ServeConfig;
 use events::Broadcaster;
 use health::{Health, HealthReport, SourceHealth};
-use http::HttpServer;
+use http::{ConnectionStats, HttpServer};
 use metrics::Metrics;
 use notify::Notifier;
 use worker::Captioner;
 
-/// Most simultaneous HTTP connections (each is a thread).
-const MAX_CONNECTIONS: usize = 64;
 /// Most event-stream clients.
 const MAX_EVENT_CLIENTS: usize = 16;
 /// POSTs waiting for the model beyond the one being captioned.
@@ -64,6 +62,8 @@ pub struct Shared {
     pub events: Broadcaster,
     latest: Mutex<Option<Arc<str>>>,
     source: Option<(String, GrabberMonitor)>,
+    /// The HTTP server's connection counts.
+    connections: Arc<ConnectionStats>,
     started: Instant,
 }
 
@@ -112,8 +112,13 @@ impl Shared {
             let status = monitor.status();
             (status.counters, state_name(&status.state))
         });
-        self.metrics
-            .render(source, self.events.clients(), self.started.elapsed().as_secs_f64())
+        self.metrics.render(metrics::ScrapeInputs {
+            source,
+            sse_clients: self.events.clients(),
+            http_connections: self.connections.open(),
+            http_connections_refused: self.connections.refused(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        })
     }
 }
 
@@ -327,6 +332,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
 
     let metrics = Metrics::default();
     metrics.set_pool(pool_bytes, pool_slots);
+    let connections = Arc::new(ConnectionStats::default());
     let shared = Arc::new(Shared {
         metrics,
         health: Health::new(stall_after),
@@ -336,6 +342,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
             .as_ref()
             .zip(config.stream.source.as_ref())
             .map(|(g, spec)| (spec.to_string(), g.monitor())),
+        connections: Arc::clone(&connections),
         started: Instant::now(),
     });
     let (jobs, job_queue) = mpsc::sync_channel(JOB_QUEUE);
@@ -348,7 +355,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         api_key: config.http.api_key.clone(),
     };
     let handler = api::handler(Arc::clone(&shared), jobs, routes);
-    let mut server = HttpServer::start(config.http.listen, MAX_CONNECTIONS, handler)
+    let mut server = HttpServer::start(config.http.listen, config.http.limits, handler, connections)
         .map_err(|e| config.error("http.listen", error_chain(&e)))?;
     let mut captioner = Captioner::new(Arc::clone(&shared), output, params, config.caption.prompt.clone());
 
