@@ -246,6 +246,13 @@ impl Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// `text` on one line, its runs of whitespace (line breaks included) as one
+/// space: parsers quote what they read (serde names an unknown field as
+/// sent, and a JSON key may hold a `\n`), and an error is one line of a log.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Formats an error with its whole `source()` chain: `ort` hides the real
 /// dlopen reason (a missing `libcublas.so.13`, say) behind a generic message.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -321,7 +321,7 @@ fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<O
 }
 
 fn parse(raw: &str, base: &Path, line: usize) -> std::result::Result<Sample, String> {
-    let parsed: Line = serde_json::from_str(raw).map_err(|e| format!("not a JSON sample: {e}"))?;
+    let parsed: Line = serde_json::from_str(raw).map_err(|e| format!("not a JSON sample: {}", crate::error::one_line(&e.to_string())))?;
     let prompt = parsed.prompt.filter(|p| !p.trim().is_empty()).ok_or("no \"prompt\"")?;
     let relative = match (parsed.image, parsed.images) {
         (Some(_), Some(_)) => return Err("both \"image\" and \"images\": give one".into()),
@@ -360,6 +360,18 @@ fn parse(raw: &str, base: &Path, line: usize) -> std::result::Result<Sample, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `dataset` fuzz target: serde quotes an unknown field as
+    /// sent, and a JSON key may hold a line break.
+    #[test]
+    fn a_field_name_with_a_line_break_is_reported_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"hi\", \"im\\nage\": \"a.png\"}\n").unwrap();
+        let err = load(&data, false).unwrap_err().to_string();
+        assert!(!err.contains(['\n', '\r']), "{err:?}");
+        assert!(err.contains("unknown field `im age`"), "{err}");
+    }
 
     #[test]
     fn bad_lines_are_skipped_or_fatal() {

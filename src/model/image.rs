@@ -34,6 +34,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
+use crate::error::one_line;
 
 /// Default cap on an input's pixel count (width x height, before resizing).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
@@ -636,11 +637,6 @@ fn map_decode_error(e: image::ImageError, name: &str, format: &str, limit_bytes:
             reason: one_line(&other.to_string()),
         },
     }
-}
-
-/// A decoder's message on one line: the error is one line of a log.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// PIL's `convert("RGB")` for every layout the decoders produce: alpha

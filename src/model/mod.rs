@@ -364,6 +364,15 @@ pub fn default_model_dir() -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Found by the `manifest` fuzz target: an unknown field whose name
+    /// holds a line break made a two-line error.
+    #[test]
+    fn a_manifest_error_quoting_a_line_break_is_one_line() {
+        let text = "{\"format\": \"elastic-edge-model\", \"chat_template\": {\"sys\\ntem\": 1}}";
+        let err = Manifest::parse(text, Path::new("m/manifest.json")).unwrap_err().to_string();
+        assert!(!err.contains(['\n', '\r']), "{err:?}");
+    }
+
     fn tiny(dir: &str) -> (PathBuf, Manifest) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let manifest = Manifest::load(&dir).unwrap();

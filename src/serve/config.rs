@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 use crate::generate::{prefill_chunk_setting, DEFAULT_PREFILL_CHUNK};
 use crate::kv::{KeepRatio, KvBudget, PolicyConfig, PolicyKind};
 use crate::model::Device;
@@ -536,9 +536,6 @@ fn anchor_spec(text: &str, base: &Path) -> Result<SourceSpec> {
     })
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
 
 /// `8MiB`, `512KiB`, `1000000`: a positive byte count.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {

@@ -204,7 +204,7 @@ impl SamplingFields {
 /// when the request gives none; `memory` whether `[memory]` is on.
 pub fn parse_request(body: &[u8], default_tokens: usize, memory: bool) -> Result<ChatJob, ApiError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(400, format!("the body is not JSON: {e}")).with_code("invalid_json"))?;
+        .map_err(|e| ApiError::new(400, format!("the body is not JSON: {}", crate::error::one_line(&e.to_string()))).with_code("invalid_json"))?;
     let Value::Object(request) = value else {
         return Err(ApiError::new(400, "the body must be a JSON object"));
     };
@@ -592,6 +592,19 @@ pub fn models(name: &str, memory: bool, created: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value holding a line break, quoted by serde as sent: one line.
+    #[test]
+    fn a_quoted_line_break_in_an_error_is_one_line() {
+        for body in [
+            &br#"{"messages": [{"role": "us\ner", "content": "hi"}]}"#[..],
+            br#"{"messages": [{"role": "user", "content": [{"type": "te\nxt", "text": "hi"}]}]}"#,
+            br#"{"messages": "x\ny"}"#,
+        ] {
+            let e = parse_request(body, 16, false).unwrap_err();
+            assert!(!e.message.contains(['\n', '\r']), "{:?}", e.message);
+        }
+    }
 
     const PNG_1X1: &str =
         "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
