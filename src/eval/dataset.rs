@@ -321,7 +321,8 @@ fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<O
 }
 
 fn parse(raw: &str, base: &Path, line: usize) -> std::result::Result<Sample, String> {
-    let parsed: Line = serde_json::from_str(raw).map_err(|e| format!("not a JSON sample: {}", crate::error::one_line(&e.to_string())))?;
+    let parsed: Line = serde_json::from_str(raw)
+        .map_err(|e| format!("not a JSON sample: {}", crate::error::one_line(&e.to_string())))?;
     let prompt = parsed.prompt.filter(|p| !p.trim().is_empty()).ok_or("no \"prompt\"")?;
     let relative = match (parsed.image, parsed.images) {
         (Some(_), Some(_)) => return Err("both \"image\" and \"images\": give one".into()),

@@ -33,8 +33,8 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
-use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
 use crate::error::one_line;
+use resample::{resize_rgb8, resize_rgb8_window, Filter, Window};
 
 /// Default cap on an input's pixel count (width x height, before resizing).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;

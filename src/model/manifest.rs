@@ -189,7 +189,8 @@ impl Manifest {
 
     /// Parses and checks a manifest's text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let manifest: Manifest = serde_json::from_str(text).map_err(|e| invalid(path, "(json)", crate::error::one_line(&e.to_string())))?;
+        let manifest: Manifest =
+            serde_json::from_str(text).map_err(|e| invalid(path, "(json)", crate::error::one_line(&e.to_string())))?;
         manifest.validate(path)?;
         Ok(manifest)
     }

@@ -369,7 +369,9 @@ mod tests {
     #[test]
     fn a_manifest_error_quoting_a_line_break_is_one_line() {
         let text = "{\"format\": \"elastic-edge-model\", \"chat_template\": {\"sys\\ntem\": 1}}";
-        let err = Manifest::parse(text, Path::new("m/manifest.json")).unwrap_err().to_string();
+        let err = Manifest::parse(text, Path::new("m/manifest.json"))
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains(['\n', '\r']), "{err:?}");
     }
 

@@ -288,8 +288,7 @@ pub struct Ask {
 
 /// Reads a `POST /memory/ask` body; the error is the 400's message.
 pub fn parse_ask(body: &[u8]) -> Result<Ask, String> {
-    let ask: AskBody = serde_json::from_slice(body)
-        .map_err(|e| {
+    let ask: AskBody = serde_json::from_slice(body).map_err(|e| {
         format!(
             "the body is not {{\"question\": \"...\", \"max_tokens\": N}}: {}",
             crate::error::one_line(&e.to_string())

@@ -536,7 +536,6 @@ fn anchor_spec(text: &str, base: &Path) -> Result<SourceSpec> {
     })
 }
 
-
 /// `8MiB`, `512KiB`, `1000000`: a positive byte count.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     crate::kv::parse_bytes(text).map_err(|reason| format!("{text:?}: {reason} (like 8MiB, 512KiB)"))
