@@ -528,3 +528,25 @@ fn event_stream(shared: &Shared, connection: &mut Connection) -> u16 {
     }
     200
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `ask_request` fuzz target: serde quotes an unknown
+    /// field as sent, line break and all.
+    #[test]
+    fn a_bad_ask_body_is_refused_on_one_line() {
+        for body in [
+            &br#"{"ion\nsWhat": 1}"#[..],
+            b"{\"question\": \"\"}",
+            b"not json",
+            br#"{"question": "Hi", "max_tokens": 0}"#,
+        ] {
+            let message = parse_ask(body).unwrap_err();
+            assert!(!message.contains(['\n', '\r']), "{message:?}");
+        }
+        let ask = parse_ask(br#"{"question": "What did you see?"}"#).unwrap();
+        assert_eq!(ask.max_tokens, DEFAULT_ANSWER_TOKENS);
+    }
+}
