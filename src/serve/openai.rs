@@ -203,13 +203,10 @@ impl SamplingFields {
 /// Reads a request body into a job. `default_tokens` is the answer length
 /// when the request gives none; `memory` whether `[memory]` is on.
 pub fn parse_request(body: &[u8], default_tokens: usize, memory: bool) -> Result<ChatJob, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            400,
-            format!("the body is not JSON: {}", crate::error::one_line(&e.to_string())),
-        )
-        .with_code("invalid_json")
-    })?;
+    // Into a Value: serde_json's syntax errors never quote the input, and
+    // the fields below are checked by hand, their values quoted with {:?}.
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(400, format!("the body is not JSON: {e}")).with_code("invalid_json"))?;
     let Value::Object(request) = value else {
         return Err(ApiError::new(400, "the body must be a JSON object"));
     };
