@@ -155,6 +155,23 @@ def texts():
     }
 
 
+def weights_file(tensors=(("w", "float32", [2, 3]), ("b", "uint8", [5]))):
+    """A shared weights file as scripts/export/decoder_v2.py writes it: each tensor at a
+    multiple of 64 bytes, then the JSON index, its length (u64 LE) and b"EEWEIGHT"."""
+    import struct
+    size = {"float32": 4, "uint8": 1}
+    data, index = b"", []
+    for name, dtype, shape in tensors:
+        data += b"\0" * (-len(data) % 64)
+        n = size[dtype]
+        for d in shape:
+            n *= d
+        index.append({"name": name, "dtype": dtype, "shape": shape, "offset": len(data), "bytes": n})
+        data += bytes(range(n))
+    trailer = json.dumps({"tensors": index}).encode()
+    return data + trailer + struct.pack("<Q", len(trailer)) + b"EEWEIGHT"
+
+
 def main():
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
@@ -178,6 +195,7 @@ def main():
         "two-frames.ppm": ppm_frame(3, 2) + b"\n" + ppm_frame(2, 2, comment=True),
         "deep.ppm": ppm_frame(2, 2, maxval=1023) + ppm_frame(1, 1, maxval=15),
     }
+    seeds["weights_index"] = {"two-tensors.weights": weights_file(), "empty.weights": weights_file([])}
     total = 0
     for target, files in seeds.items():
         folder = CORPUS / target

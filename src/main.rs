@@ -406,6 +406,12 @@ struct ModelArgs {
     /// TensorRT: allow fp16 kernels.
     #[arg(long)]
     tensorrt_fp16: bool,
+
+    /// Load only the decoder graph with attention sums, not the fast graph
+    /// without them that steps reading no sums run (one session instead of
+    /// two over the same weights: for comparing their speed and memory).
+    #[arg(long)]
+    single_graph: bool,
 }
 
 /// The KV cache: its hard budget and its policy.
@@ -878,6 +884,7 @@ fn load_model(onnxruntime: Option<PathBuf>, args: &ModelArgs) -> anyhow::Result<
         },
         threads: args.threads,
         onnxruntime,
+        single_graph: args.single_graph,
     };
     Ok(Model::load(&dir, &options)?)
 }

@@ -72,6 +72,57 @@ fn greedy(generator: &mut Generator<'_>, image: Option<&Path>, text: Option<&str
     ids
 }
 
+/// A step whose policy reads no attention sums runs the fast graph (full
+/// and local always, the paper's Elastic Cache while generating: it evicts
+/// at a fixed point); the others the graph with sums (H2O, and the product
+/// `elastic`, whose decode eviction reads the sums of every step). The answers are the
+/// PyTorch reference's either way, and a single-graph load runs only the
+/// graph with sums.
+#[test]
+fn steps_that_read_no_scores_run_the_fast_graph() {
+    let expected = fixture("tiny_expected.json");
+    let case = &expected["cases"][1];
+    let image = repo().join(case["image"].as_str().unwrap());
+    let text = case["user_text"].as_str();
+    let want = ids(&case["expected_ids"]);
+    let dir = repo().join("models/tiny");
+    for single_graph in [false, true] {
+        let options = LoadOptions {
+            threads: Some(1),
+            single_graph,
+            ..LoadOptions::default()
+        };
+        for (kind, keep) in [
+            (PolicyKind::Full, 1.0),
+            (PolicyKind::Local, 1.0),
+            (PolicyKind::ElasticPaper, 1.0),
+            (PolicyKind::Elastic, 1.0),
+            (PolicyKind::H2o, 1.0),
+        ] {
+            let mut model = Model::load(&dir, &options).unwrap();
+            let cache = cache(&model, kind, keep, KvBudget::Tokens(512));
+            let mut generator = Generator::new(&mut model, cache).unwrap();
+            let got = greedy(&mut generator, Some(&image), text, want.len());
+            drop(generator);
+            assert_eq!(got, want, "{kind}, single graph {single_graph}");
+            let runs = model.decoder_graph_runs();
+            let decode_steps = want.len() as u64 - 1;
+            match (single_graph, kind) {
+                (true, _) => assert_eq!(runs.fast, 0, "{kind}: {runs:?}"),
+                (false, PolicyKind::Full | PolicyKind::Local) => {
+                    assert_eq!(runs.main, 0, "{kind}: {runs:?}");
+                    assert!(runs.fast > decode_steps, "{kind}: {runs:?}");
+                }
+                (false, PolicyKind::ElasticPaper) => {
+                    assert!(runs.main >= 1, "the prefill is scored: {runs:?}");
+                    assert_eq!(runs.fast, decode_steps, "generation reads no sums: {runs:?}");
+                }
+                (false, _) => assert_eq!(runs.fast, 0, "{kind} scores every step: {runs:?}"),
+            }
+        }
+    }
+}
+
 /// The committed tiny model in both decoder formats: format 2 (the pool is
 /// the graph's cache) and format 1 (past and new K/V apart), same weights.
 const TINY_FORMATS: [&str; 2] = ["models/tiny", "models/tiny-format1"];
@@ -282,7 +333,13 @@ fn scoring_agrees_with_greedy_generation() {
     let roomy = cache(&model, PolicyKind::Elastic, 1.0, KvBudget::Tokens(512));
     let mut generator = Generator::new(&mut model, roomy).unwrap();
     let (nll_elastic, _) = generator.score(&[ImageInput::File(&image)], text, &greedy_ids).unwrap();
-    assert!((nll_full - nll_elastic).abs() < 1e-9, "{nll_full} vs {nll_elastic}");
+    // Not bit for bit: full runs the fast graph, Elastic Cache's prefill the
+    // graph with attention sums, and the two sum in other orders (the
+    // exporter checks them within 1e-4; 5e-7 here).
+    assert!(
+        (nll_full - nll_elastic).abs() < 1e-5 * nll_full.abs(),
+        "{nll_full} vs {nll_elastic}"
+    );
 
     let tight = cache(&model, PolicyKind::Elastic, 0.3, KvBudget::Tokens(512));
     let mut generator = Generator::new(&mut model, tight).unwrap();
@@ -331,10 +388,13 @@ fn an_encoded_prompt_gives_what_encoding_it_again_gives() {
             "{kind}: the cache"
         );
         let (nll_again, count_again) = generator.score_encoded(&encoded, &direct.token_ids).unwrap();
-        assert_eq!(
-            (nll_again.to_bits(), count_again),
-            (nll.to_bits(), count),
-            "{kind}: the score"
+        assert_eq!(count_again, count, "{kind}: the tokens scored");
+        // An encoded prompt comes from the graph with attention sums (any
+        // policy may start from it); `score` under full or local runs the
+        // fast graph: equal to float rounding, not bit for bit.
+        assert!(
+            (nll_again - nll).abs() <= 1e-5 * nll.abs(),
+            "{kind}: the score {nll_again} against {nll}"
         );
     }
 }

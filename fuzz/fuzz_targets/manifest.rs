@@ -10,7 +10,7 @@
 use std::path::{Component, Path};
 
 use elastic_edge::model::manifest::{
-    Manifest, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_IMAGE_TOKENS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+    DecoderFormat, Manifest, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_IMAGE_TOKENS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use elastic_edge_fuzz::assert_one_line;
 use libfuzzer_sys::fuzz_target;
@@ -71,6 +71,8 @@ fuzz_target!(|data: &[u8]| {
     ]
     .into_iter()
     .chain(files.vision.as_ref())
+    .chain(files.decoder_fast.as_ref())
+    .chain(files.decoder_weights.as_ref())
     .chain(manifest.file_hashes.keys());
     for name in names {
         let path = dir.join(name);
@@ -79,5 +81,16 @@ fuzz_target!(|data: &[u8]| {
             "accepted the file name {name:?}, which is not inside the model folder"
         );
     }
-    assert_eq!(manifest.graphs.decoder.inputs.len(), 3 + 2 * manifest.layers);
+    // Format 2 adds seqlens_k and total_sequence_length.
+    let format_inputs = match manifest.decoder_format() {
+        DecoderFormat::PastAndNew => 3,
+        DecoderFormat::InPlace => 5,
+    };
+    assert_eq!(manifest.graphs.decoder.inputs.len(), format_inputs + 2 * manifest.layers);
+    // A fast graph shares its weights with a format-2 graph that has scores.
+    assert_eq!(files.decoder_fast.is_some(), files.decoder_weights.is_some());
+    if files.decoder_fast.is_some() {
+        assert_eq!(manifest.decoder_format(), DecoderFormat::InPlace);
+        assert!(manifest.decoder_scores());
+    }
 });

@@ -29,6 +29,9 @@ averaged over the query heads: what the policies read).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import List
 
 import numpy as np
@@ -166,6 +169,14 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
     return mp
 
 
+FAST_GRAPH = "decoder_fast.onnx"  # the same weights without attn_colsum: what decode steps run
+SHARED_WEIGHTS = "decoder.weights"  # one copy of the weights both graphs read
+WEIGHTS_MAGIC = b"EEWEIGHT"
+WEIGHTS_ALIGN = 64  # every tensor starts at a multiple of this (SIMD loads straight from the map)
+INLINE_BELOW = 1024  # bytes: shape constants and the like stay inside the graphs
+_ELEM = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16"}
+
+
 def save(mp, path: str, weights_file: str | None = None) -> None:
     """Saves the graph; with weights_file, the initializers go to that file next to it
     (what a checkpoint over protobuf's 2 GB needs)."""
@@ -177,9 +188,74 @@ def save(mp, path: str, weights_file: str | None = None) -> None:
               location=weights_file, size_threshold=1024, convert_attribute=False)
 
 
+def save_sharing_weights(graphs, d: str) -> None:
+    """Writes each graph (file name -> ModelProto) into d with every initializer of
+    INLINE_BELOW bytes or more stored once in d/SHARED_WEIGHTS as ONNX external data.
+
+    The file: the tensors, each at a multiple of WEIGHTS_ALIGN, then a JSON index
+    {"tensors": [{name, dtype, shape, offset, bytes}]}, then the index's length
+    (u64 little-endian) and WEIGHTS_MAGIC. The runtime maps the file once and hands
+    the same memory to both sessions (ONNX Runtime's AddInitializer with a shared
+    prepacked-weights container), so the second graph costs no second copy; any
+    other ONNX Runtime client loads the graphs as ordinary external-data models.
+    An initializer of the same name must hold the same bytes in every graph."""
+    import struct
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    index = {}
+    with open(os.path.join(d, SHARED_WEIGHTS), "wb") as f:
+        for file_name, mp in graphs.items():
+            for t in mp.graph.initializer:
+                array = numpy_helper.to_array(t)
+                data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+                if len(data) < INLINE_BELOW:
+                    continue
+                if t.data_type not in _ELEM:
+                    raise SystemExit(f"error: initializer {t.name} of {file_name} has ONNX type {t.data_type}, "
+                                     f"which the weights index does not name")
+                entry = index.get(t.name)
+                if entry is None:
+                    pad = -f.tell() % WEIGHTS_ALIGN
+                    f.write(b"\0" * pad)
+                    entry = {"name": t.name, "dtype": _ELEM[t.data_type], "shape": list(array.shape),
+                             "offset": f.tell(), "bytes": len(data), "data": hashlib.sha256(data).digest()}
+                    f.write(data)
+                    index[t.name] = entry
+                elif entry["data"] != hashlib.sha256(data).digest() or entry["shape"] != list(array.shape):
+                    raise SystemExit(f"error: initializer {t.name} differs between the graphs sharing {SHARED_WEIGHTS}")
+                t.raw_data = b"\0"  # set_external_data wants a raw_data field to replace
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(field)
+                set_external_data(t, SHARED_WEIGHTS, offset=entry["offset"], length=entry["bytes"])
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+        trailer = json.dumps({"tensors": [{k: v for k, v in e.items() if k != "data"} for e in index.values()]},
+                             separators=(",", ":")).encode()
+        f.write(trailer)
+        f.write(struct.pack("<Q", len(trailer)))
+        f.write(WEIGHTS_MAGIC)
+    for file_name, mp in graphs.items():
+        onnx.save(mp, os.path.join(d, file_name))
+
+
 def export_decoder_v2(model: ContractDecoder, path: str, dtype, scores: bool = True,
-                      weights_file: str | None = None) -> None:
-    save(build_graph(model, dtype, scores), path, weights_file)
+                      weights_file: str | None = None, quantize=None) -> List[str]:
+    """Writes the format-2 decoder to `path`; with scores, also the fast graph (no
+    attn_colsum) beside it, both over one shared weights file. quantize: a function
+    ModelProto -> ModelProto applied to each graph (int4). -> the extra files written."""
+    graph = build_graph(model, dtype, scores)
+    if quantize is not None:
+        graph = quantize(graph)
+    if not scores:
+        save(graph, path, weights_file)
+        return []
+    fast = build_graph(model, dtype, False)
+    if quantize is not None:
+        fast = quantize(fast)
+    save_sharing_weights({os.path.basename(path): graph, FAST_GRAPH: fast}, os.path.dirname(path))
+    return [FAST_GRAPH, SHARED_WEIGHTS]
 
 
 def add_format_args(ap) -> None:
@@ -199,10 +275,15 @@ def check_format_args(a) -> None:
         raise SystemExit("error: --decoder-scores off needs --decoder-format 2 (format 1 always outputs the scores)")
 
 
-def export_any(model: ContractDecoder, path: str, dtype, decoder_format: int, scores: bool) -> None:
-    """Writes decoder.onnx in the chosen format."""
+def export_any(model: ContractDecoder, path: str, dtype, decoder_format: int, scores: bool,
+               quantize=None) -> List[str]:
+    """Writes decoder.onnx in the chosen format (format 2 with scores: also the fast graph
+    and the shared weights). -> the extra files written beside it."""
     if decoder_format == 1:
         from .decoder import export_decoder
         export_decoder(model, path, dtype)
-    else:
-        export_decoder_v2(model, path, dtype, scores)
+        if quantize is not None:
+            import onnx
+            onnx.save(quantize(onnx.load(path)), path)
+        return []
+    return export_decoder_v2(model, path, dtype, scores, quantize=quantize)

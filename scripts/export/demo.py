@@ -55,6 +55,7 @@ SAMPLE_IMAGES = ["chelsea.png", "coffee.png", "astronaut.png"]
 VARIANTS = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}  # int4: fp32 I/O
 
 
+FAST_PATH = "fast graph over shared weights"  # part of the build key: older builds lack it
 INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: see docs/performance.md for its quality
 
 
@@ -68,7 +69,7 @@ def build_key(variant: str, decoder_format: int = 2, scores: bool = True) -> str
     for f in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))):
         h.update(open(f, "rb").read())
     h.update(open(os.path.join(common.ASSETS, ".elastic-edge-stamp"), "rb").read())
-    h.update(json.dumps([variant, decoder_format, scores, INT4_ACCURACY_LEVEL, IMAGE_SIZE, TOPK, TEMPERATURE, LEMMAS, CHAT_TEMPLATE]).encode())
+    h.update(json.dumps([variant, decoder_format, scores, FAST_PATH, INT4_ACCURACY_LEVEL, IMAGE_SIZE, TOPK, TEMPERATURE, LEMMAS, CHAT_TEMPLATE]).encode())
     return h.hexdigest()
 
 
@@ -118,20 +119,24 @@ def export_vision(model, path: str, hidden: int) -> None:
     set_output_shapes(path, {"image_embeds": [1, (IMAGE_SIZE // 32) ** 2, hidden]})
 
 
-def quantize_int4(path: str, accuracy_level: int) -> None:
-    """MatMul weights -> ONNX Runtime MatMulNBits (4 bit, asymmetric, block 32), in place;
-    accuracy_level 4 quantizes the activations to int8 for the fast int8 dot-product kernels,
-    0 keeps them in fp32. SmolLM2-135M was already Q4_1 in the GGUF; quantizing it again
-    loses a lot (greedy captions agree with fp32 for only the first few tokens)."""
+def int4_quantizer(accuracy_level: int):
+    """-> a function ModelProto -> ModelProto turning every MatMul's weights into ONNX Runtime
+    MatMulNBits (4 bit, asymmetric, block 32); accuracy_level 4 quantizes the activations to
+    int8 for the fast int8 dot-product kernels, 0 keeps them in fp32. Deterministic, so the two
+    graphs of one model quantize to the same bytes (they share one weights file). SmolLM2-135M
+    was already Q4_1 in the GGUF; quantizing it again loses a lot (its ROUGE-L and PPL against
+    fp32 are in docs/performance.md)."""
     import logging
-    import onnx
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    q = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=32, is_symmetric=False,
-                             accuracy_level=accuracy_level or None)
-    q.process()
-    q.model.save_model_to_file(path, use_external_data_format=False)
+
+    def quantize(mp):
+        q = MatMulNBitsQuantizer(mp, bits=4, block_size=32, is_symmetric=False,
+                                 accuracy_level=accuracy_level or None)
+        q.process()
+        return q.model.model
+    return quantize
 
 
 def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int = 2, scores: bool = True) -> str:
@@ -145,12 +150,13 @@ def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int 
         log(f"{name}: exporting decoder.onnx ({cfg.layers} layers, {dtype}, format {decoder_format}"
             f"{'' if scores else ', no scores'})")
         dec = build_from_state_dict(cfg, parts.dec_sd, dtype)
-        export_any(dec, os.path.join(tmp, "decoder.onnx"), dtype, decoder_format, scores)
-        del dec
+        quantize = None
         if variant == "int4":
             log(f"{name}: quantizing decoder MatMul weights to 4 bit (MatMulNBits, block 32, "
                 f"accuracy_level {INT4_ACCURACY_LEVEL})")
-            quantize_int4(os.path.join(tmp, "decoder.onnx"), INT4_ACCURACY_LEVEL)
+            quantize = int4_quantizer(INT4_ACCURACY_LEVEL)
+        extra = export_any(dec, os.path.join(tmp, "decoder.onnx"), dtype, decoder_format, scores, quantize)
+        del dec
         log(f"demo-{variant}: exporting vision.onnx ({IMAGE_SIZE}x{IMAGE_SIZE} -> {(IMAGE_SIZE // 32) ** 2} tokens)")
         export_vision(parts.vision(dtype), os.path.join(tmp, "vision.onnx"), cfg.hidden)
         log(f"demo-{variant}: writing embed_tokens.bin and tokenizer.json")
@@ -177,7 +183,7 @@ def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int 
                        description="SmolLM2-135M-Instruct + EfficientNet-Lite0 with a training-free "
                                    "class-name projector: coarse but image-grounded captions",
                        dtype="float16" if dtype == torch.float16 else "float32", cfg=cfg, tokens=tokens,
-                       vision=vision, chat_template=CHAT_TEMPLATE, build=build)
+                       vision=vision, chat_template=CHAT_TEMPLATE, build=build, extra_files=extra)
         log(f"{name}: verifying")
         from .verify import verify_demo
         report = verify_demo(parts, tmp, variant, out_dir, primary=decoder_format == 2 and scores)

@@ -181,8 +181,8 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
     size = vis_meta["image_size"]
     with AtomicDir(out) as tmp:
         log(f"{family}: exporting decoder.onnx ({dcfg.layers} layers, format {decoder_format})")
-        export_any(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype,
-                   decoder_format, scores)
+        extra = export_any(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype,
+                           decoder_format, scores)
         log(f"{family}: exporting vision.onnx ({size}x{size} -> {vis_meta['image_tokens']} tokens)")
 
         class Cast(nn.Module):
@@ -206,7 +206,7 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
         write_manifest(tmp, name=name or os.path.basename(os.path.abspath(ckpt)),
                        description=f"{family} checkpoint exported from {ckpt}",
                        dtype="float16" if dtype == torch.float16 else "float32", cfg=dcfg, tokens=tokens,
-                       vision=vis_meta, chat_template=tpl,
+                       vision=vis_meta, chat_template=tpl, extra_files=extra,
                        build={"key": "", "exporter": "scripts/export/families.py", "family": family,
                               "torch": torch.__version__})
     return out
@@ -307,9 +307,12 @@ def _check_export(ck: str, ref, family: str, root: str, decoder_format: int) -> 
                          max_new_tokens=12, do_sample=False, eos_token_id=om.m["stop_token_ids"],
                          pad_token_id=om.m["stop_token_ids"][0])[0].tolist()
     got = om.generate(emb, 12)
-    ok = got == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
-    result = {"vision_max_abs_err": verr, **dv, "greedy_transformers": g, "greedy_onnxruntime": got,
-              "ok": ok}
+    from .verify import fast_graph_agrees
+    fast = fast_graph_agrees(out, 1e-4)
+    got_fast = OrtModel(out, decoder="decoder_fast").generate(emb, 12) if fast else got
+    ok = got == g and got_fast == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
+    result = {"vision_max_abs_err": verr, **dv, "fast_graph_vs_scores_graph": fast, "greedy_transformers": g,
+              "greedy_onnxruntime": got, "greedy_fast_graph": got_fast, "ok": ok}
     log(f"selftest {family} format {decoder_format}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, "
         f"greedy match {got == g}")
     if not ok:

@@ -32,7 +32,11 @@ def write_manifest(d: str, *, name: str, description: str, dtype: str, cfg: Deco
     files = {"decoder": "decoder.onnx", "embed_tokens": "embed_tokens.bin", "tokenizer": "tokenizer.json"}
     if vision is not None:
         files["vision"] = "vision.onnx"
-    names = list(files.values()) + list(extra_files)
+    from .decoder_v2 import FAST_GRAPH, SHARED_WEIGHTS
+    if FAST_GRAPH in extra_files:  # format 2 with scores: decode steps run the graph without them
+        files["decoder_fast"] = FAST_GRAPH
+        files["decoder_weights"] = SHARED_WEIGHTS
+    names = list(dict.fromkeys(list(files.values()) + list(extra_files)))
     graphs = {"decoder": graph_io(os.path.join(d, files["decoder"]))}
     if vision is not None:
         graphs["vision"] = graph_io(os.path.join(d, files["vision"]))

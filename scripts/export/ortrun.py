@@ -21,7 +21,9 @@ from .common import preprocess, prompt_pieces
 
 
 class OrtModel:
-    def __init__(self, model_dir: str, threads: int = 0):
+    def __init__(self, model_dir: str, threads: int = 0, decoder: str = "decoder"):
+        """decoder: the manifest's files key of the graph to run ("decoder_fast": the one
+        without attention sums)."""
         import onnxruntime as ort
         self.dir = model_dir
         self.m = json.load(open(os.path.join(model_dir, "manifest.json")))
@@ -29,7 +31,7 @@ class OrtModel:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        self.dec = ort.InferenceSession(os.path.join(model_dir, m["files"]["decoder"]), so,
+        self.dec = ort.InferenceSession(os.path.join(model_dir, m["files"][decoder]), so,
                                         providers=["CPUExecutionProvider"])
         self.vis = None
         if m.get("vision"):

@@ -112,7 +112,7 @@ def write_model(dest: str, tok, dec, vis, embed, decoder_format: int):
     """Exports the tiny model to dest in one decoder format; -> its fixture (checked against torch)."""
     with AtomicDir(dest) as tmp:
         log(f"tiny: exporting decoder.onnx (format {decoder_format}) / vision.onnx to {os.path.relpath(dest, REPO)}")
-        export_any(dec, os.path.join(tmp, "decoder.onnx"), torch.float32, decoder_format, scores=True)
+        extra = export_any(dec, os.path.join(tmp, "decoder.onnx"), torch.float32, decoder_format, scores=True)
         with torch.no_grad():
             torch.onnx.export(vis, (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),), os.path.join(tmp, "vision.onnx"),
                               input_names=["pixel_values"], output_names=["image_embeds"], opset_version=17,
@@ -131,8 +131,12 @@ def write_model(dest: str, tok, dec, vis, embed, decoder_format: int):
                  "seed": SEED, "torch": torch.__version__}
         write_manifest(tmp, name="tiny", description="random weights, for tests only", dtype="float32",
                        cfg=CFG, tokens=tokens, vision=vision, chat_template=CHAT_TEMPLATE, build=build,
-                       extra_files=["gradient.png"])
+                       extra_files=["gradient.png"] + extra)
         fixture = reference_fixture(tmp, tok, dec, vis, embed)
+        from .verify import fast_graph_agrees
+        fast = fast_graph_agrees(tmp, 1e-4)
+        if fast:
+            fixture["fast_graph_vs_scores_graph"] = fast["max_abs_diff"]
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
         log(f"tiny: {total / 1024:.0f} KiB in all")
         if total > 2 * 1024 * 1024:

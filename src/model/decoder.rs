@@ -143,7 +143,7 @@ fn tensor<T: PrimitiveTensorElementType>(
     })
 }
 
-fn check(status: ort::sys::OrtStatusPtr, context: &str) -> Result<()> {
+pub(crate) fn check(status: ort::sys::OrtStatusPtr, context: &str) -> Result<()> {
     if status.0.is_null() {
         return Ok(());
     }
@@ -172,12 +172,30 @@ pub(crate) fn one_line(text: &str) -> String {
         .join("; ")
 }
 
-/// The decoder session and everything a step needs, sized once.
+/// How many steps ran on each decoder graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphRuns {
+    /// `files.decoder`: the steps whose policy read attention sums, and
+    /// every step of a model without a fast graph.
+    pub main: u64,
+    /// `files.decoder_fast`: the steps whose policy read none.
+    pub fast: u64,
+}
+
+/// The decoder's sessions and everything a step needs, sized once.
+///
+/// Up to two graphs over one copy of the weights: `main` (files.decoder,
+/// with attention sums unless exported without) and `fast`
+/// (files.decoder_fast, without). A step runs `fast` whenever its policy
+/// reads no sums (every step of `full` and `local`, Elastic Cache's
+/// generation) and `main` otherwise (H2O, Elastic Cache's prefill).
 pub struct Decoder {
-    session: Session,
+    main: Option<Session>,
+    fast: Option<Session>,
     format: DecoderFormat,
-    /// The graph outputs attention column sums.
+    /// A loaded graph outputs attention column sums.
     scores: bool,
+    runs: GraphRuns,
     names: Names,
     scratch: RunScratch,
     memory: MemoryInfo<'static>,
@@ -200,6 +218,9 @@ pub struct Decoder {
     run_ms: f64,
     /// Entries the last step read.
     past: usize,
+    /// The weights both sessions read: declared after them, so dropped
+    /// after them.
+    _weights: Option<super::weights::SharedWeights>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -207,13 +228,25 @@ impl std::fmt::Debug for Decoder {
         f.debug_struct("Decoder")
             .field("format", &self.format)
             .field("scores", &self.scores)
+            .field("main", &self.main.is_some())
+            .field("fast", &self.fast.is_some())
             .field("capacity", &self.capacity)
             .finish()
     }
 }
 
 impl Decoder {
-    pub(crate) fn new(session: Session, manifest: &Manifest) -> Result<Self> {
+    /// `main` and `fast` as loaded (at least one); `weights`, when the two
+    /// share them, must be what both sessions were given.
+    pub(crate) fn new(
+        main: Option<Session>,
+        fast: Option<Session>,
+        weights: Option<super::weights::SharedWeights>,
+        manifest: &Manifest,
+    ) -> Result<Self> {
+        if main.is_none() && fast.is_none() {
+            return Err(Error::Plan("a decoder needs at least one graph".into()));
+        }
         let layers = manifest.layers;
         let format = manifest.decoder_format();
         let (out_key, out_value) = match format {
@@ -241,9 +274,12 @@ impl Decoder {
             colsum: per_layer("attn_colsum"),
         };
         Ok(Decoder {
-            session,
+            scores: main.is_some() && (format == DecoderFormat::PastAndNew || manifest.decoder_scores()),
+            main,
+            fast,
+            runs: GraphRuns::default(),
+            _weights: weights,
             format,
-            scores: format == DecoderFormat::PastAndNew || manifest.decoder_scores(),
             names,
             scratch: RunScratch::with_capacity(5 + 2 * layers, 1 + 3 * layers),
             memory: MemoryInfo::default(),
@@ -260,6 +296,16 @@ impl Decoder {
             run_ms: 0.0,
             past: 0,
         })
+    }
+
+    /// Steps run on each graph since the model was loaded.
+    pub fn graph_runs(&self) -> GraphRuns {
+        self.runs
+    }
+
+    /// Whether steps that read no attention sums run the fast graph.
+    pub fn has_fast_graph(&self) -> bool {
+        self.fast.is_some()
     }
 
     pub fn format(&self) -> DecoderFormat {
@@ -339,8 +385,8 @@ impl Decoder {
         }
         let wants_scores = cache.wants_scores();
         if wants_scores && !self.scores {
-            return Err(Error::Shape(
-                "the policy needs attention scores, which this decoder graph does not output".into(),
+            return Err(Error::Plan(
+                "the policy needs attention scores, which no loaded decoder graph outputs".into(),
             ));
         }
         let total = past + t;
@@ -499,6 +545,16 @@ impl Decoder {
                 );
             }
         }
+        // The fast graph unless this step's sums are read (checked in `step`:
+        // then `main` is loaded and outputs them).
+        let (session, runs) = match (&self.fast, &self.main) {
+            (Some(fast), _) if !wants_scores => (fast, &mut self.runs.fast),
+            (_, Some(main)) => (main, &mut self.runs.main),
+            (Some(fast), None) => (fast, &mut self.runs.fast),
+            // `new` refuses a decoder without a graph.
+            (None, None) => return Err(Error::Plan("a decoder needs at least one graph".into())),
+        };
+        *runs += 1;
         let api = ort::api();
         // SAFETY: every name points into `self.names` and every value was
         // created above over memory borrowed for this call (the pool through
@@ -507,7 +563,7 @@ impl Decoder {
         // and replaces none of them.
         let status = unsafe {
             (api.Run)(
-                self.session.ptr().cast_mut(),
+                session.ptr().cast_mut(),
                 ptr::null(),
                 scratch.input_names.as_ptr(),
                 scratch.inputs.as_ptr(),

@@ -111,6 +111,12 @@ pub struct EmbedSpec {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelFiles {
     pub decoder: String,
+    /// The decoder graph without attention sums, over the same weights as
+    /// `decoder` (format 2 with scores): what steps whose policy scores
+    /// nothing run (docs/model-format.md, "The fast graph").
+    pub decoder_fast: Option<String>,
+    /// The weights `decoder` and `decoder_fast` share ([`super::weights`]).
+    pub decoder_weights: Option<String>,
     pub embed_tokens: String,
     pub tokenizer: String,
     pub vision: Option<String>,
@@ -233,6 +239,14 @@ impl Manifest {
             .outputs
             .iter()
             .any(|output| output.name == "attn_colsum_0")
+    }
+
+    /// The fast graph's inputs and outputs: the decoder's, less the
+    /// attention sums.
+    pub fn fast_graph_io(&self) -> GraphIo {
+        let mut io = self.graphs.decoder.clone();
+        io.outputs.retain(|output| !output.name.starts_with("attn_colsum_"));
+        io
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -420,6 +434,12 @@ impl Manifest {
         if let Some(vision) = &self.files.vision {
             names.push(("files.vision".into(), vision));
         }
+        if let Some(fast) = &self.files.decoder_fast {
+            names.push(("files.decoder_fast".into(), fast));
+        }
+        if let Some(weights) = &self.files.decoder_weights {
+            names.push(("files.decoder_weights".into(), weights));
+        }
         names.extend(
             self.file_hashes
                 .keys()
@@ -436,6 +456,25 @@ impl Manifest {
     /// The decoder graph must follow its format's contract
     /// (docs/model-format.md) exactly.
     fn validate_decoder(&self, path: &Path) -> Result<()> {
+        match (&self.files.decoder_fast, &self.files.decoder_weights) {
+            (None, None) => {}
+            (Some(_), Some(_)) => {
+                if self.decoder_format() != DecoderFormat::InPlace || !self.decoder_scores() {
+                    return Err(invalid(
+                        path,
+                        "files.decoder_fast",
+                        "a fast graph goes with a format-2 decoder that outputs attention sums",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    path,
+                    "files.decoder_fast",
+                    "decoder_fast and decoder_weights come together (the two graphs share the weights)",
+                ))
+            }
+        }
         let graph = &self.graphs.decoder;
         let (inputs, outputs) = (&graph.inputs, &graph.outputs);
         let dt = self.dtype.as_str();
@@ -528,6 +567,8 @@ impl Manifest {
         let mut check = FileCheck::default();
         let mut required: Vec<&str> = vec![&self.files.decoder, &self.files.embed_tokens, &self.files.tokenizer];
         required.extend(self.files.vision.as_deref());
+        required.extend(self.files.decoder_fast.as_deref());
+        required.extend(self.files.decoder_weights.as_deref());
         for name in required {
             if !self.file_hashes.contains_key(name) {
                 return Err(invalid(

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod prompt;
 pub mod providers;
 pub mod vision;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,7 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 
 use crate::error::{error_chain, Error, Result};
 use crate::runtime;
-pub use decoder::Decoder;
+pub use decoder::{Decoder, GraphRuns};
 pub use embeddings::Embeddings;
 pub use manifest::{DecoderFormat, FileCheck, Manifest};
 pub use providers::{Device, ProviderOptions};
@@ -44,6 +45,8 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// ONNX Runtime library to load (see `runtime::load`).
     pub onnxruntime: Option<PathBuf>,
+    /// Load only `files.decoder`, not the fast graph beside it.
+    pub single_graph: bool,
 }
 
 /// A loaded model. Its graphs are its own: the decoder and vision types
@@ -80,19 +83,12 @@ impl Model {
         log::info!("model {}: files check out: {checked}", dir.display());
         let library = runtime::load(options.onnxruntime.as_deref())?;
         check_decoder_support(dir, &manifest, &library.version, options.providers.device)?;
-        let session = |file: &str| build_session(library.environment(), &dir.join(file), options);
-        let decoder = session(&manifest.files.decoder)?;
-        check_graph(
-            &dir.join(&manifest.files.decoder),
-            "decoder",
-            &decoder,
-            &manifest.graphs.decoder,
-        )?;
+        let decoder = load_decoder(dir, &manifest, library.environment(), options)?;
+        let session = |file: &str| build_session(library.environment(), &dir.join(file), options, None);
         let vision = manifest.files.vision.as_deref().map(session).transpose()?;
         if let (Some(file), Some(session), Some(io)) = (&manifest.files.vision, &vision, &manifest.graphs.vision) {
             check_graph(&dir.join(file), "vision", session, io)?;
         }
-        let decoder = Decoder::new(decoder, &manifest)?;
         let vision = vision.and_then(|session| Vision::new(session, &manifest));
         let embeddings = Embeddings::open(
             &dir.join(&manifest.files.embed_tokens),
@@ -121,7 +117,73 @@ impl Model {
     }
 }
 
+/// Which decoder graphs a load builds sessions for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderGraphs {
+    /// `files.decoder`.
+    pub main: bool,
+    /// `files.decoder_fast`.
+    pub fast: bool,
+}
+
+/// On the CPU, the graph with attention sums and, when the model has one,
+/// the fast graph beside it (unless `single_graph`). On a GPU a format-2
+/// graph with sums cannot run (its GroupQueryAttention gives no
+/// probabilities there), so the fast graph runs alone when there is one.
+pub fn decoder_graphs(manifest: &Manifest, device: Device, single_graph: bool) -> DecoderGraphs {
+    let has_fast = manifest.files.decoder_fast.is_some();
+    if device != Device::Cpu && has_fast && manifest.decoder_format() == DecoderFormat::InPlace {
+        return DecoderGraphs {
+            main: false,
+            fast: true,
+        };
+    }
+    DecoderGraphs {
+        main: true,
+        fast: has_fast && !single_graph,
+    }
+}
+
+/// The decoder's sessions over one copy of its weights.
+fn load_decoder(
+    dir: &Path,
+    manifest: &Manifest,
+    environment: &ort::environment::Environment,
+    options: &LoadOptions,
+) -> Result<Decoder> {
+    let graphs = decoder_graphs(manifest, options.providers.device, options.single_graph);
+    let weights = manifest
+        .files
+        .decoder_weights
+        .as_deref()
+        .map(|file| weights::SharedWeights::open(&dir.join(file)))
+        .transpose()?;
+    let session = |file: &str, graph: &str, io: &manifest::GraphIo| -> Result<Session> {
+        let path = dir.join(file);
+        let session = build_session(environment, &path, options, weights.as_ref())?;
+        check_graph(&path, graph, &session, io)?;
+        Ok(session)
+    };
+    let main = graphs
+        .main
+        .then(|| session(&manifest.files.decoder, "decoder", &manifest.graphs.decoder))
+        .transpose()?;
+    let fast = match (&manifest.files.decoder_fast, graphs.fast) {
+        (Some(file), true) => Some(session(file, "decoder_fast", &manifest.fast_graph_io())?),
+        _ => None,
+    };
+    if let Some(weights) = &weights {
+        weights.release_pages();
+    }
+    Decoder::new(main, fast, weights, manifest)
+}
+
 impl Model {
+    /// Steps run on each decoder graph since the model was loaded.
+    pub fn decoder_graph_runs(&self) -> GraphRuns {
+        self.decoder.graph_runs()
+    }
+
     /// Which decoder graph runs, and why: for `doctor` and the logs.
     pub fn decoder_summary(&self) -> String {
         describe_decoder(&self.manifest)
@@ -139,7 +201,11 @@ pub fn describe_decoder(manifest: &Manifest) -> String {
         ),
         DecoderFormat::InPlace => format!(
             "format 2 (GroupQueryAttention appending to the pool in place{}; ONNX Runtime 1.{} or newer)",
-            if scores {
+            if scores && manifest.files.decoder_fast.is_some() {
+                "; two graphs over one copy of the weights: with attention column sums for the steps H2O and \
+                 Elastic Cache score, and a fast one without for every other step (on a GPU the fast one alone: \
+                 policies full and local)"
+            } else if scores {
                 ", with attention column sums for H2O and Elastic Cache"
             } else {
                 ", no attention column sums: policies full and local only"
@@ -160,7 +226,8 @@ fn onnxruntime_minor(version: &str) -> Option<u32> {
 /// Runtime or the chosen device cannot run, naming what would.
 pub fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str, device: Device) -> Result<()> {
     let format = manifest.decoder_format();
-    let scores = manifest.decoder_scores();
+    // On a GPU the fast graph (no sums) runs alone where there is one.
+    let scores = manifest.decoder_scores() && decoder_graphs(manifest, device, false).main;
     let path = dir.join(&manifest.files.decoder);
     let refuse = |reason: String| {
         Err(Error::ModelFile {
@@ -195,8 +262,9 @@ pub fn check_decoder_support(dir: &Path, manifest: &Manifest, ort_version: &str,
         if scores {
             return refuse(format!(
                 "this decoder outputs attention column sums (qk_output), which GroupQueryAttention on --device \
-                 {device} cannot give: export it without them (--decoder-scores off) for policies full and local, \
-                 or in format 1 for H2O and Elastic Cache on the GPU"
+                 {device} cannot give, and the model has no fast graph without them: export it again (its \
+                 decoder_fast.onnx runs policies full and local on the GPU), or in format 1 for H2O and Elastic \
+                 Cache on the GPU"
             ));
         }
     }
@@ -277,7 +345,14 @@ fn check_graph(path: &Path, graph: &str, session: &Session, io: &manifest::Graph
     Ok(())
 }
 
-fn build_session(environment: &ort::environment::Environment, path: &Path, options: &LoadOptions) -> Result<Session> {
+/// A session for the graph at `path`; with `weights`, its initializers are
+/// those shared values (and its packed weights shared with the other graph).
+fn build_session(
+    environment: &ort::environment::Environment,
+    path: &Path,
+    options: &LoadOptions,
+    weights: Option<&weights::SharedWeights>,
+) -> Result<Session> {
     let fail = |what: &str, reason: String| Error::Runtime {
         context: format!("{what} for {}", path.display()),
         reason,
@@ -304,6 +379,9 @@ fn build_session(environment: &ort::environment::Environment, path: &Path, optio
             error_chain(&e),
         )
     })?;
+    if let Some(weights) = weights {
+        builder = weights.add_to(builder)?;
+    }
     builder
         .commit_from_file(path)
         .map_err(|e| fail("loading the graph", error_chain(&e)))
@@ -421,19 +499,38 @@ mod tests {
                 .to_string();
             assert!(err.contains("takes float16 only"), "{err}");
         }
-        // fp16 with scores: the probabilities output is CPU-only.
+        // fp16 with scores and no fast graph: the probabilities output is
+        // CPU-only.
         let mut fp16 = manifest.clone();
         fp16.dtype = "float16".into();
-        let err = check_decoder_support(&dir, &fp16, "1.31.1", Device::Cuda)
+        let mut single = fp16.clone();
+        single.files.decoder_fast = None;
+        single.files.decoder_weights = None;
+        let err = check_decoder_support(&dir, &single, "1.31.1", Device::Cuda)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--decoder-scores off"), "{err}");
+        assert!(err.contains("no fast graph"), "{err}");
+        // With its fast graph, that graph runs alone on the GPU (1.22 is
+        // enough for it), both on the CPU.
+        check_decoder_support(&dir, &fp16, "1.22.0", Device::Cuda).unwrap();
+        let gpu = decoder_graphs(&fp16, Device::Cuda, false);
+        assert_eq!(
+            gpu,
+            DecoderGraphs {
+                main: false,
+                fast: true
+            }
+        );
+        let cpu = decoder_graphs(&fp16, Device::Cpu, false);
+        assert_eq!(cpu, DecoderGraphs { main: true, fast: true });
+        assert!(!decoder_graphs(&fp16, Device::Cpu, true).fast);
         // fp16 without scores is what the GPU runs.
-        fp16.graphs
+        single
+            .graphs
             .decoder
             .outputs
             .retain(|o| !o.name.starts_with("attn_colsum_"));
-        check_decoder_support(&dir, &fp16, "1.31.1", Device::Cuda).unwrap();
+        check_decoder_support(&dir, &single, "1.31.1", Device::Cuda).unwrap();
         // Format 1 goes to the provider as it is.
         let (dir, manifest) = tiny("models/tiny-format1");
         check_decoder_support(&dir, &manifest, "1.31.1", Device::Cuda).unwrap();

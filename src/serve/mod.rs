@@ -280,6 +280,7 @@ pub fn run(config: &ServeConfig, stop: &StopFlag) -> Result<()> {
         },
         threads: config.model.threads,
         onnxruntime: config.model.onnxruntime.clone(),
+        single_graph: false,
     };
     let mut model = Model::load(&config.model.dir, &options)?;
     let pool_bytes = cache.pool().bytes();
