@@ -333,6 +333,15 @@ struct EvalArgs {
     #[arg(long, value_name = "N", conflicts_with = "replot")]
     memory_frames: Option<usize>,
 
+    /// Score --model against this model's full-cache answers instead of its
+    /// own: e.g. the fp32 build when --model is the int4 or fp16 build of
+    /// the same weights (the tokenizers must be the same file). Every row,
+    /// full included, is then ROUGE-L against those answers and the
+    /// perplexity of those answers under --model. Loaded first (same
+    /// --device and --threads), its answers cached in --out, then dropped.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["replot", "memory_frames"])]
+    reference_model: Option<PathBuf>,
+
     /// The knobs apply to every policy that uses them (the ablations).
     #[command(flatten)]
     knobs: PolicyConfig,
@@ -379,7 +388,7 @@ struct CaptionArgs {
 }
 
 /// Which model, and where it runs.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// Model folder with manifest.json (default: $ELASTIC_EDGE_MODEL, then
     /// the demo model built by scripts/build-demo-model.sh).
@@ -848,11 +857,36 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
         policy_config: args.knobs.clone(),
         out: args.out.clone(),
     };
-    let rows = sweep::run(&mut model, &samples, &config, &mut |done, total, what| {
+    let mut progress = |done, total, what: &str| {
         bar.set_length(total);
         bar.set_position(done);
         bar.set_message(what.to_string());
-    })?;
+    };
+    let references = match &args.reference_model {
+        Some(dir) => {
+            let reference_args = ModelArgs {
+                model: Some(dir.clone()),
+                ..args.model.clone()
+            };
+            let mut reference = load_model(None, &reference_args)?;
+            let tokenizer = |m: &Model| {
+                m.manifest
+                    .file_hashes
+                    .get(&m.manifest.files.tokenizer)
+                    .map(|h| h.sha256.clone())
+            };
+            if tokenizer(&reference) != tokenizer(&model) || reference.manifest.vocab != model.manifest.vocab {
+                anyhow::bail!(
+                    "--reference-model {}: its tokenizer is not --model's, so its answers' token ids mean other words",
+                    dir.display()
+                );
+            }
+            let answers = sweep::full_cache_answers(&mut reference, &samples, &config, &mut progress)?;
+            Some(answers)
+        }
+        None => None,
+    };
+    let rows = sweep::run_against(&mut model, &samples, &config, references, &mut progress)?;
     bar.finish_and_clear();
     outln!(
         "{} samples ({} skipped); results in {}",

@@ -326,6 +326,91 @@ fn eval_sweeps_policies_and_keeps_and_writes_complete_reports() {
     assert!(stderr_line(&output).contains("line 3"));
 }
 
+/// `--reference-model`: another build's full-cache answers score every
+/// row, full included (the tiny model's format-1 build: the same weights,
+/// so the same greedy answers); a model with another tokenizer is refused.
+#[test]
+fn eval_against_a_reference_model_scores_every_row_by_its_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"id\": \"g\", \"image\": \"{}\", \"prompt\": \"Describe the picture.\"}}\n\
+             {{\"id\": \"t\", \"prompt\": \"Hello, who are you?\"}}\n",
+            gradient()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let format1 = format!("{}/models/tiny-format1", env!("CARGO_MANIFEST_DIR"));
+    let model = tiny();
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--policies",
+            "local",
+            "--keep",
+            "0.5",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        elastic_edge(&args)
+    };
+    let output = eval(&["--reference-model", &format1]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2, "{csv}");
+    // tiny's full cache generated its own answers: those of the format-1 build.
+    assert!(csv.lines().nth(1).unwrap().starts_with("full,1,2,1.000000,"), "{csv}");
+    // The answers cached are the reference model's: the plain run adds its own.
+    let cached = |out: &std::path::Path| {
+        std::fs::read_to_string(out.join("references.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(cached(&out), 2);
+    assert!(eval(&[]).status.success());
+    assert_eq!(cached(&out), 4);
+
+    // Another tokenizer file: its ids might mean other words.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for entry in std::fs::read_dir(&format1).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+    }
+    let tokenizer = std::fs::read_to_string(other.join("tokenizer.json")).unwrap();
+    let changed = format!(" {tokenizer}"); // another file; loads the same
+    assert_ne!(changed, tokenizer);
+    std::fs::write(other.join("tokenizer.json"), &changed).unwrap();
+    let manifest = std::fs::read_to_string(other.join("manifest.json")).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(changed.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    manifest["file_hashes"]["tokenizer.json"]["sha256"] = sha.into();
+    manifest["file_hashes"]["tokenizer.json"]["bytes"] = changed.len().into();
+    std::fs::write(other.join("manifest.json"), manifest.to_string()).unwrap();
+    let output = eval(&["--reference-model", other.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr_line(&output).contains("its tokenizer is not --model's"),
+        "{}",
+        stderr_line(&output)
+    );
+}
+
 #[test]
 fn doctor_and_caption_share_their_cache_defaults_and_help_explains_them() {
     // doctor's were 64 MiB at keep 0.5, caption's 32 MiB at keep 1.

@@ -93,13 +93,52 @@ struct Reference {
 /// Progress: `(done, total, what)`.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
+/// One model's full-cache greedy answers to a dataset's samples, in order
+/// ([`full_cache_answers`]): what [`run_against`] scores another model by.
+#[derive(Clone, Debug)]
+pub struct References {
+    answers: Vec<Reference>,
+}
+
+/// `model`'s full-cache answers to `samples` (cached in `config.out`'s
+/// `references.jsonl` under that model's key), to score another build of
+/// the same weights against (an int4 model against fp32).
+pub fn full_cache_answers(
+    model: &mut Model,
+    samples: &[Sample],
+    config: &SweepConfig,
+    progress: Progress<'_>,
+) -> Result<References> {
+    std::fs::create_dir_all(&config.out).map_err(|e| io_error(&config.out, e))?;
+    let mut done = 0;
+    let total = 2 * samples.len() as u64;
+    let answers = full_cache_references(model, samples, config, &mut done, total, progress)?;
+    Ok(References { answers })
+}
+
 /// Runs the sweep and writes `results.csv`, `samples.csv`, `results.md`
 /// and `results.svg` into `config.out` (see [`report::write`]). Full-cache
 /// answers are cached in `references.jsonl` there, so a rerun or an added
 /// policy reuses them. Results are written under `.partial` names first and
 /// renamed when the sweep is complete.
 pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress: Progress<'_>) -> Result<SweepOutput> {
+    run_against(model, samples, config, None, progress)
+}
+
+/// [`run`], scored against `references` (another model's full-cache
+/// answers) when given: then the full cache of `model` answers too, and
+/// every row's ROUGE-L and perplexity are against those answers.
+pub fn run_against(
+    model: &mut Model,
+    samples: &[Sample],
+    config: &SweepConfig,
+    references: Option<References>,
+    progress: Progress<'_>,
+) -> Result<SweepOutput> {
     std::fs::create_dir_all(&config.out).map_err(|e| io_error(&config.out, e))?;
+    if references.as_ref().is_some_and(|r| r.answers.len() != samples.len()) {
+        return Err(Error::Plan("reference answers for another set of samples".into()));
+    }
     let compressing: Vec<PolicyKind> = config
         .policies
         .iter()
@@ -109,7 +148,11 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
     let total = (samples.len() * (2 + 2 * compressing.len() * config.keeps.len())) as u64;
     let mut done = 0u64;
 
-    let references = full_cache_references(model, samples, config, &mut done, total, progress)?;
+    let own_references = references.is_none();
+    let references = match references {
+        Some(references) => references.answers,
+        None => full_cache_references(model, samples, config, &mut done, total, progress)?,
+    };
     let mut rows = Vec::new();
     let mut results = Vec::new(); // per-sample results
     let mut prompts = EncodedPrompts::new(samples.len());
@@ -129,7 +172,7 @@ pub fn run(model: &mut Model, samples: &[Sample], config: &SweepConfig, progress
             let at = at_sample(sample);
             let images = sample.image_inputs();
             let prompt = prompts.get(&mut generator, index, sample).map_err(at)?;
-            let answer = if policy == PolicyKind::Full {
+            let answer = if policy == PolicyKind::Full && own_references {
                 reference.text.clone()
             } else {
                 let params = GenerateParams {
@@ -284,12 +327,16 @@ fn full_cache_references(
             }
         }
     }
-    let model_key = model
-        .manifest
-        .file_hashes
-        .get(&model.manifest.files.decoder)
-        .map(|h| h.sha256.clone())
-        .unwrap_or_default();
+    // The decoder graph and, apart from it, its weights: a format-2 graph
+    // holds none of its own.
+    let files = &model.manifest.files;
+    let model_key: String = [Some(&files.decoder), files.decoder_weights.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|file| model.manifest.file_hashes.get(file))
+        .map(|h| h.sha256.as_str())
+        .collect::<Vec<_>>()
+        .join("+");
     let shape = model.manifest.kv_shape();
     let cache = new_cache(shape, config, PolicyKind::Full, KeepRatio::FULL)?;
     let mut generator = Generator::new(model, cache)?;
