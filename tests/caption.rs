@@ -205,12 +205,14 @@ fn full_cache_refuses_a_prompt_the_pool_cannot_hold() {
     assert!(err.to_string().contains("raise --kv-budget"), "{err}");
 }
 
-/// The demo model, full cache, against transformers' greedy ids; skipped
-/// (with a note) when the demo model has not been built.
+/// The demo model, full cache, against transformers' greedy ids (fp32; fp16
+/// and int4 against what ONNX Runtime's Python API gave the exporter); each
+/// variant skipped (with a note) when it has not been built. fp32 and int4
+/// run the fast graph here (full reads no attention sums).
 #[test]
 fn demo_model_full_cache_matches_transformers() {
     let expected = fixture("demo_expected.json");
-    for variant in ["fp32", "fp16"] {
+    for variant in ["fp32", "fp16", "int4"] {
         let dir = repo().join(".cache/models").join(format!("demo-{variant}"));
         if !dir.join("manifest.json").is_file() {
             eprintln!("note: {} not built; run scripts/build-demo-model.sh", dir.display());

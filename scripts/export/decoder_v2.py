@@ -242,13 +242,17 @@ def save_sharing_weights(graphs, d: str) -> None:
 
 def export_decoder_v2(model: ContractDecoder, path: str, dtype, scores: bool = True,
                       weights_file: str | None = None, quantize=None) -> List[str]:
-    """Writes the format-2 decoder to `path`; with scores, also the fast graph (no
-    attn_colsum) beside it, both over one shared weights file. quantize: a function
+    """Writes the format-2 decoder to `path`; with scores and fp32 activations (fp32, int4),
+    also the fast graph (no attn_colsum) beside it, both over one shared weights file. quantize: a function
     ModelProto -> ModelProto applied to each graph (int4). -> the extra files written."""
     graph = build_graph(model, dtype, scores)
     if quantize is not None:
         graph = quantize(graph)
-    if not scores:
+    # fp16 keeps one graph with its weights inside: ONNX Runtime 1.31's CPU provider keeps fp32
+    # copies of fp16 weights per session (a second session would double them), and through its
+    # C API it refuses an fp16 graph whose weights are external data ("The kernel ... doesn't
+    # have an implementation that can cache computed pre-packed weights"; its Python API loads it).
+    if not scores or dtype == torch.float16:
         save(graph, path, weights_file)
         return []
     fast = build_graph(model, dtype, False)

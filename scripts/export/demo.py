@@ -57,7 +57,7 @@ SAMPLE_IMAGES = ["chelsea.png", "coffee.png", "astronaut.png"]
 VARIANTS = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32, "int4-al0": torch.float32}
 
 
-FAST_PATH = "fast graph over shared weights"  # part of the build key: older builds lack it
+FAST_PATH = "fast graph over shared weights, fp32 activations only"  # part of the build key: older builds lack it
 INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: see docs/performance.md for its quality
 
 

@@ -152,12 +152,15 @@ fn load_decoder(
     options: &LoadOptions,
 ) -> Result<Decoder> {
     let graphs = decoder_graphs(manifest, options.providers.device, options.single_graph);
-    let weights = manifest
-        .files
-        .decoder_weights
-        .as_deref()
-        .map(|file| weights::SharedWeights::open(&dir.join(file)))
-        .transpose()?;
+    // Two sessions share one mapped copy of the weights; one alone reads
+    // them itself as ONNX external data (a shared initializer must be one
+    // every consuming kernel can share packed: ONNX Runtime's fp16 norms
+    // cannot, and refuse to load).
+    let share = graphs.main && graphs.fast;
+    let weights = match (&manifest.files.decoder_weights, share) {
+        (Some(file), true) => Some(weights::SharedWeights::open(&dir.join(file))?),
+        _ => None,
+    };
     let session = |file: &str, graph: &str, io: &manifest::GraphIo| -> Result<Session> {
         let path = dir.join(file);
         let session = build_session(environment, &path, options, weights.as_ref())?;
@@ -521,9 +524,19 @@ mod tests {
                 fast: true
             }
         );
+        // On the CPU fp16 runs one graph (a second would double its fp32
+        // copies of the weights); fp32 both, unless asked for one.
         let cpu = decoder_graphs(&fp16, Device::Cpu, false);
+        assert_eq!(
+            cpu,
+            DecoderGraphs {
+                main: true,
+                fast: false
+            }
+        );
+        let cpu = decoder_graphs(&manifest, Device::Cpu, false);
         assert_eq!(cpu, DecoderGraphs { main: true, fast: true });
-        assert!(!decoder_graphs(&fp16, Device::Cpu, true).fast);
+        assert!(!decoder_graphs(&manifest, Device::Cpu, true).fast);
         // fp16 without scores is what the GPU runs.
         single
             .graphs

@@ -167,7 +167,10 @@ impl SharedWeights {
     }
 
     /// Gives a session builder every shared tensor as an initializer and the
-    /// shared prepacked-weights container.
+    /// shared prepacked-weights container: the second session finds each
+    /// packed weight there (it packs it once more while loading and drops
+    /// the copy: a passing peak of the largest one, 108 MiB for the demo's
+    /// fp32 head).
     pub fn add_to(&self, mut builder: SessionBuilder) -> Result<SessionBuilder> {
         let api = ort::api();
         for tensor in &self.tensors {
