@@ -156,7 +156,9 @@ pub fn prompt_ids(model: &Model, tokens: usize) -> Result<Vec<u32>> {
     Ok(text.iter().copied().cycle().take(tokens).collect())
 }
 
-/// Bytes of the decoder graph: the `.onnx` file and external data beside it.
+/// Bytes of the decoder graph: the `.onnx` file, external data beside it,
+/// and the weights file it shares with the fast graph (counted once: a step
+/// runs one of the two graphs over the same weights).
 pub fn decoder_weight_bytes(model: &Model) -> Result<u64> {
     let path = model.dir.join(&model.manifest.files.decoder);
     let size = |p: &Path| -> Result<u64> {
@@ -169,6 +171,9 @@ pub fn decoder_weight_bytes(model: &Model) -> Result<u64> {
     let data = path.with_extension("onnx.data");
     if data.is_file() {
         bytes += size(&data)?;
+    }
+    if let Some(shared) = &model.manifest.files.decoder_weights {
+        bytes += size(&model.dir.join(shared))?;
     }
     Ok(bytes)
 }
