@@ -78,10 +78,8 @@ fn full_and_elastic_report_consistent_fields() {
     // The graph and the weights it shares with the fast graph (not that
     // graph too: a step runs one of them).
     let size = |file: &str| std::fs::metadata(format!("{}/{file}", tiny())).unwrap().len();
-    assert_eq!(
-        u(&report, "decoder_weight_bytes"),
-        size("decoder.onnx") + size("decoder.weights")
-    );
+    let decoder = size("decoder.onnx") + size("decoder.weights");
+    assert_eq!(u(&report, "decoder_weight_bytes"), decoder);
     let bandwidth = f(&report["bandwidth"], "bytes_per_s");
     assert!(bandwidth > 0.0);
     assert_eq!(u(&report["bandwidth"], "buffer_bytes"), 8 << 20);

@@ -456,6 +456,38 @@ mod tests {
         assert!(!err.contains(['\n', '\r']), "{err:?}");
     }
 
+    /// A fast graph comes with the weights it shares, beside a format-2
+    /// graph with scores; one field without the other, or beside a graph
+    /// that has no sums, is one manifest error naming the field.
+    #[test]
+    fn a_fast_graph_needs_its_shared_weights_and_a_graph_with_scores() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        let path = dir.join("manifest.json");
+        Manifest::parse(&text, &path).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["files"].as_object_mut().unwrap().remove("decoder_weights");
+        let err = Manifest::parse(&value.to_string(), &path).unwrap_err().to_string();
+        assert!(
+            err.contains("files.decoder_fast") && err.contains("come together"),
+            "{err}"
+        );
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["graphs"]["decoder"]["outputs"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|o| !o["name"].as_str().unwrap().starts_with("attn_colsum_"));
+        let err = Manifest::parse(&value.to_string(), &path).unwrap_err().to_string();
+        assert!(err.contains("outputs attention sums"), "{err}");
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["files"]["decoder_weights"] = "../weights".into();
+        let err = Manifest::parse(&value.to_string(), &path).unwrap_err().to_string();
+        assert!(
+            err.contains("files.decoder_weights") && err.contains("outside"),
+            "{err}"
+        );
+    }
+
     fn tiny(dir: &str) -> (PathBuf, Manifest) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let manifest = Manifest::load(&dir).unwrap();
