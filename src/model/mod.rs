@@ -127,9 +127,13 @@ pub struct DecoderGraphs {
 }
 
 /// On the CPU, the graph with attention sums and, when the model has one,
-/// the fast graph beside it (unless `single_graph`). On a GPU a format-2
-/// graph with sums cannot run (its GroupQueryAttention gives no
-/// probabilities there), so the fast graph runs alone when there is one.
+/// the fast graph beside it (unless `single_graph`, or the model is fp16:
+/// ONNX Runtime's x86 CPU kernels keep fp32 copies of fp16 weights per
+/// session, and its fp16 norms cannot share packed weights, so a second
+/// session would double them; the exporter writes no fast graph for fp16).
+/// On a GPU a format-2 graph with sums cannot run (its GroupQueryAttention
+/// gives no probabilities there), so the fast graph runs alone when there
+/// is one.
 pub fn decoder_graphs(manifest: &Manifest, device: Device, single_graph: bool) -> DecoderGraphs {
     let has_fast = manifest.files.decoder_fast.is_some();
     if device != Device::Cpu && has_fast && manifest.decoder_format() == DecoderFormat::InPlace {
@@ -140,7 +144,7 @@ pub fn decoder_graphs(manifest: &Manifest, device: Device, single_graph: bool) -
     }
     DecoderGraphs {
         main: true,
-        fast: has_fast && !single_graph,
+        fast: has_fast && !single_graph && manifest.kv_dtype() == crate::kv::KvDtype::F32,
     }
 }
 
