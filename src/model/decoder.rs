@@ -120,25 +120,50 @@ fn tensor<T: PrimitiveTensorElementType>(
     if elements < 0 || elements as usize != len {
         return Err(Error::Shape(format!("a tensor of shape {shape:?} over {len} elements")));
     }
+    // SAFETY: as `raw_tensor` asks, passed on to the caller (above).
+    unsafe {
+        raw_tensor(
+            info,
+            data.cast::<c_void>(),
+            len * std::mem::size_of::<T>(),
+            shape,
+            T::into_tensor_element_type(),
+        )
+    }
+}
+
+/// An ONNX Runtime value of `shape` and `ty` over `bytes` bytes at `data`,
+/// without a copy; released with `ReleaseValue`, which leaves the data.
+///
+/// # Safety
+/// `data` must be valid for `bytes` bytes (and writable, for an output) for
+/// as long as the value lives, and `bytes` must be the shape's size in `ty`.
+pub(crate) unsafe fn raw_tensor(
+    info: &MemoryInfo,
+    data: *const c_void,
+    bytes: usize,
+    shape: &[i64],
+    ty: ort::value::TensorElementType,
+) -> Result<*mut ort::sys::OrtValue> {
     let api = ort::api();
     let mut value: *mut ort::sys::OrtValue = ptr::null_mut();
-    // SAFETY: `data` is valid for `len` elements for as long as the caller
-    // keeps the value (documented above); ONNX Runtime copies the shape and
-    // does not take ownership of external data.
+    // SAFETY: the caller keeps `data` valid for `bytes` (the function's
+    // contract); ONNX Runtime copies the shape and does not take ownership
+    // of external data.
     let status = unsafe {
         (api.CreateTensorWithDataAsOrtValue)(
             info.ptr(),
-            data.cast_mut().cast::<c_void>(),
-            len * std::mem::size_of::<T>(),
+            data.cast_mut(),
+            bytes,
             shape.as_ptr(),
             shape.len(),
-            T::into_tensor_element_type().into(),
+            ty.into(),
             &mut value,
         )
     };
-    check(status, "creating a decoder tensor")?;
+    check(status, "creating a tensor over existing memory")?;
     NonNull::new(value).map(NonNull::as_ptr).ok_or_else(|| Error::Runtime {
-        context: "creating a decoder tensor".into(),
+        context: "creating a tensor over existing memory".into(),
         reason: "ONNX Runtime returned no value".into(),
     })
 }

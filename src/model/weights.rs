@@ -15,9 +15,9 @@
 //! shape, offset, bytes}]}`, its length as a little-endian u64, and the
 //! magic `EEWEIGHT`.
 
-use std::ffi::{c_void, CString};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 
 use memmap2::{Mmap, UncheckedAdvice};
 use ort::memory::MemoryInfo;
@@ -136,25 +136,13 @@ impl SharedWeights {
                 .map_err(|_| bad(format!("tensor name {:?} holds a NUL byte", entry.name)))?;
             // Checked by parse_index: offset + bytes lies inside the map.
             let data = map[entry.offset as usize..][..entry.bytes as usize].as_ptr();
-            let api = ort::api();
-            let mut value: *mut ort::sys::OrtValue = ptr::null_mut();
-            // SAFETY: `data` spans `bytes` bytes of the map, which lives as
-            // long as the value (dropped after it); ONNX Runtime copies the
-            // shape and neither frees nor writes external data of an
-            // initializer.
-            let status = unsafe {
-                (api.CreateTensorWithDataAsOrtValue)(
-                    memory.ptr(),
-                    data.cast_mut().cast::<c_void>(),
-                    entry.bytes as usize,
-                    shape.as_ptr(),
-                    shape.len(),
-                    ty.into(),
-                    &mut value,
-                )
-            };
-            super::decoder::check(status, "creating a shared weight tensor")?;
+            // SAFETY: `data` spans `bytes` bytes of the map (the shape's size
+            // in `ty`, checked by parse_index), which lives as long as the
+            // value (dropped after it); ONNX Runtime neither frees nor writes
+            // an initializer's external data.
+            let value = unsafe { super::decoder::raw_tensor(&memory, data.cast(), entry.bytes as usize, &shape, ty) }?;
             debug_assert_eq!(size * entry.shape.iter().product::<u64>(), entry.bytes);
+            // raw_tensor returns a non-null value or an error.
             let value = NonNull::new(value).ok_or_else(|| bad("ONNX Runtime returned no value".into()))?;
             tensors.push(Shared { name, value });
         }
