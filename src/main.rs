@@ -868,6 +868,7 @@ fn eval(onnxruntime: Option<PathBuf>, args: &EvalArgs) -> anyhow::Result<()> {
                 model: Some(dir.clone()),
                 ..args.model.clone()
             };
+            // ONNX Runtime is loaded once per process: this gets --model's.
             let mut reference = load_model(None, &reference_args)?;
             let tokenizer = |m: &Model| {
                 m.manifest

@@ -212,8 +212,10 @@ pub struct GraphRuns {
 /// Up to two graphs over one copy of the weights: `main` (files.decoder,
 /// with attention sums unless exported without) and `fast`
 /// (files.decoder_fast, without). A step runs `fast` whenever its policy
-/// reads no sums (every step of `full` and `local`, Elastic Cache's
-/// generation) and `main` otherwise (H2O, Elastic Cache's prefill).
+/// reads no sums (every step of `full` and `local`, the paper's Elastic
+/// Cache while generating) and `main` otherwise (H2O, every prefill of
+/// Elastic Cache, and every step of the product `elastic`, whose decode
+/// eviction reads the sums).
 pub struct Decoder {
     main: Option<Session>,
     fast: Option<Session>,

@@ -156,10 +156,8 @@ fn load_decoder(
     options: &LoadOptions,
 ) -> Result<Decoder> {
     let graphs = decoder_graphs(manifest, options.providers.device, options.single_graph);
-    // Two sessions share one mapped copy of the weights; one alone reads
-    // them itself as ONNX external data (a shared initializer must be one
-    // every consuming kernel can share packed: ONNX Runtime's fp16 norms
-    // cannot, and refuse to load).
+    // Two sessions share one mapped copy of the weights and one set of
+    // packed weights; one alone reads them itself as ONNX external data.
     let share = graphs.main && graphs.fast;
     let weights = match (&manifest.files.decoder_weights, share) {
         (Some(file), true) => Some(weights::SharedWeights::open(&dir.join(file))?),
