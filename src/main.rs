@@ -385,6 +385,13 @@ struct CaptionArgs {
     /// instead of streaming the text.
     #[arg(long)]
     json: bool,
+
+    /// Put every --image into one prompt, in the order given, and answer
+    /// once (two cameras, before and after): each picture's tokens go where
+    /// the model's chat template puts a picture. Without it, each picture
+    /// is captioned on its own.
+    #[arg(long)]
+    together: bool,
 }
 
 /// Which model, and where it runs.
@@ -1218,9 +1225,20 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
     let cache = build_cache(&model, &args.cache)?;
     let mut generator = Generator::new(&mut model, cache)?;
     generator.set_prefill_chunk(prefill_chunk_setting(args.cache.prefill_chunk));
-    let several = args.images.len() > 1;
+    // One prompt per picture, or one prompt with them all.
+    let prompts: Vec<&[PathBuf]> = if args.together {
+        vec![&args.images[..]]
+    } else {
+        args.images.chunks(1).collect()
+    };
+    let several = prompts.len() > 1;
     let mut failed = 0;
-    for image in &args.images {
+    for images in &prompts {
+        let label = images
+            .iter()
+            .map(|image| image.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ");
         let mut stdout = std::io::stdout().lock();
         let mut started = false;
         // A closed stdout ends the generation at the next piece.
@@ -1229,18 +1247,22 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
                 return Ok(());
             }
             if !started && several {
-                write!(stdout, "{}: ", image.display()).map_err(stdout_error)?;
+                write!(stdout, "{label}: ").map_err(stdout_error)?;
             }
             started = true;
             stdout.write_all(piece.as_bytes()).map_err(stdout_error)?;
             stdout.flush().map_err(stdout_error)
         };
-        match generator.try_generate(&[ImageInput::File(image)], args.prompt.as_deref(), &params, &mut stream) {
+        let inputs: Vec<ImageInput<'_>> = images.iter().map(|image| ImageInput::File(image)).collect();
+        match generator.try_generate(&inputs, args.prompt.as_deref(), &params, &mut stream) {
             Ok(generation) => {
                 if args.json {
-                    let record = serde_json::json!({
-                        // A name that is not UTF-8 lossily (serde refuses it).
-                        "image": image.to_string_lossy(),
+                    // Names that are not UTF-8 lossily (serde refuses them).
+                    let names: Vec<String> = images
+                        .iter()
+                        .map(|image| image.to_string_lossy().into_owned())
+                        .collect();
+                    let mut record = serde_json::json!({
                         "caption": generation.text.trim(),
                         "tokens": generation.token_ids.len(),
                         "prompt_tokens": generation.prompt_tokens,
@@ -1254,6 +1276,11 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
                         "merged": generation.cache.merged,
                         "evicted": generation.cache.evicted,
                     });
+                    if args.together {
+                        record["images"] = names.into();
+                    } else {
+                        record["image"] = names.concat().into();
+                    }
                     writeln!(stdout, "{record}").map_err(stdout_error)?;
                 } else {
                     writeln!(stdout).map_err(stdout_error)?;
@@ -1266,10 +1293,10 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
                     writeln!(stdout).map_err(stdout_error)?;
                 }
                 if !several {
-                    return Err(anyhow::Error::new(err).context(image.display().to_string()));
+                    return Err(anyhow::Error::new(err).context(label));
                 }
                 failed += 1;
-                eprintln!("elastic-edge: {}: {}", image.display(), error_chain(&err));
+                eprintln!("elastic-edge: {label}: {}", error_chain(&err));
             }
         }
     }

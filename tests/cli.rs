@@ -411,6 +411,46 @@ fn eval_against_a_reference_model_scores_every_row_by_its_answers() {
     );
 }
 
+/// `caption --together`: every picture in one prompt, one answer (its
+/// record names them all and its prompt holds both pictures' tokens); a
+/// picture that does not decode fails the one prompt with one line.
+#[test]
+fn caption_together_answers_once_about_every_picture() {
+    let model = tiny();
+    let picture = format!("{}/models/fixtures/images/chelsea-224.png", env!("CARGO_MANIFEST_DIR"));
+    let caption = |extra: &[&str]| {
+        let mut args = vec!["caption", "--model", &model, "--max-new-tokens", "4", "--json"];
+        args.extend_from_slice(extra);
+        elastic_edge(&args)
+    };
+    let records = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let gradient = gradient();
+    let apart = records(&caption(&["--image", &gradient, "--image", &picture]));
+    assert_eq!(apart.len(), 2);
+    let together = records(&caption(&["--image", &gradient, "--image", &picture, "--together"]));
+    assert_eq!(together.len(), 1);
+    assert_eq!(together[0]["images"], serde_json::json!([gradient, picture]));
+    // The tiny model's 16 image tokens once more, with the template's
+    // image prefix and suffix around them.
+    let one = apart[0]["prompt_tokens"].as_u64().unwrap();
+    let both = together[0]["prompt_tokens"].as_u64().unwrap();
+    assert!(both >= one + 16, "{one} -> {both}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let output = caption(&["--image", &gradient, "--image", broken.to_str().unwrap(), "--together"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    assert!(stderr_line(&output).contains("broken.png"), "{}", stderr_line(&output));
+}
+
 #[test]
 fn doctor_and_caption_share_their_cache_defaults_and_help_explains_them() {
     // doctor's were 64 MiB at keep 0.5, caption's 32 MiB at keep 1.
