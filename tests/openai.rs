@@ -465,6 +465,32 @@ fn with_the_memory_on_model_memory_asks_it_and_a_plain_chat_is_refused() {
     assert_eq!(status, 400, "{answer}");
 }
 
+/// Several `image_url` parts are several pictures in one prompt: each
+/// picture's tokens count in the prompt (the tiny model: 16 each).
+#[test]
+fn two_pictures_in_one_message_are_one_prompt_with_both() {
+    let service = start("");
+    let png = data_url(&png_path(), "image/png");
+    let jpeg = data_url(&jpeg_path(), "image/jpeg");
+    let one = json!({"max_tokens": 2, "messages": [user_with(&png)]});
+    let two = json!({"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What differs between the pictures?"},
+        {"type": "image_url", "image_url": {"url": png}},
+        {"type": "image_url", "image_url": {"url": jpeg}}
+    ]}]});
+    let (status, one) = chat(&service, &one);
+    assert_eq!(status, 200, "{}", short(&one));
+    let (status, two) = chat(&service, &two);
+    assert_eq!(status, 200, "{}", short(&two));
+    let tokens = |answer: &Value| answer["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        tokens(&two) >= tokens(&one) + 16,
+        "{} -> {}",
+        tokens(&one),
+        tokens(&two)
+    );
+}
+
 #[test]
 fn a_full_queue_is_a_503_in_openai_shape_and_the_rest_are_answered() {
     let service = Arc::new(start(""));
