@@ -1015,6 +1015,48 @@ fn a_graph_that_does_not_match_its_manifest_is_the_models_fault_not_the_pictures
     ]);
 }
 
+/// A decoder.weights whose trailer or index lies (and whose manifest hash
+/// was made to match, as a hand-built model's would) is one error line
+/// naming the file, before any caption starts.
+#[test]
+fn a_shared_weights_file_with_a_bad_index_is_one_line_naming_it() {
+    use sha2::Digest;
+    let image = gradient();
+    let weights = std::fs::read(repo("models/tiny/decoder.weights")).unwrap();
+    let n = weights.len();
+    let index_len = u64::from_le_bytes(weights[n - 16..n - 8].try_into().unwrap()) as usize;
+    let index = String::from_utf8(weights[n - 16 - index_len..n - 16].to_vec()).unwrap();
+    let data = &weights[..n - 16 - index_len];
+    let with_index = |index: &str| {
+        let mut file = data.to_vec();
+        file.extend_from_slice(index.as_bytes());
+        file.extend_from_slice(&(index.len() as u64).to_le_bytes());
+        file.extend_from_slice(b"EEWEIGHT");
+        file
+    };
+    let mut lying_length = weights.clone();
+    lying_length[n - 16..n - 8].copy_from_slice(&(n as u64 * 2).to_le_bytes());
+    // The first tensor made one row longer than its bytes.
+    let first_shape = index.find("\"shape\":[").unwrap() + "\"shape\":[".len();
+    let wrong_shape = format!("{}1000,{}", &index[..first_shape], &index[first_shape..]);
+    let cases: [(Vec<u8>, &[&str]); 4] = [
+        (lying_length, &["decoder.weights", "its index claims"]),
+        (with_index(&wrong_shape), &["decoder.weights", "is not its"]),
+        (with_index("{\"tensors\": 7}"), &["decoder.weights", "its index"]),
+        (weights[..n - 1].to_vec(), &["decoder.weights", "EEWEIGHT"]),
+    ];
+    for (file, wanted) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let sha: String = sha2::Sha256::digest(&file).iter().map(|b| format!("{b:02x}")).collect();
+        let model = tiny_with_manifest(dir.path(), |m| {
+            m["file_hashes"]["decoder.weights"]["sha256"] = sha.into();
+            m["file_hashes"]["decoder.weights"]["bytes"] = file.len().into();
+        });
+        std::fs::write(Path::new(&model).join("decoder.weights"), &file).unwrap();
+        run(&["caption", "--model", &model, "--image", &image]).one_error_line(wanted);
+    }
+}
+
 // The corpus: one case a line, each the arguments and what the one error
 // line must name (`one_error_line`: exit 1, nothing on stdout, bounded time
 // and address space) or, for a flag clap refuses, the flag and the reason.
