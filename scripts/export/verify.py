@@ -133,46 +133,53 @@ def merged_bias_equivalence(om: OrtModel, past_k, past_v, emb: np.ndarray, posit
     return diff
 
 
-def formats_agree(om1: OrtModel, om2: OrtModel, emb: np.ndarray) -> Dict:
-    """The format-1 and format-2 graphs of the same weights on one prompt the way a compressed
-    cache feeds them: chunked prefill, a gap in the positions, entries biased by -inf and ln m,
-    then decode steps; and format 2 writing into a buffer with NaN-filled spare rows (rows
-    outside [S, S+T) must stay as they were). -> max abs differences; dies above 1e-4."""
-    P = emb.shape[1]
+def _feed_compressed(om_a: OrtModel, om_b: OrtModel, emb: np.ndarray, decode_ids: List[int],
+                     outputs: tuple) -> tuple:
+    """Runs two decoders of the same weights on one prompt the way a compressed cache feeds
+    them: chunked prefill, a gap in the positions, entries biased by -inf and ln m, then decode
+    steps of `decode_ids`; om_b writes into a buffer with NaN-filled spare rows (rows outside
+    [S, S+T) must stay as they were). -> (max abs differences of the logits and of each layer's
+    `outputs`, largest |logit| of om_a, the steps)."""
+    P, gap, L = emb.shape[1], 5, om_a.L
     cuts = [0, P // 3, P // 2, P]
-    c1, c2 = om1.empty_cache(), om2.empty_cache()
-    err = {"logits": 0.0, "new_key": 0.0, "new_value": 0.0, "attn_colsum": 0.0}
-    L = om1.L
-    gap = 5
     steps = [(emb[:, a:b], list(range(a + gap * (i > 0), b + gap * (i > 0)))) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    nxt_pos = P + gap
-    for i in range(3):
-        steps.append((np.asarray(om1.embed[[7 + i]])[None], [nxt_pos + 2 * i]))
+    for i, token in enumerate(decode_ids):
+        steps.append((np.asarray(om_a.embed[[token]])[None], [P + gap + 2 * i]))
+    ca, cb = om_a.empty_cache(), om_b.empty_cache()
+    err = {k: 0.0 for k in ("logits",) + tuple(outputs)}
+    scale = 0.0
     for i, (e, pos) in enumerate(steps):
-        o1 = om1.step(c1, e, pos)
-        o2 = om2.step(c2, e, pos, spare=3, fill=np.nan)
-        err["logits"] = max(err["logits"], float(np.abs(o1["logits"] - o2["logits"]).max()))
+        oa = om_a.step(ca, e, pos)
+        ob = om_b.step(cb, e, pos, spare=3, fill=np.nan)
+        scale = max(scale, float(np.abs(oa["logits"]).max()))
+        err["logits"] = max(err["logits"], float(np.abs(oa["logits"] - ob["logits"]).max()))
         for l in range(L):
-            for k in ("new_key", "new_value"):
-                err[k] = max(err[k], float(np.abs(o1[f"{k}_{l}"] - o2[f"{k}_{l}"]).max()))
-            err["attn_colsum"] = max(err["attn_colsum"], float(np.abs(o1[f"attn_colsum_{l}"] - o2[f"attn_colsum_{l}"]).max()))
+            for k in outputs:
+                diff = oa[f"{k}_{l}"].astype(np.float32) - ob[f"{k}_{l}"].astype(np.float32)
+                err[k] = max(err[k], float(np.abs(diff).max()))
         if i == 0:  # compress: drop one entry per layer, weigh another as two merged ones
-            S = c1["k"][0].shape[1]
-            for c in (c1, c2):
+            S = ca["k"][0].shape[1]
+            for c in (ca, cb):
                 for l in range(L):
                     c["bias"][l, (3 * l + 1) % S] = -np.inf
                     c["bias"][l, (5 * l + 2) % S] = np.log(2.0)
-    err = {k: float(v) for k, v in err.items()}
+    return {k: float(v) for k, v in err.items()}, scale, steps
+
+
+def formats_agree(om1: OrtModel, om2: OrtModel, emb: np.ndarray) -> Dict:
+    """The format-1 and format-2 graphs of the same weights, fed as a compressed cache feeds
+    them (_feed_compressed, format 2 with the NaN spare rows). -> max abs differences; dies
+    above 1e-4."""
+    err, _, steps = _feed_compressed(om1, om2, emb, [7, 8, 9], ("new_key", "new_value", "attn_colsum"))
     if max(err.values()) > 1e-4:
         die(f"format-1 and format-2 decoders of the same weights differ: {err}")
-    return {"max_abs_diff": err, "steps": [len(p) for _, p in steps], "position_gap": gap, "spare_rows_nan": 3}
+    return {"max_abs_diff": err, "steps": [len(p) for _, p in steps], "position_gap": 5, "spare_rows_nan": 3}
 
 
 def fast_graph_agrees(d: str, tolerance: float, relative: bool = False) -> Dict:
-    """The fast graph (no attn_colsum) against the graph with scores, on the same prompt fed
-    as formats_agree feeds it (chunks, a position gap, -inf and ln 2 entries, NaN spare rows).
-    -> max abs differences; dies above `tolerance` (with `relative`, the logits' difference
-    over their largest magnitude). Nothing when the model has no fast graph.
+    """The fast graph (no attn_colsum) against the graph with scores, fed as formats_agree
+    feeds them. -> max abs differences; dies above `tolerance` (with `relative`, the logits'
+    difference over their largest magnitude). Nothing when the model has no fast graph.
 
     The two differ in summation order only: without probabilities to output, ONNX Runtime's
     fp32 GroupQueryAttention takes another kernel (4e-5 on the demo's logits; fp16 is bit
@@ -186,28 +193,7 @@ def fast_graph_agrees(d: str, tolerance: float, relative: bool = False) -> Dict:
         die(f"{m['files']['decoder_fast']} outputs attention sums: it is meant to be the graph without them")
     ids = [(7 * i + 3) % m["vocab"] for i in range(24)]
     emb = np.asarray(full.embed[ids])[None]
-    P, gap, L = emb.shape[1], 5, full.L
-    cuts = [0, P // 3, P // 2, P]
-    steps = [(emb[:, a:b], list(range(a + gap * (i > 0), b + gap * (i > 0)))) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    for i in range(3):
-        steps.append((np.asarray(full.embed[[11 + i]])[None], [P + gap + 2 * i]))
-    c1, c2 = full.empty_cache(), fast.empty_cache()
-    err = {"logits": 0.0, "new_key": 0.0, "new_value": 0.0}
-    scale = 0.0
-    for i, (e, pos) in enumerate(steps):
-        o1 = full.step(c1, e, pos)
-        o2 = fast.step(c2, e, pos, spare=3, fill=np.nan)
-        scale = max(scale, float(np.abs(o1["logits"]).max()))
-        err["logits"] = max(err["logits"], float(np.abs(o1["logits"] - o2["logits"]).max()))
-        for l in range(L):
-            for k in ("new_key", "new_value"):
-                err[k] = max(err[k], float(np.abs(o1[f"{k}_{l}"].astype(np.float32) - o2[f"{k}_{l}"].astype(np.float32)).max()))
-        if i == 0:
-            S = c1["k"][0].shape[1]
-            for c in (c1, c2):
-                for l in range(L):
-                    c["bias"][l, (3 * l + 1) % S] = -np.inf
-                    c["bias"][l, (5 * l + 2) % S] = np.log(2.0)
+    err, scale, _ = _feed_compressed(full, fast, emb, [11, 12, 13], ("new_key", "new_value"))
     measured = err["logits"] / scale if relative else max(err.values())
     if not measured <= tolerance:
         die(f"the fast decoder graph differs from the one with scores: {err}, largest |logit| {scale:.3g} "

@@ -121,7 +121,7 @@ fn tensor<T: PrimitiveTensorElementType>(
         return Err(Error::Shape(format!("a tensor of shape {shape:?} over {len} elements")));
     }
     // SAFETY: as `raw_tensor` asks, passed on to the caller (above).
-    unsafe {
+    let value = unsafe {
         raw_tensor(
             info,
             data.cast::<c_void>(),
@@ -129,7 +129,8 @@ fn tensor<T: PrimitiveTensorElementType>(
             shape,
             T::into_tensor_element_type(),
         )
-    }
+    }?;
+    Ok(value.as_ptr())
 }
 
 /// An ONNX Runtime value of `shape` and `ty` over `bytes` bytes at `data`,
@@ -144,7 +145,7 @@ pub(crate) unsafe fn raw_tensor(
     bytes: usize,
     shape: &[i64],
     ty: ort::value::TensorElementType,
-) -> Result<*mut ort::sys::OrtValue> {
+) -> Result<NonNull<ort::sys::OrtValue>> {
     let api = ort::api();
     let mut value: *mut ort::sys::OrtValue = ptr::null_mut();
     // SAFETY: the caller keeps `data` valid for `bytes` (the function's
@@ -162,7 +163,7 @@ pub(crate) unsafe fn raw_tensor(
         )
     };
     check(status, "creating a tensor over existing memory")?;
-    NonNull::new(value).map(NonNull::as_ptr).ok_or_else(|| Error::Runtime {
+    NonNull::new(value).ok_or_else(|| Error::Runtime {
         context: "creating a tensor over existing memory".into(),
         reason: "ONNX Runtime returned no value".into(),
     })
@@ -577,9 +578,9 @@ impl Decoder {
         let (session, runs) = match (&self.fast, &self.main) {
             (Some(fast), _) if !wants_scores => (fast, &mut self.runs.fast),
             (_, Some(main)) => (main, &mut self.runs.main),
-            (Some(fast), None) => (fast, &mut self.runs.fast),
-            // `new` refuses a decoder without a graph.
-            (None, None) => return Err(Error::Plan("a decoder needs at least one graph".into())),
+            // `step` refused a step wanting sums without `main`, and `new` a
+            // decoder without a graph.
+            _ => return Err(Error::Plan("no loaded decoder graph can run this step".into())),
         };
         *runs += 1;
         let api = ort::api();

@@ -120,7 +120,7 @@ impl SharedWeights {
         let memory = MemoryInfo::default();
         let mut tensors = Vec::with_capacity(index.tensors.len());
         for entry in &index.tensors {
-            let (ty, size) = element(&entry.dtype).ok_or_else(|| {
+            let (ty, _) = element(&entry.dtype).ok_or_else(|| {
                 bad(format!(
                     "tensor {:?} has the unknown dtype {:?}",
                     entry.name, entry.dtype
@@ -141,9 +141,6 @@ impl SharedWeights {
             // value (dropped after it); ONNX Runtime neither frees nor writes
             // an initializer's external data.
             let value = unsafe { super::decoder::raw_tensor(&memory, data.cast(), entry.bytes as usize, &shape, ty) }?;
-            debug_assert_eq!(size * entry.shape.iter().product::<u64>(), entry.bytes);
-            // raw_tensor returns a non-null value or an error.
-            let value = NonNull::new(value).ok_or_else(|| bad("ONNX Runtime returned no value".into()))?;
             tensors.push(Shared { name, value });
         }
         Ok(SharedWeights {
@@ -187,14 +184,6 @@ impl SharedWeights {
         if let Err(e) = unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) } {
             log::debug!("madvise(DONTNEED) on {}: {e}", self.path.display());
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.tensors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
     }
 }
 
