@@ -283,6 +283,22 @@ def selftest() -> Dict:
                 and r["fp16_max_abs_err"] < 2e-2 * max(1.0, r["ref_abs_max"])
             ok &= r["ok"]
             out["grids"][f"{gh}x{gw}"] = r
+        # the committed preprocessing fixtures (real pictures, their window-56 index inputs) through the graph
+        fx = os.path.join(os.path.dirname(__file__), "..", "..", "models", "fixtures", "qwen2vl")
+        out["fixtures"] = {}
+        for name in sorted(f[:-5] for f in os.listdir(fx) if f.endswith(".json") and f != "smart_resize_cases.json") \
+                if os.path.isdir(fx) else []:
+            meta = json.load(open(os.path.join(fx, name + ".json")))
+            px = np.fromfile(os.path.join(fx, meta["pixel_values"]["file"]), "<f4").reshape(meta["pixel_values"]["shape"])
+            ix = meta["index_inputs"]["window_size_56"]
+            feeds = {"pixel_values": px, **{k: np.asarray(ix[k], np.int64) for k in INPUT_NAMES[1:]}}
+            _, gh, gw = meta["grid_thw"]
+            same = all(np.array_equal(feeds[k], v) for k, v in vision_index_inputs(gh, gw, visual.config).items())
+            with torch.no_grad():
+                ref = visual(torch.from_numpy(px), grid_thw=torch.tensor([meta["grid_thw"]])).numpy()[None]
+            err = float(np.abs(sess["fp32"].run(["image_embeds"], feeds)[0] - ref).max())
+            out["fixtures"][name] = {"grid": [gh, gw], "index_inputs_match": same, "fp32_max_abs_err": err}
+            ok &= same and err < 1e-4
         # Qwen2.5-VL's real window (112 px = 4x4 merged tokens) on the same grids and a few more
         real = {"spatial_merge_size": 2, "patch_size": 14, "window_size": 112}
         w112 = {f"{gh}x{gw}": check_window_index_112(gh, gw, real)
