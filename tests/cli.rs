@@ -33,6 +33,12 @@ fn doctor_loads_onnxruntime_checks_the_model_and_sizes_the_pool() {
         stdout.contains("model tiny:") && stdout.contains("files check out"),
         "{stdout}"
     );
+    // The manifest's KV bytes per token (2 layers x 2 x 2 heads x 16 x 4
+    // bytes) and its image tokens.
+    assert!(
+        stdout.contains("KV per token: 512 bytes (f32); one picture: 16 image tokens"),
+        "{stdout}"
+    );
     // 2 layers x 2 (k, v) x 2 heads x 16 x 4 bytes + 2 x 20 metadata = 552 bytes a slot.
     assert!(
         stdout.contains("kv pool: 1899 slots, 1048248 bytes (552 per slot)"),
