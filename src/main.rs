@@ -509,7 +509,8 @@ struct SamplingArgs {
 
 #[derive(Args)]
 struct DoctorArgs {
-    /// Model folder to check (default: as for caption).
+    /// Model folder to check, or a Hugging Face checkpoint folder (config.json,
+    /// no manifest.json) to size (default: as for caption).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
 
