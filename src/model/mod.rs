@@ -6,6 +6,7 @@
 
 pub mod decoder;
 pub mod embeddings;
+pub mod family;
 pub mod image;
 pub mod manifest;
 pub mod prompt;
