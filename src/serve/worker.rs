@@ -285,8 +285,19 @@ impl Captioner {
         let started = Instant::now();
         let model = generator.model();
         let pictures = job.turns.iter().map(|t| t.images.len()).sum::<usize>();
-        let rows = match &model.manifest.vision {
-            Some(vision) => vision.image_tokens,
+        let rows: Vec<usize> = match &model.manifest.vision {
+            Some(_) => {
+                let counted: Result<Vec<usize>> = job
+                    .turns
+                    .iter()
+                    .flat_map(|t| t.images.iter())
+                    .map(|image| generator.picture_tokens(ImageInput::Bytes(image)))
+                    .collect();
+                match counted {
+                    Ok(rows) => rows,
+                    Err(e) => return Err(self.job_error(route, &e)),
+                }
+            }
             None if pictures > 0 => {
                 self.shared.metrics.error(kind::REQUEST);
                 return Err(JobError::BadRequest(format!(
@@ -294,7 +305,7 @@ impl Captioner {
                     model.manifest.name
                 )));
             }
-            None => 0,
+            None => Vec::new(),
         };
         let turns: Vec<ChatTurn<'_>> = job
             .turns
@@ -305,7 +316,7 @@ impl Captioner {
                 images: t.images.len(),
             })
             .collect();
-        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, rows) {
+        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, &rows) {
             Ok(prompt) => prompt,
             Err(e) => return Err(self.job_error(route, &Error::Prompt(e))),
         };
