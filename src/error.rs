@@ -78,7 +78,8 @@ pub enum Error {
     /// The pool is full and the policy may not remove anything (the `full` policy).
     #[error(
         "the KV pool is full: {needed} entries needed, {capacity} fit in the budget; \
-         raise --kv-budget or use a compressing policy (elastic, h2o, local)"
+         the smallest budget that holds them is --kv-budget {needed}tokens, or use a compressing policy \
+         (elastic, h2o, local)"
     )]
     CapacityExceeded { needed: usize, capacity: usize },
 

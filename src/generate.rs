@@ -322,11 +322,9 @@ impl<'m> Generator<'m> {
         let (width, height) = match image {
             ImageInput::Rgb8(rgb) => rgb.dimensions(),
             ImageInput::File(path) => decode_file_rgb8(path, pre.max_pixels)?.0.dimensions(),
-            ImageInput::Bytes(bytes) => {
-                decode_rgb8(std::io::Cursor::new(bytes), "(in-memory image)", pre.max_pixels)?
-                    .0
-                    .dimensions()
-            }
+            ImageInput::Bytes(bytes) => decode_rgb8(std::io::Cursor::new(bytes), "(in-memory image)", pre.max_pixels)?
+                .0
+                .dimensions(),
         };
         Ok(spec.grid(width, height)?.tokens())
     }

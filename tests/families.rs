@@ -154,3 +154,45 @@ fn qwen2_5_vl_compresses_under_elastic_cache() {
     };
     assert!(err.to_string().contains("multimodal RoPE"), "{err}");
 }
+
+/// A picture the resize rule cannot size (a side over 200 times the other)
+/// and a prompt the pool cannot hold: one error line each, naming what
+/// would work, and a non-zero exit.
+#[test]
+fn qwen2_5_vl_bad_pictures_and_small_budgets_are_one_line() {
+    let Some((dir, expected)) = family_model("qwen2_5_vl") else {
+        return;
+    };
+    let scratch = std::env::temp_dir().join(format!("ee-families-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let thin = scratch.join("thin.png");
+    image::RgbImage::new(1000, 4).save(&thin).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastic-edge"))
+            .arg("caption")
+            .arg("--model")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        stderr
+    };
+    let err = run(&["--image", thin.to_str().unwrap()]);
+    assert!(err.contains("aspect ratio 250.0 is over 200"), "{err}");
+
+    let picture = repo().join(expected["cases"][0]["pictures"][0].as_str().unwrap());
+    let err = run(&[
+        "--image",
+        picture.to_str().unwrap(),
+        "--policy",
+        "full",
+        "--kv-budget",
+        "20tokens",
+    ]);
+    let needed = expected["cases"][0]["prompt_ids"].as_array().unwrap().len() + 64;
+    assert!(err.contains(&format!("--kv-budget {needed}tokens")), "{err}");
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

@@ -145,6 +145,11 @@ pub enum ImageError {
         height: u32,
     },
 
+    /// A picture the model's resize rule cannot size (a dynamic-resolution
+    /// model refuses a side over 200 times the other, as transformers does).
+    #[error("the picture cannot be sized for this model: {0}")]
+    Unsizable(String),
+
     /// A preprocessing setting that cannot work.
     #[error("invalid image preprocessing setting: {0}")]
     Config(String),

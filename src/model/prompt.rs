@@ -832,7 +832,9 @@ mod tests {
             images,
         };
         for (text, images) in [("Hi", 0), ("What is this?", 1), ("", 1), ("Two", 2)] {
-            let chat = tok.build_chat(None, &[user(text, images)], &vec![5; images]).expect("chat");
+            let chat = tok
+                .build_chat(None, &[user(text, images)], &vec![5; images])
+                .expect("chat");
             let user_text = (!text.is_empty()).then_some(text);
             let one_shot = tok.build_images(user_text, &vec![5; images]).expect("one shot");
             assert_eq!(chat, one_shot, "{text:?} with {images} pictures");
@@ -848,7 +850,9 @@ mod tests {
             },
             user("Second", 1),
         ];
-        let chat = tok.build_chat(Some("Be brief."), &turns, &rows_of(&turns, 3)).expect("chat");
+        let chat = tok
+            .build_chat(Some("Be brief."), &turns, &rows_of(&turns, 3))
+            .expect("chat");
         assert_eq!(chat.image_tokens(), 6);
         let pictures: Vec<_> = chat.kinds.iter().filter(|k| k.is_image()).collect();
         assert_ne!(pictures[0], pictures[3], "the second picture has its own index");

@@ -127,7 +127,7 @@ impl DynamicResolution {
     /// The patch grid of a `width x height` picture.
     pub fn grid(&self, width: u32, height: u32) -> Result<PatchGrid, ImageError> {
         let (h, w) = qwen_smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels)
-            .map_err(|e| ImageError::Config(e.to_string()))?;
+            .map_err(|e| ImageError::Unsizable(e.to_string()))?;
         let patch = self.patch_size as usize;
         Ok(PatchGrid {
             rows: h as usize / patch,
