@@ -414,6 +414,16 @@ QWEN_SHAPES = {
 }
 
 
+def _fill_vocab(path: str, size: int) -> None:
+    """Gives the tiny tokenizer at path one added token for every id up to size, so a model of a
+    published vocabulary's width can decode whatever its random weights pick."""
+    tok = json.load(open(path))
+    have = len(tok["model"]["vocab"]) + len([t for t in tok["added_tokens"] if t["content"] not in tok["model"]["vocab"]])
+    tok["added_tokens"] += [{"id": i, "content": f"<|filler_{i}|>", "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True} for i in range(have, size)]
+    write_json(path, tok)
+
+
 def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> Dict:
     """A random Qwen2.5-VL (window attention over several windows, multimodal RoPE) of QWEN_SHAPES[shapes],
     exported and checked against transformers on one and on two pictures: the prompt ids, get_rope_index's
@@ -434,6 +444,8 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
     ids = {t: PreTrainedTokenizerFast(tokenizer_file=os.path.join(ck, "tokenizer.json")).convert_tokens_to_ids(t)
            for t in QWEN_SPECIALS}
     text_shape, vision_shape, vocab = QWEN_SHAPES[shapes]
+    if vocab:
+        _fill_vocab(os.path.join(ck, "tokenizer.json"), vocab)
     text = dict(text_shape, vocab_size=vocab or V, max_position_embeddings=4096)
     vision = dict(vision_shape, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
