@@ -789,6 +789,47 @@ mod tests {
         }
     }
 
+    /// LLaVA-1.5's processor (transformers' `CLIPImageProcessor`) on the
+    /// committed pictures (scripts/fixtures/clip_fixtures.py): every value
+    /// of `pixel_values` equal, bit for bit.
+    #[test]
+    fn pictures_come_out_as_the_clip_processor_makes_them() {
+        for name in ["chelsea-crop-61x93", "coffee-crop-130x47", "astronaut-224"] {
+            let dir = repo("models/fixtures/llava");
+            let meta: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+            let floats = |key: &str| -> [f32; 3] {
+                let v: Vec<f32> = meta[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                [v[0], v[1], v[2]]
+            };
+            let size = meta["size"].as_u64().unwrap() as u32;
+            let p = Preprocess {
+                mean: floats("image_mean"),
+                std: floats("image_std"),
+                ..pre(size, size, Resize::BicubicShortestEdgeCenterCrop)
+            };
+            let mut out = vec![0.0; p.output_len()];
+            p.load_file(&repo(meta["picture"].as_str().unwrap()), &mut out).unwrap();
+            let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
+            let expected: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(out.len(), expected.len());
+            let differ = out
+                .iter()
+                .zip(&expected)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{name}: {differ} of {} values differ", expected.len());
+        }
+    }
+
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
