@@ -27,6 +27,7 @@
 //! replicated to the three channels; palette images are expanded.
 
 mod resample;
+pub mod sizing;
 
 use std::io::{BufRead, BufReader, Cursor, Read, Seek};
 use std::path::Path;
