@@ -69,6 +69,10 @@ pub enum Resize {
     /// `trunc(size * long / short)`, as `transformers` computes it), then a
     /// center crop with the offsets rounded down. Needs width == height.
     BicubicShortestEdgeCenterCrop,
+    /// `lanczos_squash`: as `bilinear_squash` with PIL `Image.LANCZOS` (the
+    /// Idefics3 processor's filter; a model with `vision.split` resizes by
+    /// [`split`] instead).
+    LanczosSquash,
 }
 
 /// Everything that can go wrong turning an image into `pixel_values`.
@@ -320,6 +324,7 @@ impl Preprocess {
         match self.resize {
             Resize::BilinearSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bilinear),
             Resize::BicubicSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
+            Resize::LanczosSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Lanczos),
             Resize::BicubicShortestEdgeCenterCrop => {
                 // Only the centre crop is computed: the resized picture of a
                 // 60000 x 1 source would be 20 million columns wide.
