@@ -28,6 +28,7 @@
 
 mod resample;
 pub mod sizing;
+pub mod split;
 
 use std::io::{BufRead, BufReader, Cursor, Read, Seek};
 use std::path::Path;
