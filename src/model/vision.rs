@@ -65,3 +65,51 @@ impl Vision {
         Ok(embeds.to_vec())
     }
 }
+
+// ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
+
+impl Vision {
+    /// Runs the graph once over `frames` preprocessed tiles
+    /// (`[frames, 3, height, width]`, a split picture's tiles then its
+    /// global image) and returns their embedding rows in that order.
+    pub(crate) fn encode_tiles<E: KvElement + PrimitiveTensorElementType + Copy>(
+        &mut self,
+        pixels: &[f32],
+        frames: usize,
+        model_name: &str,
+    ) -> Result<Vec<E>> {
+        let [_, channels, height, width] = self.shape;
+        let shape = [frames, channels, height, width];
+        if frames == 0 || pixels.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape(format!(
+                "{} pixel values for {frames} tiles of {channels}x{height}x{width}",
+                pixels.len()
+            )));
+        }
+        let fail = |what: &str, err: &ort::Error| Error::Runtime {
+            context: format!("running {what}"),
+            reason: crate::model::decoder::one_line(&error_chain(err)),
+        };
+        let input = TensorRef::from_array_view((shape, pixels)).map_err(|e| fail("pixel_values", &e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["pixel_values" => input])
+            .map_err(|e| fail("the vision graph", &e))?;
+        let (_, embeds) = outputs["image_embeds"]
+            .try_extract_tensor::<E>()
+            .map_err(|e| fail("image_embeds", &e))?;
+        if embeds.len() != frames * self.embeds_len {
+            return Err(Error::ModelFile {
+                path: "vision.onnx".into(),
+                reason: format!(
+                    "model {model_name}: the vision graph gave {} values for {frames} tiles, but its manifest \
+                     says vision.image_tokens x hidden = {} a tile: the graph does not match its manifest; \
+                     rebuild the model",
+                    embeds.len(),
+                    self.embeds_len
+                ),
+            });
+        }
+        Ok(embeds.to_vec())
+    }
+}
