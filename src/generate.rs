@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
 use crate::kv::{PositionMap, Rope};
-use crate::model::prompt::Prompt;
+use crate::model::prompt::{PictureLayout, Prompt};
 use crate::model::{Decoder, Embeddings, Manifest, Model, ModelElement};
 pub use crate::sampling::Sampling;
 use crate::sampling::{check_stop_strings, Sampler, StopStrings};
@@ -226,6 +226,8 @@ pub struct Generator<'m> {
     trace: StepTrace,
     /// Most prompt tokens per decoder run (`None`: as many as the pool takes).
     prefill_chunk: Option<usize>,
+    /// How the pictures of the last `encode_images` sit in the prompt.
+    layouts: Vec<PictureLayout>,
 }
 
 impl<'m> Generator<'m> {
@@ -260,6 +262,7 @@ impl<'m> Generator<'m> {
             candidates: Vec::with_capacity(vocab),
             trace: StepTrace::default(),
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+            layouts: Vec::new(),
         })
     }
 
@@ -581,9 +584,8 @@ impl<'m> Generator<'m> {
             PromptInput::Chat { images, user_text } => {
                 // 1. The pictures, through the vision graph.
                 let image_embeds = self.encode_images::<E>(images, timings)?;
-                let rows: Vec<usize> = image_embeds.iter().map(|e| e.len() / hidden).collect();
                 // 2. The prompt, in the template's order.
-                let prompt = self.model.prompt.build_images(user_text, &rows)?;
+                let prompt = self.model.prompt.build_pictures(user_text, &self.layouts)?;
                 self.cache.reset();
                 self.cache.admit(prompt.len(), max_new_tokens)?;
                 self.admit_positions(prompt.len(), max_new_tokens)?;
@@ -699,6 +701,7 @@ impl<'m> Generator<'m> {
         images: &[ImageInput<'_>],
         timings: &mut Timings,
     ) -> Result<Vec<Vec<E>>> {
+        self.layouts.clear();
         images
             .iter()
             .map(|&image| self.encode_image::<E>(image, timings))
@@ -738,6 +741,9 @@ impl<'m> Generator<'m> {
     }
 
     fn encode_image<E: ModelElement>(&mut self, image: ImageInput<'_>, timings: &mut Timings) -> Result<Vec<E>> {
+        if self.model.manifest.split().is_some() {
+            return self.encode_split_image::<E>(image, timings);
+        }
         let (Some(preprocess), Some(vision)) = (&self.model.preprocess, self.model.vision.as_mut()) else {
             return Err(Error::Shape(format!(
                 "model {} has no vision graph; caption text only",
@@ -754,6 +760,47 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let embeds = vision.encode::<E>(&self.pixels, &self.model.manifest.name)?;
         timings.vision_ms += ms(start);
+        self.layouts
+            .push(PictureLayout::single(embeds.len() / self.model.manifest.hidden));
+        Ok(embeds)
+    }
+}
+
+// ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
+
+impl Generator<'_> {
+    /// A picture cut into tiles (the manifest's `vision.split`): the tiles
+    /// and the global image through the vision graph in one run, their rows
+    /// tile by tile then the global image's; its layout is recorded for the
+    /// prompt.
+    fn encode_split_image<E: ModelElement>(&mut self, image: ImageInput<'_>, timings: &mut Timings) -> Result<Vec<E>> {
+        let model = &mut *self.model;
+        let (Some(split), Some(preprocess), Some(vision), Some(spec)) = (
+            model.manifest.split(),
+            &model.preprocess,
+            model.vision.as_mut(),
+            model.manifest.vision.as_ref(),
+        ) else {
+            return Err(Error::Shape(format!(
+                "model {} has no vision graph; caption text only",
+                model.manifest.name
+            )));
+        };
+        let start = Instant::now();
+        let picture = match image {
+            ImageInput::File(path) => split.load_file(preprocess, path, &mut self.pixels)?,
+            ImageInput::Bytes(bytes) => split.load_bytes(preprocess, bytes, &mut self.pixels)?,
+            ImageInput::Rgb8(rgb) => split.from_rgb8(preprocess, rgb, &mut self.pixels)?,
+        };
+        timings.image_decode_ms += ms(start);
+        let start = Instant::now();
+        let embeds = vision.encode_tiles::<E>(&self.pixels, picture.frames, &model.manifest.name)?;
+        timings.vision_ms += ms(start);
+        self.layouts.push(PictureLayout {
+            rows: picture.rows,
+            cols: picture.cols,
+            tokens_per_tile: spec.image_tokens,
+        });
         Ok(embeds)
     }
 }
