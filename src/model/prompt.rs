@@ -918,6 +918,75 @@ mod tests {
         }
     }
 
+    #[test]
+    fn split_prompts_equal_the_hf_processor_ids() {
+        let m = json(&repo("models/tiny-idefics3-split/manifest.json"));
+        let template: ChatTemplate = serde_json::from_value(m["chat_template"].clone()).expect("template");
+        let tokens: SplitTokens = serde_json::from_value(m["vision"]["split"]["tokens"].clone()).expect("tokens");
+        let n = m["vision"]["image_tokens"].as_u64().expect("image_tokens") as usize;
+        let path = repo("models/tiny-idefics3-split/tokenizer.json");
+        let plain = PromptTokenizer::from_file(&path, template.clone(), None, false).expect("tokenizer");
+        let tok = PromptTokenizer::from_file(&path, template, None, false)
+            .expect("tokenizer")
+            .with_split_tokens(Some(tokens));
+        let fx = json(&repo("models/fixtures/idefics3/tiny_split_expected.json"));
+        let image_id = fx["image_token_id"].as_i64().expect("image_token_id");
+        for case in fx["cases"].as_array().expect("cases") {
+            let name = case["name"].as_str().expect("name");
+            let layouts: Vec<PictureLayout> = case["rows_cols"]
+                .as_array()
+                .expect("rows_cols")
+                .iter()
+                .map(|rc| PictureLayout {
+                    rows: rc[0].as_u64().expect("rows") as usize,
+                    cols: rc[1].as_u64().expect("cols") as usize,
+                    tokens_per_tile: n,
+                })
+                .collect();
+            let expected: Vec<i64> = case["input_ids"]
+                .as_array()
+                .expect("input_ids")
+                .iter()
+                .map(|x| x.as_i64().expect("id"))
+                .collect();
+            let p = tok.build_pictures(case["user_text"].as_str(), &layouts).expect("build");
+            assert_eq!(p.ids_with_placeholder(image_id), expected, "{name}");
+            // Image rows in prompt order are each picture's vision rows in
+            // order: its tiles row by row, then its global image.
+            let cells: Vec<(u32, u32)> = p
+                .kinds
+                .iter()
+                .filter_map(|k| match k.class() {
+                    crate::kv::KindClass::Image { index, cell } => Some((index, cell)),
+                    _ => None,
+                })
+                .collect();
+            let want: Vec<(u32, u32)> = layouts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, l)| (0..l.image_rows() as u32).map(move |c| (i as u32, c)))
+                .collect();
+            assert_eq!(cells, want, "{name}");
+            // A tokenizer without the markers refuses a split picture.
+            let e = plain.build_pictures(None, &layouts).expect_err("no split tokens");
+            assert!(e.to_string().contains("no vision.split tokens"), "{e}");
+        }
+        // A picture that is not split is written as before, with the
+        // template's prefix and suffix.
+        let single = tok.build_pictures(None, &[PictureLayout::single(n)]).expect("single");
+        assert_eq!(single, tok.build_images(None, &[n]).expect("images"));
+        assert_eq!(single, plain.build_images(None, &[n]).expect("images"));
+        let zero = PictureLayout {
+            rows: 2,
+            cols: 2,
+            tokens_per_tile: 0,
+        };
+        assert!(matches!(
+            tok.build_pictures(None, &[zero]),
+            Err(PromptError::ZeroImageTokens)
+        ));
+    }
+
     fn tiny_template() -> ChatTemplate {
         let m = json(&repo("models/tiny/manifest.json"));
         serde_json::from_value(m["chat_template"].clone()).expect("chat_template")
