@@ -343,7 +343,30 @@ def selftest() -> Dict:
                 results[f"{variant}-processor"] = check_split(ck, ref, os.path.join(root, variant + "-onnx-format2"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    results["published-configs"] = _check_published_configs()
     return results
+
+
+def _check_published_configs() -> Dict:
+    """vision.split from the published SmolVLM preprocessor configs (models/configs, no weights), with
+    a tokenizer holding the processor's markers (the published ones have <row_r_col_c> up to 6 x 6)."""
+    configs = os.path.join(FIXTURES, "..", "..", "configs")
+    markers = [SPLIT_TOKENS["fake_image"], SPLIT_TOKENS["global_image"], SPLIT_TOKENS["image"]]
+    markers += [SPLIT_TOKENS["row_col"].format(r=r, c=c) for r in range(1, 7) for c in range(1, 7)]
+    tok = {"added_tokens": [{"content": t} for t in markers]}
+    out = {}
+    for name, edge, tile in (("smolvlm-instruct", 1536, 384), ("smolvlm-256m-instruct", 2048, 512)):
+        d = os.path.join(configs, name)
+        if not os.path.isdir(d):
+            continue
+        pp = json.load(open(os.path.join(d, "preprocessor_config.json")))
+        size = json.load(open(os.path.join(d, "config.json")))["vision_config"]["image_size"]
+        got = idefics3_split_settings(pp, size, tok)
+        want = {"longest_edge": edge, "tile": tile, "resample": "lanczos", "tokens": SPLIT_TOKENS}
+        if got != want:
+            die(f"models/configs/{name}: vision.split {got}, expected {want}")
+        out[name] = got
+    return out
 
 
 # The split prompts checked against the processor (and written to the tiny split model's fixture):
