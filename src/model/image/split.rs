@@ -364,6 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn extreme_sizes_split_within_bounds() {
+        let (spec, pre) = tiny();
+        let mut out = Vec::new();
+        // (width, height, rows, cols): sizes from image::sizing's rules.
+        for (w, h, rows, cols) in [
+            (1, 1, 3, 3),
+            (300, 1, 1, 3),
+            (1, 300, 3, 1),
+            (4000, 7, 1, 3),
+            (97, 96, 3, 3),
+        ] {
+            let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 9]));
+            let got = spec.from_rgb8(&pre, &img, &mut out).expect("split");
+            assert_eq!((got.rows, got.cols), (rows, cols), "{w}x{h}");
+            assert_eq!(out.len(), got.frames * pre.output_len(), "{w}x{h}");
+            assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)), "{w}x{h}");
+        }
+    }
+
+    #[test]
     fn bad_pictures_and_settings_are_one_line_errors() {
         let (spec, pre) = tiny();
         let small_cap = Preprocess {
