@@ -181,3 +181,48 @@ fn the_split_manifest_is_validated() {
         "field graphs.vision.inputs: pixel_values has shape [String(\"N\"), Number(3), Number(32), Number(32)], expected [1, 3, 32, 32]",
     );
 }
+
+/// `caption --together` with two split pictures: one prompt, each picture
+/// with its own rows and columns (the processor's prompt length); a picture
+/// over the pixel cap is one error line and a failing exit.
+#[test]
+fn the_binary_captions_split_pictures_together_and_refuses_a_huge_one() {
+    use std::process::Command;
+    let fx = expected();
+    let case = &fx["cases"][1];
+    let paths = pictures(case);
+    let model = repo().join("models/tiny-idefics3-split");
+    let run = |images: &[&std::path::Path]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_elastic-edge"));
+        command.args(["caption", "--model"]).arg(&model);
+        for image in images {
+            command.arg("--image").arg(image);
+        }
+        command
+            .args([
+                "--together",
+                "--json",
+                "--policy",
+                "full",
+                "--max-new-tokens",
+                "16",
+                "--prompt",
+            ])
+            .arg(case["user_text"].as_str().expect("text"));
+        command.output().expect("the binary runs")
+    };
+    let output = run(&[&paths[0], &paths[1]]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(json["prompt_tokens"], case["input_ids"].as_array().expect("ids").len());
+    assert_eq!(json["tokens"], 16);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let huge = dir.path().join("huge.ppm");
+    std::fs::write(&huge, b"P6\n9000 8000\n255\n\x01\x02").expect("write");
+    let output = run(&[&huge]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("more than the limit of 64000000"), "{stderr}");
+}
