@@ -24,6 +24,13 @@ fi
 echo "== the demo model (the first time: a 7 GB torch install and the export, several minutes)" >&2
 scripts/build-demo-model.sh
 
+# The model families beyond the demo's (LLaVA, Idefics3/SmolVLM, Qwen2.5-VL):
+# tiny random-weight exports checked against transformers, kept for
+# tests/families.rs (which then must find them).
+echo "== the model families' tiny exports, checked against transformers (a minute or two the first time)" >&2
+scripts/build-family-models.sh
+export ELASTIC_EDGE_REQUIRE_FAMILY_MODELS=1
+
 # The official openai Python client (pinned by sha256) for tests/openai.rs.
 echo "== the openai client's virtualenv (.cache/venv-openai; seconds the first time)" >&2
 scripts/setup-openai-client.sh

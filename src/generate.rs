@@ -15,6 +15,9 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KindClass, KvCache, KvDtype, KvElement, PromptSnapshot};
 use crate::kv::{PositionMap, Rope};
+use crate::model::image::dynamic::DynamicPixels;
+use crate::model::image::{decode_file_rgb8, decode_rgb8};
+use crate::model::mrope;
 use crate::model::prompt::{PictureLayout, Prompt};
 use crate::model::{Decoder, Embeddings, Manifest, Model, ModelElement};
 pub use crate::sampling::Sampling;
@@ -221,6 +224,18 @@ pub struct Generator<'m> {
     model: &'m mut Model,
     cache: KvCache,
     pixels: Vec<f32>,
+    /// A dynamic-resolution model's vision inputs, sized for its largest
+    /// picture.
+    dynamic_pixels: Option<DynamicPixels>,
+    /// The grids, in image tokens `(rows, cols)`, of the prompt's pictures
+    /// (what multimodal RoPE places their tokens by).
+    grids: Vec<(usize, usize)>,
+    /// Multimodal RoPE: the prompt's per-token offsets and one run's
+    /// `[3][T]` positions.
+    mrope_offsets: Vec<[i64; 3]>,
+    /// The positions the prompt's pictures skip.
+    mrope_skip: usize,
+    graph_positions: Vec<i64>,
     probabilities: Vec<f32>,
     candidates: Vec<u32>,
     trace: StepTrace,
@@ -250,11 +265,29 @@ impl<'m> Generator<'m> {
         }
         model.decoder.size_for(cache.pool().capacity());
         let vocab = model.manifest.vocab;
+        let dynamic = model
+            .manifest
+            .vision
+            .as_ref()
+            .and_then(|v| v.preprocess.dynamic.as_ref());
         let pixels = match &model.manifest.vision {
-            Some(v) => vec![0.0; v.preprocess.output_len()],
-            None => Vec::new(),
+            Some(v) if dynamic.is_none() => vec![0.0; v.preprocess.output_len()],
+            _ => Vec::new(),
         };
+        if model.manifest.mrope_section.is_some() && cache.positions_follow_cache_length() {
+            return Err(Error::Plan(format!(
+                "policy {} places tokens at their cache index, which cannot carry the picture positions of \
+                 model {}'s multimodal RoPE: use elastic's default positions, or another policy",
+                cache.policy_kind(),
+                model.manifest.name
+            )));
+        }
         Ok(Generator {
+            dynamic_pixels: dynamic.map(DynamicPixels::for_spec),
+            grids: Vec::new(),
+            mrope_offsets: Vec::new(),
+            mrope_skip: 0,
+            graph_positions: Vec::new(),
             model,
             cache,
             pixels,
@@ -272,6 +305,37 @@ impl<'m> Generator<'m> {
 
     pub fn model(&self) -> &Model {
         self.model
+    }
+
+    /// The image tokens `image` costs this model: the manifest's count, or,
+    /// for a dynamic-resolution model, its grid's at the picture's own size,
+    /// for a split one its tiles' and global image's (an encoded picture is
+    /// decoded to learn its size). What a prompt built
+    /// before the picture is encoded needs ([`Prompt`] pieces, chats).
+    pub fn picture_tokens(&self, image: ImageInput<'_>) -> Result<usize> {
+        let Some(vision) = &self.model.manifest.vision else {
+            return Err(Error::Shape(format!(
+                "model {} has no vision graph; caption text only",
+                self.model.manifest.name
+            )));
+        };
+        let pre = &vision.preprocess;
+        if pre.dynamic.is_none() && vision.split.is_none() {
+            return Ok(vision.image_tokens);
+        }
+        let (width, height) = match image {
+            ImageInput::Rgb8(rgb) => rgb.dimensions(),
+            ImageInput::File(path) => decode_file_rgb8(path, pre.max_pixels)?.0.dimensions(),
+            ImageInput::Bytes(bytes) => decode_rgb8(std::io::Cursor::new(bytes), "(in-memory image)", pre.max_pixels)?
+                .0
+                .dimensions(),
+        };
+        match (&pre.dynamic, &vision.split) {
+            (Some(spec), _) => Ok(spec.grid(width, height)?.tokens()),
+            // A split picture: its tiles' and global image's rows.
+            (None, Some(split)) => Ok(split.plan(width, height)?.images as usize * vision.image_tokens),
+            (None, None) => Ok(vision.image_tokens),
+        }
     }
 
     /// Empties the pool for a new sequence (a memory's start).
@@ -589,6 +653,7 @@ impl<'m> Generator<'m> {
                 self.cache.reset();
                 self.cache.admit(prompt.len(), max_new_tokens)?;
                 self.admit_positions(prompt.len(), max_new_tokens)?;
+                self.plan_mrope(&prompt.kinds)?;
                 (self.embed_prompt(&prompt, &image_embeds)?, prompt.len())
             }
             PromptInput::Piece { prompt, images } => {
@@ -598,6 +663,7 @@ impl<'m> Generator<'m> {
                 self.cache
                     .admit(self.cache.pool().len() + prompt.len(), max_new_tokens)?;
                 self.admit_positions(prompt.len(), max_new_tokens)?;
+                self.plan_mrope(&prompt.kinds)?;
                 (self.embed_prompt(prompt, &image_embeds)?, prompt.len())
             }
             PromptInput::Ids(ids) => {
@@ -606,6 +672,8 @@ impl<'m> Generator<'m> {
                 self.admit_positions(ids.len(), max_new_tokens)?;
                 // Raw ids are all the user's: what `commit` gives unlisted tokens.
                 self.cache.set_prompt_kinds(&[]);
+                self.grids.clear();
+                self.plan_mrope(&vec![crate::kv::TokenKind::USER; ids.len()])?;
                 let mut embeds: Vec<E> = vec![E::from_f32(0.0); ids.len() * hidden];
                 self.model.embeddings.gather(ids, &mut embeds)?;
                 (embeds, ids.len())
@@ -619,6 +687,8 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut done = 0;
         let mut positions: Vec<i64> = Vec::with_capacity(prompt_tokens.max(1));
+        let mrope = self.model.manifest.mrope_section.is_some();
+        let skipped_before = self.cache.skipped_positions();
         while done < prompt_tokens {
             let taken_until = done + self.cache.begin_prompt_chunk(prompt_tokens - done)?;
             while done < taken_until {
@@ -627,15 +697,39 @@ impl<'m> Generator<'m> {
                     .map_or(taken_until - done, |c| c.min(taken_until - done));
                 positions.clear();
                 positions.extend((0..t).map(|i| self.cache.rope_position(i) as i64));
+                if mrope {
+                    let offsets = self.mrope_offsets.get(done..done + t).ok_or_else(|| {
+                        Error::Shape(format!(
+                            "multimodal RoPE offsets for {} of {prompt_tokens} tokens",
+                            done + t
+                        ))
+                    })?;
+                    mrope::fill_positions(&positions, skipped_before, offsets, &mut self.graph_positions);
+                }
                 self.model.decoder.step::<E>(
                     &mut self.cache,
                     &embeds[done * hidden..(done + t) * hidden],
-                    &positions,
+                    if mrope { &self.graph_positions } else { &positions },
                 )?;
                 done += t;
             }
         }
+        if mrope {
+            // The prompt's pictures are in: the tokens after them go on from
+            // the positions their grids end at.
+            self.cache.skip_positions(self.mrope_skip);
+        }
         Ok((prompt_tokens, start))
+    }
+
+    /// With multimodal RoPE, the offsets of the prompt's tokens from their
+    /// sequence positions, from its pictures' grids.
+    fn plan_mrope(&mut self, kinds: &[crate::kv::TokenKind]) -> Result<()> {
+        if self.model.manifest.mrope_section.is_none() {
+            return Ok(());
+        }
+        self.mrope_skip = mrope::prompt_offsets(kinds, &self.grids, &mut self.mrope_offsets)?;
+        Ok(())
     }
 
     /// Refuses a prompt and answer whose positions would leave the model's
@@ -701,6 +795,7 @@ impl<'m> Generator<'m> {
         images: &[ImageInput<'_>],
         timings: &mut Timings,
     ) -> Result<Vec<Vec<E>>> {
+        self.grids.clear();
         self.layouts.clear();
         images
             .iter()
@@ -751,6 +846,24 @@ impl<'m> Generator<'m> {
             )));
         };
         let start = Instant::now();
+        if let Some(feed) = self.dynamic_pixels.as_mut() {
+            match image {
+                ImageInput::File(path) => preprocess.load_file_dynamic(path, feed)?,
+                ImageInput::Bytes(bytes) => preprocess.load_bytes_dynamic(bytes, feed)?,
+                ImageInput::Rgb8(rgb) => preprocess.from_rgb8_dynamic(rgb, feed)?,
+            };
+            let grid = feed
+                .grid
+                .ok_or_else(|| Error::Shape("the picture's grid was not computed".into()))?;
+            timings.image_decode_ms += ms(start);
+            let start = Instant::now();
+            let embeds = vision.encode_dynamic::<E>(feed, &self.model.manifest.name)?;
+            timings.vision_ms += ms(start);
+            self.grids.push((grid.token_rows(), grid.token_cols()));
+            self.layouts
+                .push(PictureLayout::single(embeds.len() / self.model.manifest.hidden));
+            return Ok(embeds);
+        }
         match image {
             ImageInput::File(path) => preprocess.load_file(path, &mut self.pixels)?,
             ImageInput::Bytes(bytes) => preprocess.load_bytes(bytes, &mut self.pixels)?,
@@ -816,8 +929,10 @@ fn feed_token<E: ModelElement>(
 ) -> Result<()> {
     cache.begin_token()?;
     embeddings.gather(&[token], embed)?;
-    let position = [cache.rope_position(0) as i64];
-    decoder.step::<E>(cache, embed, &position)?;
+    // One row, or three equal ones (time, height, width) for a text token
+    // under multimodal RoPE.
+    let position = [cache.rope_position(0) as i64 - cache.skipped_positions() as i64; 3];
+    decoder.step::<E>(cache, embed, &position[..decoder.position_rows()])?;
     cache.end_token()
 }
 

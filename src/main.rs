@@ -509,7 +509,8 @@ struct SamplingArgs {
 
 #[derive(Args)]
 struct DoctorArgs {
-    /// Model folder to check (default: as for caption).
+    /// Model folder to check, or a Hugging Face checkpoint folder (config.json,
+    /// no manifest.json) to size (default: as for caption).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
 
@@ -524,6 +525,11 @@ struct DoctorArgs {
     /// (default: caption's).
     #[arg(long, default_value = DEFAULT_KEEP, value_parser = parse_keep)]
     keep: KeepRatio,
+
+    /// Picture size, WIDTHxHEIGHT, that a Hugging Face checkpoint folder
+    /// (config.json, no manifest.json) is sized for (default: a 720p camera frame).
+    #[arg(long, value_name = "WxH", default_value = "1280x720", value_parser = parse_picture)]
+    picture: (u32, u32),
 
     #[command(flatten)]
     knobs: PolicyConfig,
@@ -595,6 +601,22 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
 /// A byte size that is not a KV budget (the bandwidth buffer).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     elastic_edge::kv::parse_bytes(s).map_err(|reason| format!("{reason} (examples: 256MiB, 1GiB, 1073741824)"))
+}
+
+/// `WIDTHxHEIGHT`, both at least 1.
+fn parse_picture(s: &str) -> Result<(u32, u32), String> {
+    let (width, height) = s
+        .trim()
+        .split_once(['x', 'X'])
+        .ok_or("not WIDTHxHEIGHT (for example 1280x720)")?;
+    let side = |text: &str, what: &str| match text.trim().parse::<u32>() {
+        Ok(0) => Err(format!("the {what} must be at least 1 pixel")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "the {what} {text:?} is not a whole number (for example 1280x720)"
+        )),
+    };
+    Ok((side(width, "width")?, side(height, "height")?))
 }
 
 fn parse_max_frames(s: &str) -> Result<u64, String> {
@@ -1306,9 +1328,21 @@ fn caption(onnxruntime: Option<PathBuf>, args: &CaptionArgs) -> anyhow::Result<(
 
 fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::Result<()> {
     let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
+    // A Hugging Face checkpoint folder, not exported: sized from its config.
+    let checkpoint = !dir.join("manifest.json").exists() && dir.join("config.json").is_file();
     // The geometry flags were silently ignored when a model was found (its
     // geometry wins): refused before anything is printed.
     let flags = args.pool.geometry_flags();
+    let shape_flags: Vec<&str> = flags.iter().copied().filter(|f| *f != "--dtype").collect();
+    if checkpoint && !shape_flags.is_empty() {
+        anyhow::bail!(
+            "the pool's geometry flags ({}) apply only when no model is found, but {} is a checkpoint whose \
+             config.json gives the decoder's geometry: leave {} out (--dtype chooses the pool's element type)",
+            shape_flags.join(", "),
+            dir.display(),
+            if shape_flags.len() == 1 { "it" } else { "them" }
+        );
+    }
     if let (false, Ok(manifest)) = (flags.is_empty(), model::Manifest::load(&dir)) {
         anyhow::bail!(
             "the pool's geometry flags ({}) apply only when no model is found, but model {} in {} has its own \
@@ -1338,6 +1372,9 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
             Ok(()) => outln!("  --device {device}: available"),
             Err(err) => outln!("  --device {device}: unavailable: {}", error_chain(&err)),
         }
+    }
+    if checkpoint {
+        return doctor_checkpoint(&dir, args);
     }
 
     // The model, if one is found: its manifest and files, and its geometry.
@@ -1378,6 +1415,12 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
             }
             // Which decoder graph runs, and whether this runtime and each
             // device can run it (the check `caption` makes before loading).
+            outln!(
+                "  KV per token: {} bytes ({}); one picture: {} image tokens",
+                manifest.kv_shape().kv_bytes_per_slot(),
+                manifest.kv_shape().dtype.name(),
+                manifest.vision.as_ref().map_or(0, |v| v.image_tokens)
+            );
             outln!("  decoder: {}", model::describe_decoder(&manifest));
             for device in [Device::Cpu, Device::Cuda, Device::Tensorrt] {
                 match model::check_decoder_support(&dir, &manifest, &library.version, device) {
@@ -1445,6 +1488,147 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
     );
     if let Some(available) = available {
         outln!("{}", memory_line(available));
+    }
+    Ok(())
+}
+
+/// The text tokens and answer tokens of the prompt `doctor` checks a budget
+/// against, beside one picture.
+const DOCTOR_TEXT_TOKENS: u64 = 50;
+const DOCTOR_ANSWER_TOKENS: u64 = 512;
+
+/// `doctor` on a Hugging Face checkpoint folder: its family's decoder
+/// geometry, what `--picture` costs, and what `--kv-budget` buys.
+fn doctor_checkpoint(dir: &std::path::Path, args: &DoctorArgs) -> anyhow::Result<()> {
+    use elastic_edge::model::family::{BudgetFit, FamilySizing, ImageRule, PictureSizing};
+
+    let sizing = FamilySizing::load(dir)?;
+    let decoder = sizing.decoder;
+    outln!(
+        "checkpoint {}: {}, {} (sized from its config files; no weights read)",
+        dir.display(),
+        sizing.architecture,
+        sizing.family.rule()
+    );
+    let head_dim = if decoder.head_dim_given {
+        "head_dim from config.json".to_string()
+    } else {
+        format!("hidden {} / {} heads", decoder.hidden, decoder.heads)
+    };
+    outln!(
+        "  decoder: {} layers, {} KV heads of {} ({head_dim})",
+        decoder.layers,
+        decoder.kv_heads,
+        decoder.head_dim
+    );
+    outln!(
+        "  KV per token: {} bytes in f16, {} in f32 (2 x {} layers x {} KV heads x {} x 2 or 4 bytes)",
+        decoder.kv_bytes_per_token(KvDtype::F16),
+        decoder.kv_bytes_per_token(KvDtype::F32),
+        decoder.layers,
+        decoder.kv_heads,
+        decoder.head_dim
+    );
+    let (width, height) = args.picture;
+    let picture = sizing
+        .picture(width, height)
+        .map_err(|e| anyhow::anyhow!("--picture: {e}"))?;
+    let how = match (picture, sizing.image) {
+        (PictureSizing::Qwen(grid), ImageRule::Qwen {
+            patch_size,
+            merge_size,
+            min_pixels,
+            max_pixels,
+        }) => format!(
+            "smart_resize to {}x{} (multiples of {}, {min_pixels} to {max_pixels} pixels), {}x{} patches of {patch_size} \
+             merged {merge_size}x{merge_size}",
+            grid.resized.1,
+            grid.resized.0,
+            patch_size * merge_size,
+            grid.patches.1,
+            grid.patches.0
+        ),
+        (PictureSizing::Idefics3(split), ImageRule::Idefics3(params)) => {
+            let resized = match params.longest_edge {
+                Some(edge) => format!("resized to {}x{} (long side {edge})", split.resized.1, split.resized.0),
+                None => "not resized (do_resize false)".to_string(),
+            };
+            if split.rows > 0 {
+                format!(
+                    "{resized}, then {}x{} (multiples of {}): {} x {} tiles of {} + 1 global image = {} images of {} tokens",
+                    split.encoder_size.1,
+                    split.encoder_size.0,
+                    params.tile,
+                    split.rows,
+                    split.cols,
+                    params.tile,
+                    split.images,
+                    params.image_seq_len
+                )
+            } else {
+                format!(
+                    "{resized}: one image of {}x{}, not split, {} tokens",
+                    params.tile, params.tile, params.image_seq_len
+                )
+            }
+        }
+        (PictureSizing::Llava { side, .. }, ImageRule::Llava {
+            patch_size, keep_cls, ..
+        }) => format!(
+            "short side to {side} and centre-cropped to {side}x{side}: ({side} / {patch_size})^2 patches{}",
+            if keep_cls { " + the CLS token (strategy full)" } else { "" }
+        ),
+        // FamilySizing::picture answers each rule with its own variant.
+        _ => unreachable!("FamilySizing::picture follows its own rule"),
+    };
+    outln!("  picture {width}x{height}: {how}: {} image tokens", picture.tokens());
+
+    let shape = decoder.shape(args.pool.dtype.unwrap_or(KvDtype::F16));
+    shape.validate()?;
+    let per_slot = shape.bytes_per_slot();
+    let budget = args.pool.kv_budget;
+    let slots = budget.pool_bytes(per_slot) / per_slot;
+    let keep = args.keep.get();
+    let fit = BudgetFit::new(slots, picture.tokens(), keep, DOCTOR_TEXT_TOKENS, DOCTOR_ANSWER_TOKENS);
+    outln!(
+        "  --kv-budget {} ({}): {slots} slots of {per_slot} bytes ({} K and V plus the pool's metadata)",
+        budget,
+        human_bytes(budget.bytes(per_slot)),
+        shape.dtype.name()
+    );
+    let compresses = keep < 1.0 && args.policy != PolicyKind::Full;
+    let verdict = |fits: bool| if fits { "fits" } else { "does not fit" };
+    if compresses {
+        outln!(
+            "  pictures it holds: {} at full cache, about {} at --keep {keep} (policy {})",
+            fit.pictures,
+            fit.pictures_at_keep,
+            args.policy
+        );
+        outln!(
+            "  one picture + {DOCTOR_TEXT_TOKENS} text + {DOCTOR_ANSWER_TOKENS} answer tokens: {} slots at full cache: {}; \
+             about {} at --keep {keep}: {}",
+            fit.prompt_slots,
+            verdict(fit.fits()),
+            fit.prompt_slots_at_keep,
+            verdict(fit.fits_at_keep())
+        );
+    } else {
+        outln!("  pictures it holds: {} at full cache", fit.pictures);
+        outln!(
+            "  one picture + {DOCTOR_TEXT_TOKENS} text + {DOCTOR_ANSWER_TOKENS} answer tokens: {} slots at full cache: {}",
+            fit.prompt_slots,
+            verdict(fit.fits())
+        );
+    }
+    if let Some(available) = memory_available() {
+        let largest = largest_budget(available, 0);
+        outln!(
+            "memory: {} available; with a 150 MiB margin, before the weights, the largest --kv-budget is {} ({} slots)",
+            human_bytes(available),
+            human_bytes(largest),
+            largest / per_slot
+        );
     }
     Ok(())
 }

@@ -33,6 +33,12 @@ fn doctor_loads_onnxruntime_checks_the_model_and_sizes_the_pool() {
         stdout.contains("model tiny:") && stdout.contains("files check out"),
         "{stdout}"
     );
+    // The manifest's KV bytes per token (2 layers x 2 x 2 heads x 16 x 4
+    // bytes) and its image tokens.
+    assert!(
+        stdout.contains("KV per token: 512 bytes (f32); one picture: 16 image tokens"),
+        "{stdout}"
+    );
     // 2 layers x 2 (k, v) x 2 heads x 16 x 4 bytes + 2 x 20 metadata = 552 bytes a slot.
     assert!(
         stdout.contains("kv pool: 1899 slots, 1048248 bytes (552 per slot)"),
@@ -540,4 +546,136 @@ fn eval_memory_frames_scores_each_policy_against_the_full_cache() {
     let output = run("4");
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr_line(&output).contains("distinct pictures"));
+}
+
+fn checkpoint(name: &str) -> String {
+    format!("{}/models/configs/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn doctor_sizes_a_qwen_checkpoint_from_its_config() {
+    let output = elastic_edge(&[
+        "doctor",
+        "--model",
+        &checkpoint("qwen2.5-vl-3b-instruct"),
+        "--picture",
+        "1280x720",
+        "--kv-budget",
+        "1GiB",
+        "--keep",
+        "0.5",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // ONNX Runtime is still checked first.
+    assert!(stdout.contains("onnxruntime 1.31.1:"), "{stdout}");
+    assert!(stdout.contains("Qwen2_5_VLForConditionalGeneration"), "{stdout}");
+    assert!(
+        stdout.contains("decoder: 36 layers, 2 KV heads of 128 (hidden 2048 / 16 heads)"),
+        "{stdout}"
+    );
+    // 2 x 36 layers x 2 KV heads x 128 x 2 (or 4) bytes.
+    assert!(
+        stdout.contains("KV per token: 36864 bytes in f16, 73728 in f32"),
+        "{stdout}"
+    );
+    // smart_resize(720, 1280, 28, ...) = (728, 1288): 26 x 46 merged patches.
+    assert!(
+        stdout.contains("picture 1280x720: smart_resize to 1288x728") && stdout.contains(": 1196 image tokens"),
+        "{stdout}"
+    );
+    // 1 GiB / (36864 + 36 layers x 20 bytes of metadata) = 28569 slots.
+    assert!(stdout.contains(": 28569 slots of 37584 bytes"), "{stdout}");
+    assert!(
+        stdout.contains("pictures it holds: 23 at full cache, about 47 at --keep 0.5 (policy elastic)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1758 slots at full cache: fits; about 879 at --keep 0.5: fits"),
+        "{stdout}"
+    );
+    // A picture transformers refuses is one error line.
+    let output = elastic_edge(&[
+        "doctor",
+        "--model",
+        &checkpoint("qwen2.5-vl-3b-instruct"),
+        "--picture",
+        "3000x10",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = stderr_line(&output);
+    assert!(line.contains("--picture") && line.contains("over 200"), "{line}");
+}
+
+#[test]
+fn doctor_sizes_a_smolvlm_checkpoint_by_its_tiles() {
+    let output = elastic_edge(&[
+        "doctor",
+        "--model",
+        &checkpoint("smolvlm-instruct"),
+        "--kv-budget",
+        "1GiB",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("Idefics3ForConditionalGeneration"), "{stdout}");
+    assert!(stdout.contains("decoder: 24 layers, 32 KV heads of 64"), "{stdout}");
+    assert!(
+        stdout.contains("KV per token: 196608 bytes in f16, 393216 in f32"),
+        "{stdout}"
+    );
+    // The default picture, 1280x720: 1536x864, then 1536x1152 = 3 x 4 tiles
+    // of 384 and the global image, 81 tokens each.
+    assert!(
+        stdout.contains("picture 1280x720: resized to 1536x864 (long side 1536), then 1536x1152")
+            && stdout.contains("3 x 4 tiles of 384 + 1 global image = 13 images of 81 tokens: 1053 image tokens"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(": 5448 slots of 197088 bytes"), "{stdout}");
+    // At the default keep of 1 there is no compressed figure.
+    assert!(stdout.contains("pictures it holds: 5 at full cache\n"), "{stdout}");
+    assert!(stdout.contains("1615 slots at full cache: fits\n"), "{stdout}");
+    // A budget too small for the prompt says so.
+    let output = elastic_edge(&[
+        "doctor",
+        "--model",
+        &checkpoint("smolvlm-instruct"),
+        "--kv-budget",
+        "1000tokens",
+    ]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1615 slots at full cache: does not fit"));
+}
+
+#[test]
+fn doctor_names_the_supported_families_for_another_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["BertForMaskedLM"]}"#,
+    )
+    .unwrap();
+    let output = elastic_edge(&["doctor", "--model", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = stderr_line(&output);
+    assert!(
+        line.contains("config.json") && line.contains("BertForMaskedLM"),
+        "{line}"
+    );
+    assert!(
+        line.contains("Qwen2_5_VLForConditionalGeneration") && line.contains("LlavaForConditionalGeneration"),
+        "{line}"
+    );
+    // A needed field missing: named, with the file.
+    let config = std::fs::read_to_string(format!("{}/config.json", checkpoint("llava-1.5-7b"))).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["vision_config"].as_object_mut().unwrap().remove("patch_size");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let output = elastic_edge(&["doctor", "--model", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = stderr_line(&output);
+    assert!(
+        line.contains("config.json") && line.contains("vision_config.patch_size"),
+        "{line}"
+    );
 }

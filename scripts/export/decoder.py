@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -46,12 +46,21 @@ class DecoderConfig:
     max_positions: int
     attention_bias: bool = False
     tie_word_embeddings: bool = False
+    # Qwen2-VL / Qwen2.5-VL multimodal RoPE: how many of the head's head_dim/2 rotary
+    # frequencies take the time, height and width position (None: plain RoPE)
+    mrope_section: Optional[List[int]] = None
 
     @classmethod
     def from_hf(cls, c) -> "DecoderConfig":
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rs = getattr(c, "rope_scaling", None)
-        if rs and rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
+        mrope = None
+        if rs and (rs.get("type") == "mrope" or "mrope_section" in rs):
+            mrope = [int(x) for x in rs["mrope_section"]]
+            if len(mrope) != 3 or sum(mrope) != head_dim // 2:
+                raise SystemExit(f"error: rope_scaling.mrope_section {mrope} must be three counts summing to "
+                                 f"head_dim/2 = {head_dim // 2}")
+        elif rs and rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
             raise SystemExit(
                 f"error: rope_scaling {rs!r} is not supported by the elastic-edge exporter "
                 "(only plain RoPE); export a checkpoint without rope scaling")
@@ -69,8 +78,10 @@ class DecoderConfig:
             rms_eps=float(c.rms_norm_eps),
             rope_theta=float(getattr(c, "rope_theta", 10000.0)),
             max_positions=int(getattr(c, "max_position_embeddings", 2048)),
-            attention_bias=bool(getattr(c, "attention_bias", False)),
+            # Qwen2's q/k/v projections always have a bias (its config has no attention_bias)
+            attention_bias=bool(getattr(c, "attention_bias", False)) or c.model_type.startswith("qwen2"),
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            mrope_section=mrope,
         )
 
 

@@ -16,7 +16,8 @@ slots [S, S+T) in place and copies nothing of the past (checked by
 ortrun.OrtModel.step and verify.formats_agree). Inputs besides the cache:
 
   inputs_embeds          [1, T, hidden]   model dtype
-  position_ids           [1, T]           int64, RoPE positions (gaps allowed)
+  position_ids           [1, T]           int64, RoPE positions (gaps allowed);
+                         [3, T] with multimodal RoPE (Qwen2-VL: time, height, width)
   attention_bias         [layers, S+T]    model dtype, additive per layer and
                                           entry (0, -inf, ln m); the new T are 0
   seqlens_k              [1]              int32, S + T - 1
@@ -72,16 +73,20 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
     def linear_t(w: torch.Tensor) -> np.ndarray:  # torch [out, in] -> ONNX MatMul B [in, out]
         return np.ascontiguousarray(_np(w, np_dt).T)
 
-    # RoPE caches [max_positions, head_dim / 2], as the format-1 module computes them
-    pos = torch.arange(c.max_positions, dtype=torch.float32)[:, None]
-    freqs = pos * model.inv_freq.float()[None, :]
-    cos = init("rope_cos", freqs.cos().numpy().astype(np_dt))
-    sin = init("rope_sin", freqs.sin().numpy().astype(np_dt))
-
-    # attention_bias [L, S+T] -> per layer [1, 1, T, S+T]
     i64 = lambda name, vals: init(name, np.array(vals, np.int64))
     emb_shape = node("Shape", ["inputs_embeds"], ["embeds_shape"])
     t_dim = node("Slice", [emb_shape, i64("c_1", [1]), i64("c_2", [2])], ["T_dim"])
+    if c.mrope_section is None:
+        # RoPE caches [max_positions, head_dim / 2], as the format-1 module computes them
+        pos = torch.arange(c.max_positions, dtype=torch.float32)[:, None]
+        freqs = pos * model.inv_freq.float()[None, :]
+        cos = init("rope_cos", freqs.cos().numpy().astype(np_dt))
+        sin = init("rope_sin", freqs.sin().numpy().astype(np_dt))
+        gqa_positions = "position_ids"
+    else:
+        cos, sin, gqa_positions = _mrope_tables(c, model, node, init, i64, t_dim, np_dt, onnx_dt)
+
+    # attention_bias [L, S+T] -> per layer [1, 1, T, S+T]
     bias_shape = node("Shape", ["attention_bias"], ["bias_shape"])
     total_dim = node("Slice", [bias_shape, i64("c_1b", [1]), i64("c_2b", [2])], ["total_dim"])
     expand_to = node("Concat", [i64("c_11", [1, 1]), t_dim, total_dim], ["bias_expand_shape"], axis=0)
@@ -113,7 +118,7 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
             outs.append(f"probs_{l}")
         node("GroupQueryAttention",
              [qkv, "", "", f"past_key_{l}", f"past_value_{l}", "seqlens_k", "total_sequence_length",
-              cos, sin, "position_ids", bias],
+              cos, sin, gqa_positions, bias],
              outs, domain=GQA_DOMAIN, num_heads=c.heads, kv_num_heads=c.kv_heads, do_rotary=1,
              rotary_interleaved=0, scale=1.0 / float(np.sqrt(c.head_dim)), **({"qk_output": 2} if scores else {}))
         if scores:
@@ -148,7 +153,8 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
 
     cache_shape = [1, c.kv_heads, "C", c.head_dim]
     inputs = [helper.make_tensor_value_info("inputs_embeds", onnx_dt, [1, "T", c.hidden]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "T"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                            [1 if c.mrope_section is None else 3, "T"]),
               helper.make_tensor_value_info("attention_bias", onnx_dt, [c.layers, "S_plus_T"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
@@ -167,6 +173,38 @@ def build_graph(model: ContractDecoder, dtype: torch.dtype, scores: bool):
                            producer_name="elastic-edge scripts/export/decoder_v2.py")
     mp.ir_version = 10
     return mp
+
+
+def _mrope_tables(c, model, node, init, i64, t_dim, np_dt, onnx_dt):
+    """Multimodal RoPE (Qwen2-VL): position_ids is [3, T] (time, height, width; equal for
+    text), and rotary frequency j turns by the component its section names
+    (mrope_section: the first s0 frequencies time, the next s1 height, the last s2 width).
+    The T tokens' cos/sin rows are computed here, once for all layers, and handed to
+    GroupQueryAttention as its cache with the tokens reading rows 0..T-1 (it wants at
+    least S+T rows, so the table is padded with zero rows it never reads).
+    -> (cos, sin, the positions GroupQueryAttention reads)."""
+    from onnx import TensorProto
+    component = np.repeat(np.arange(3), c.mrope_section).astype(np.int64)  # [head_dim / 2]
+    per_freq = node("Gather", ["position_ids", init("mrope_component", component)], ["mrope_pos"], axis=0)
+    per_token = node("Transpose", [per_freq], ["mrope_pos_t"], perm=[1, 0])  # [T, head_dim / 2]
+    angles = node("Mul", [node("Cast", [per_token], ["mrope_pos_f"], to=TensorProto.FLOAT),
+                          init("mrope_inv_freq", model.inv_freq.float().numpy().astype(np.float32))],
+                  ["mrope_angles"])
+    total = node("Reshape", [node("Cast", ["total_sequence_length"], ["total_i64"], to=TensorProto.INT64),
+                             i64("c_shape_1", [1])], ["total_1"])
+    pads = node("Concat", [i64("c_00", [0, 0]), node("Sub", [total, t_dim], ["past_rows"]), i64("c_0", [0])],
+                ["mrope_pads"], axis=0)
+    tables = []
+    for fn in ("Cos", "Sin"):
+        v = node(fn, [angles], [f"mrope_{fn.lower()}_f32"])
+        if onnx_dt != TensorProto.FLOAT:
+            v = node("Cast", [v], [f"mrope_{fn.lower()}_dt"], to=onnx_dt)
+        tables.append(node("Pad", [v, pads], [f"mrope_{fn.lower()}"]))
+    t_scalar = node("Squeeze", [t_dim, i64("c_axis0", [0])], ["T_scalar"])
+    rows = node("Range", [init("c_zero", np.array(0, np.int64)), t_scalar, init("c_one", np.array(1, np.int64))],
+                ["mrope_rows"])
+    gqa_positions = node("Unsqueeze", [rows, i64("c_axis0u", [0])], ["mrope_rows_2d"])
+    return tables[0], tables[1], gqa_positions
 
 
 FAST_GRAPH = "decoder_fast.onnx"  # the same weights without attn_colsum: what decode steps run

@@ -8,11 +8,15 @@ Supported (by config.json "architectures"/"model_type"):
                                   (SmolVLM / Idefics3: SigLIP-style encoder, pixel-shuffle connector,
                                    Llama decoder; with do_image_splitting the vision graph takes a
                                    batch of tiles, else one global image)
+  Qwen2_5_VLForConditionalGeneration
+                                  (Qwen2.5-VL: dynamic resolution within a pixel budget, window
+                                   attention and patch merger (export.qwen2vl), Qwen2 decoder with
+                                   multimodal RoPE; format 2 only)
 The decoder is re-implemented by export.decoder.ContractDecoder from the checkpoint's
 weights; the vision graph wraps the checkpoint's own vision tower + projector.
 
 `python -m export.families --selftest` builds tiny randomly initialised configurations
-of both classes (Idefics3 with and without image splitting), exports them and checks ONNX
+of each family (Idefics3 with and without image splitting), exports them and checks ONNX
 Runtime against PyTorch, and the split prompts against the Hugging Face processor.
 """
 from __future__ import annotations
@@ -38,7 +42,13 @@ KNOWN = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "idefics3",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
+
+# Qwen2.5-VL's pixel budget unless --max-pixels says otherwise: 1024 image tokens at most
+# (28 x 28 pixels each). Its vision graph's attention holds [heads, N, N] float32 scores over
+# N = 4 x tokens patches, about 1 GiB at this budget (export.qwen2vl).
+QWEN_MAX_PIXELS = 28 * 28 * 1024
 
 
 class LlavaVision(nn.Module):
@@ -95,6 +105,8 @@ def detect(ckpt: str) -> str:
     mt = cfg.get("model_type")
     if mt in ("llava", "idefics3", "smolvlm"):
         return "llava" if mt == "llava" else "idefics3"
+    if mt == "qwen2_5_vl":
+        return "qwen2_5_vl"
     die(f"{ckpt}: architecture {archs or mt!r} is not supported by the exporter; supported: "
         f"{', '.join(KNOWN)}")
 
@@ -114,6 +126,8 @@ def load(ckpt: str, family: str):
     cfg = AutoConfig.from_pretrained(ckpt)
     if family == "llava":
         from transformers import LlavaForConditionalGeneration as C
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as C
     else:
         from transformers import Idefics3ForConditionalGeneration as C
     try:
@@ -121,6 +135,51 @@ def load(ckpt: str, family: str):
     except Exception as e:  # missing shards, wrong shapes, ...
         die(f"could not load {ckpt} as {C.__name__}: {e}")
     return cfg, model
+
+
+def qwen_parts(ckpt: str, cfg, model, pp: Dict, vocab_ids: Dict, max_pixels: int | None):
+    """Qwen2.5-VL: the Qwen2 decoder (q/k/v bias, multimodal RoPE), the vision tower with its
+    dynamic-resolution inputs (export.qwen2vl), the Qwen chat template."""
+    text_cfg = cfg.text_config
+    dcfg = DecoderConfig.from_hf(text_cfg)
+    if dcfg.mrope_section is None:
+        die(f"{ckpt}: a Qwen2.5-VL config without rope_scaling.mrope_section")
+    sd = model.state_dict()
+    prefix = "model.language_model."
+    dec_sd = state_dict_from_hf_llama(sd, prefix, None if cfg.tie_word_embeddings else "lm_head.weight",
+                                      prefix + "embed_tokens.weight")
+    embed = sd[prefix + "embed_tokens.weight"].float()
+    vc = cfg.vision_config
+    patch, merge, temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    factor = patch * merge
+    # transformers 4.57 keeps min/max_pixels in size {shortest_edge, longest_edge}; older files at top level
+    size = pp.get("size") or {}
+    min_pixels = int(pp.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+    budget = int(max_pixels or min(QWEN_MAX_PIXELS, int(pp.get("max_pixels") or size.get("longest_edge")
+                                                             or QWEN_MAX_PIXELS)))
+    if budget < max(min_pixels, factor * factor):
+        die(f"--max-pixels {budget} is below the checkpoint's min_pixels {min_pixels} (or one {factor}x{factor} "
+            f"token): the smallest budget that works is {max(min_pixels, factor * factor)}")
+    tokens_max = budget // (factor * factor)
+    side = int(np.sqrt(budget)) // factor * factor  # what a square picture gets (informational)
+    vis_meta = {"image_size": side, "height": side, "width": side, "mean": pp.get("image_mean"),
+                "std": pp.get("image_std"), "resize": "bicubic_smart_resize",
+                "rescale": pp.get("rescale_factor", 1 / 255), "channel_order": "RGB", "layout": "patches",
+                "input_dtype": "float32", "image_tokens": tokens_max, "projector": {"kind": "qwen2_5_vl"},
+                "dynamic": {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal,
+                            "window_size": vc.window_size, "min_pixels": min_pixels, "max_pixels": budget}}
+    tpl = {"system_prefix": "<|im_start|>system\n", "system_prompt": "You are a helpful assistant.",
+           "system_suffix": "<|im_end|>\n", "user_prefix": "<|im_start|>user\n",
+           "image_prefix": "<|vision_start|>", "image_suffix": "<|vision_end|>",
+           "default_user_prompt": "Describe this image.", "user_suffix": "<|im_end|>\n",
+           "assistant_prefix": "<|im_start|>assistant\n", "image_position": "user_before_text",
+           "tokenize_pieces_separately": True}
+    stops = [i for i in (vocab_ids.get("<|im_end|>"), vocab_ids.get("<|endoftext|>")) if i is not None]
+    if not stops:
+        die(f"{ckpt}/tokenizer.json has neither <|im_end|> nor <|endoftext|>: not a Qwen tokenizer")
+    tokens = {"bos_token_id": None, "add_bos": False, "eos_token_id": stops[0], "pad_token_id": stops[-1],
+              "stop_token_ids": stops}
+    return dcfg, dec_sd, embed, vis_meta, tpl, tokens
 
 
 def family_parts(ckpt: str, family: str, cfg, model):
@@ -214,9 +273,11 @@ def idefics3_split_settings(pp: Dict, size: int, tok: Dict):
 
 
 def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None, decoder_format: int = 2,
-           scores: bool = True, description: str | None = None) -> str:
+           scores: bool = True, description: str | None = None, max_pixels: int | None = None) -> str:
     check_files(ckpt)
     family = detect(ckpt)
+    if family == "qwen2_5_vl":
+        return export_qwen(ckpt, out, dtype_name, name, decoder_format, scores, max_pixels)
     cfg, model = load(ckpt, family)
     dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens = family_parts(ckpt, family, cfg, model)
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32
@@ -256,6 +317,60 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
                        build={"key": "", "exporter": "scripts/export/families.py", "family": family,
                               "torch": torch.__version__})
     return out
+
+
+def export_qwen(ckpt: str, out: str, dtype_name: str, name: str | None, decoder_format: int, scores: bool,
+                max_pixels: int | None) -> str:
+    from .qwen2vl import export_vision
+    if decoder_format != 2:
+        die("Qwen2.5-VL's multimodal RoPE needs --decoder-format 2 (the format-1 graph takes one position a token)")
+    cfg, model = load(ckpt, "qwen2_5_vl")
+    pp = json.load(open(os.path.join(ckpt, "preprocessor_config.json")))
+    tok = json.load(open(os.path.join(ckpt, "tokenizer.json")))
+    vocab_ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    dcfg, dec_sd, embed, vis_meta, tpl, tokens = qwen_parts(ckpt, cfg, model, pp, vocab_ids, max_pixels)
+    dtype = torch.float16 if dtype_name == "fp16" else torch.float32
+    with AtomicDir(out) as tmp:
+        log(f"qwen2_5_vl: exporting decoder.onnx ({dcfg.layers} layers, multimodal RoPE {dcfg.mrope_section})")
+        extra = export_any(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype,
+                           decoder_format, scores)
+        d = vis_meta["dynamic"]
+        log(f"qwen2_5_vl: exporting vision.onnx (dynamic resolution, {d['min_pixels']} to {d['max_pixels']} "
+            f"pixels: up to {vis_meta['image_tokens']} tokens a picture)")
+        export_vision(model, os.path.join(tmp, "vision.onnx"), dtype)
+        embed.numpy().astype("<f2" if dtype == torch.float16 else "<f4").tofile(os.path.join(tmp, "embed_tokens.bin"))
+        tok["post_processor"] = None
+        write_json(os.path.join(tmp, "tokenizer.json"), tok)
+        man = write_manifest(tmp, name=name or os.path.basename(os.path.abspath(ckpt)),
+                             description=f"qwen2_5_vl checkpoint exported from {ckpt}",
+                             dtype="float16" if dtype == torch.float16 else "float32", cfg=dcfg, tokens=tokens,
+                             vision=vis_meta, chat_template=tpl, extra_files=extra,
+                             build={"key": "", "exporter": "scripts/export/families.py", "family": "qwen2_5_vl",
+                                    "torch": torch.__version__})
+        if man["graphs"]["vision"]["inputs"][0]["name"] != "pixel_values":
+            die("vision.onnx's first input is not pixel_values")
+    return out
+
+
+def mrope_positions(ids, image_token_id: int, grids) -> np.ndarray:
+    """[3, len(ids)] multimodal RoPE positions of a prompt whose pictures are runs of
+    image_token_id, grids[i] = (rows, cols) of picture i in image tokens: what the Rust
+    client computes (src/model/mrope.rs), checked against transformers' get_rope_index."""
+    pos = np.zeros((3, len(ids)), np.int64)
+    nxt, i, picture = 0, 0, 0
+    while i < len(ids):
+        if ids[i] == image_token_id:
+            rows, cols = grids[picture]
+            for cell in range(rows * cols):
+                pos[:, i + cell] = (nxt, nxt + cell // cols, nxt + cell % cols)
+            nxt += max(rows, cols)
+            i += rows * cols
+            picture += 1
+        else:
+            pos[:, i] = nxt
+            nxt += 1
+            i += 1
+    return pos
 
 
 # ------------------------------------------------------------------ self-test
@@ -309,7 +424,7 @@ def _widen(model) -> None:
                 p.mul_(3.0)
 
 
-def selftest() -> Dict:
+def selftest(keep: str | None = None) -> Dict:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(0)
     results = {}
@@ -341,9 +456,168 @@ def selftest() -> Dict:
                                                                              variant)
             if variant.endswith("-split"):
                 results[f"{variant}-processor"] = check_split(ck, ref, os.path.join(root, variant + "-onnx-format2"))
+        results.update(qwen_selftest(root, os.path.join(keep, "tiny-qwen2_5_vl") if keep else None))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["published-configs"] = _check_published_configs()
+    return results
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_PICTURES = ["models/fixtures/qwen2vl/chelsea-crop-61x93.png", "models/fixtures/qwen2vl/coffee-crop-130x47.png"]
+
+
+# Random-weight shapes for the self-test: "tiny", or the published sizes of Qwen2.5-VL-3B-Instruct
+# (hidden 2048, 16 heads, 2 KV heads of 128, vocabulary 151936; vision 1280 wide, 16 heads) with
+# 4 decoder layers and 4 vision blocks so the export runs here in minutes.
+QWEN_SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+             dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, window_size=56,
+                  fullatt_block_indexes=[1]), None),
+    "qwen2.5-vl-3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=16,
+                           num_key_value_heads=2, rope_theta=1000000.0,
+                           rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+                      dict(depth=4, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[3]), 151936),
+}
+
+
+def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> Dict:
+    """A random Qwen2.5-VL (window attention over several windows, multimodal RoPE) of QWEN_SHAPES[shapes],
+    exported and checked against transformers on one and on two pictures: the prompt ids, get_rope_index's
+    positions, the vision rows, the last logits, every layer's new K/V and attention column sums, and the
+    greedy answer. keep: also leave the model there with expected.json (the Rust tests' reference:
+    pictures, transformers' prompt ids and answers)."""
+    import time
+    from PIL import Image
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+    from .ortrun import OrtModel
+    from .qwen2vl import vision_index_inputs
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    torch.manual_seed(0)
+    ck = os.path.join(root, "qwen2_5_vl")
+    os.makedirs(ck)
+    V = _tiny_tokenizer(ck, QWEN_SPECIALS)
+    ids = {t: PreTrainedTokenizerFast(tokenizer_file=os.path.join(ck, "tokenizer.json")).convert_tokens_to_ids(t)
+           for t in QWEN_SPECIALS}
+    text_shape, vision_shape, vocab = QWEN_SHAPES[shapes]
+    text = dict(text_shape, vocab_size=vocab or V, max_position_embeddings=4096)
+    vision = dict(vision_shape, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
+                           eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if shapes == "tiny":
+        with torch.no_grad():  # random init is near-identity: widen the weights so every part matters
+            for n, p in model.named_parameters():
+                if p.dim() >= 2 and "embed" not in n:
+                    p.mul_(3.0)
+    model.save_pretrained(ck)
+    pp = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 28 * 28 * 48,
+          "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+          "image_std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255}
+    write_json(os.path.join(ck, "preprocessor_config.json"), pp)
+    ref = load(ck, "qwen2_5_vl")[1]
+    out = keep or os.path.join(root, "qwen2_5_vl-onnx")
+    started = time.time()
+    export(ck, out, name="tiny-qwen2_5_vl" if shapes == "tiny" else f"random-{shapes}-4-layers")
+    export_s = time.time() - started
+    om = OrtModel(out)
+    m = om.m
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ck, "tokenizer.json"))
+    proc = Qwen2VLImageProcessor(**{k: v for k, v in pp.items() if k != "image_processor_type"})
+    tpl = m["chat_template"]
+    results, cases = {}, []
+    for count in (1, 2):
+        pictures = [Image.open(os.path.join(repo, p)).convert("RGB") for p in QWEN_PICTURES[:count]]
+        px = proc(images=pictures, return_tensors="pt")
+        thw = px["image_grid_thw"]
+        grids = [(int(h) // 2, int(w) // 2) for _, h, w in thw.tolist()]
+        head = tpl["system_prefix"] + tpl["system_prompt"] + tpl["system_suffix"] + tpl["user_prefix"]
+        prompt = head + "".join(tpl["image_prefix"] + "<|image_pad|>" * (r * c) + tpl["image_suffix"]
+                                for r, c in grids)
+        prompt += tpl["default_user_prompt"] + tpl["user_suffix"] + tpl["assistant_prefix"]
+        input_ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+        # the vision graph, a picture a run, as the Rust client feeds it
+        rows, at = [], 0
+        for (_, h, w) in thw.tolist():
+            n = h * w
+            feed = {"pixel_values": px["pixel_values"][at:at + n].numpy(),
+                    **vision_index_inputs(h, w, cfg.vision_config)}
+            rows.append(om.vis.run(None, feed)[0][0])
+            at += n
+        with torch.no_grad():
+            t_ie = ref.model.get_image_features(px["pixel_values"], thw)
+        t_ie = torch.cat(list(t_ie), 0) if isinstance(t_ie, (list, tuple)) else t_ie
+        verr = float(np.abs(np.concatenate(rows, 0) - t_ie.numpy()).max())
+        image_id = ids["<|image_pad|>"]
+        embeds, picture, i = [], 0, 0
+        while i < len(input_ids):
+            if input_ids[i] == image_id:
+                embeds.append(rows[picture])
+                i += len(rows[picture])
+                picture += 1
+            else:
+                embeds.append(np.asarray(om.embed[[input_ids[i]]]))
+                i += 1
+        emb = np.concatenate(embeds, 0)[None]
+        pos = mrope_positions(input_ids, image_id, grids)
+        ii = torch.tensor([input_ids])
+        with torch.no_grad():
+            hf_pos, _ = ref.model.get_rope_index(ii, thw, None, torch.ones_like(ii))
+            hf = ref(input_ids=ii, pixel_values=px["pixel_values"], image_grid_thw=thw, output_attentions=True,
+                     use_cache=True)
+            logits = hf.logits[0, -1].numpy()
+            g = ref.generate(input_ids=ii, attention_mask=torch.ones_like(ii), pixel_values=px["pixel_values"],
+                             image_grid_thw=thw, max_new_tokens=12, do_sample=False,
+                             eos_token_id=m["stop_token_ids"], pad_token_id=m["pad_token_id"])[0, len(input_ids):]
+        g = g.tolist()
+        if g and g[-1] in m["stop_token_ids"]:
+            g = g[:-1]
+        positions_match = bool(np.array_equal(pos, hf_pos[:, 0].numpy()))
+        cache = om.empty_cache()
+        o = om.step(cache, emb, pos)
+        lerr = float(np.abs(o["logits"][0] - logits).max())
+        kv_err, colsum_err = 0.0, 0.0
+        for l in range(m["layers"]):
+            layer = hf.past_key_values.layers[l] if hasattr(hf.past_key_values, "layers") else None
+            k_hf = (layer.keys if layer is not None else hf.past_key_values.key_cache[l])[0].transpose(0, 1)
+            v_hf = (layer.values if layer is not None else hf.past_key_values.value_cache[l])[0].transpose(0, 1)
+            kv_err = max(kv_err, float(np.abs(o[f"new_key_{l}"][0] - k_hf.numpy()).max()),
+                         float(np.abs(o[f"new_value_{l}"][0] - v_hf.numpy()).max()))
+            col_hf = hf.attentions[l][0].sum(1).mean(0).numpy()
+            colsum_err = max(colsum_err, float(np.abs(o[f"attn_colsum_{l}"][0] - col_hf).max()))
+        got, nxt_pos = [], int(pos.max()) + 1
+        for _ in range(12):
+            nxt = int(np.argmax(o["logits"][0]))
+            if nxt in m["stop_token_ids"]:
+                break
+            got.append(nxt)
+            o = om.step(cache, np.asarray(om.embed[[nxt]])[None], np.full((3, 1), nxt_pos))
+            nxt_pos += 1
+        tol = 1e-4 if shapes == "tiny" else 2e-3  # 2048-wide sums in another order
+        ok = positions_match and got == g and verr < tol and lerr < tol and kv_err < tol and colsum_err < 1e-5
+        results[f"qwen2_5_vl-{shapes}-{count}-pictures"] = {
+            "grids": grids, "vision_max_abs_err": verr, "logits_max_abs_err": lerr,
+            "logits_max_abs": float(np.abs(logits).max()), "new_kv_max_abs_err": kv_err,
+            "colsum_max_abs_err": colsum_err, "positions_match_get_rope_index": positions_match,
+            "greedy_transformers": g, "greedy_onnxruntime": got, "export_s": round(export_s, 1), "ok": ok}
+        log(f"selftest qwen2_5_vl ({shapes}), {count} picture(s) {grids}: vision err {verr:.2g}, logits err "
+            f"{lerr:.2g}, new K/V err {kv_err:.2g}, column sums err {colsum_err:.2g}, positions match "
+            f"{positions_match}, greedy match {got == g}")
+        if not ok:
+            die(f"selftest qwen2_5_vl with {count} picture(s) failed: {results}")
+        cases.append({"pictures": QWEN_PICTURES[:count], "prompt_ids": input_ids, "answer_ids": g,
+                      "grids": grids})
+    if keep:
+        write_json(os.path.join(keep, "expected.json"), {
+            "note": "transformers' prompt ids and greedy answers (12 tokens at most, stop token dropped) for "
+                    "the default prompt; written by python -m export.families --selftest --keep",
+            "max_new_tokens": 12, "cases": cases})
     return results
 
 
@@ -560,21 +834,39 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--name")
     ap.add_argument("--selftest", action="store_true")
+    ap.add_argument("--shapes", choices=sorted(QWEN_SHAPES), default="tiny",
+                    help="with --selftest: the random Qwen2.5-VL's shapes; qwen2.5-vl-3b checks only that family, "
+                         "at the published sizes with 4 layers (minutes, about 6 GB of memory)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="with --selftest: leave the tiny Qwen2.5-VL export in DIR/tiny-qwen2_5_vl with the "
+                         "transformers answers the Rust tests compare against")
+    ap.add_argument("--max-pixels", type=int,
+                    help=f"Qwen2.5-VL: the pixel budget of one picture (default {QWEN_MAX_PIXELS} = 1024 tokens, "
+                         "or the checkpoint's max_pixels if lower)")
     ap.add_argument("--tiny-split", metavar="OUT_DIR",
                     help="write the tiny split Idefics3 model there and its fixture (models/fixtures/idefics3)")
     add_format_args(ap)
     a = ap.parse_args()
     check_format_args(a)
+    if a.selftest and a.shapes != "tiny":
+        root = tempfile.mkdtemp(prefix="ee-families-")
+        try:
+            r = qwen_selftest(root, os.path.join(a.keep, f"random-{a.shapes}") if a.keep else None, a.shapes)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(json.dumps(r, indent=1))
+        return
     if a.tiny_split:
         write_tiny_split(a.tiny_split)
         return
     if a.selftest:
-        r = selftest()
+        r = selftest(a.keep)
         print(json.dumps(r, indent=1))
         return
     if not a.checkpoint or not a.out:
         ap.error("CHECKPOINT_DIR and OUT_DIR are required (or --selftest)")
-    export(a.checkpoint, a.out, a.dtype, a.name, a.decoder_format, a.decoder_scores == "on")
+    export(a.checkpoint, a.out, a.dtype, a.name, a.decoder_format, a.decoder_scores == "on",
+           max_pixels=a.max_pixels)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def write_manifest(d: str, *, name: str, description: str, dtype: str, cfg: Deco
         "intermediate": cfg.intermediate,
         "vocab": cfg.vocab,
         "rope_theta": cfg.rope_theta,
+        **({"mrope_section": cfg.mrope_section} if cfg.mrope_section else {}),
         "rms_eps": cfg.rms_eps,
         "max_positions": cfg.max_positions,
         **tokens,

@@ -110,7 +110,8 @@ class OrtModel:
         bias = np.concatenate([cache["bias"], np.zeros((L, T), self.np_dtype)], 1)
         io = self.dec.io_binding()
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds.astype(self.np_dtype)))
-        io.bind_cpu_input("position_ids", np.array([positions], np.int64))
+        pos = np.asarray(positions, np.int64)  # [T], or [3, T] with multimodal RoPE
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos if pos.ndim == 2 else pos[None]))
         io.bind_cpu_input("attention_bias", np.ascontiguousarray(bias))
         io.bind_cpu_input("seqlens_k", np.array([S + T - 1], np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(S + T, np.int32))
@@ -139,7 +140,7 @@ class OrtModel:
             cache["k"][l] = np.concatenate([cache["k"][l], out[f"new_key_{l}"]], 1)
             cache["v"][l] = np.concatenate([cache["v"][l], out[f"new_value_{l}"]], 1)
         cache["bias"] = bias
-        cache["pos"] += positions
+        cache["pos"] += [int(p) for p in (pos if pos.ndim == 1 else pos[0])]
         return out
 
     def generate(self, embeds: np.ndarray, max_new: int, chunk: int = 0) -> List[int]:

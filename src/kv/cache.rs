@@ -47,6 +47,9 @@ pub struct KvCache {
     /// Processed tokens minus the next position: grows when a long
     /// sequence is re-based ([`KvCache::rebase`]); 0 until then.
     shift: usize,
+    /// Positions multimodal RoPE's pictures skipped ([`crate::model::mrope`]):
+    /// a token's rotary position is its sequence position less this.
+    skipped: usize,
 }
 
 /// A re-base of positions ([`KvCache::rebase`]): old position `p` goes to
@@ -88,6 +91,7 @@ pub struct PromptSnapshot {
     pool: PoolSnapshot,
     processed: usize,
     peak_len: usize,
+    skipped: usize,
 }
 
 impl PromptSnapshot {
@@ -166,6 +170,7 @@ impl KvCache {
             prompt_start: 0,
             collect_prompt_scores: false,
             shift: 0,
+            skipped: 0,
         })
     }
 
@@ -214,6 +219,18 @@ impl KvCache {
         self.prompt_kinds.clear();
         self.prompt_start = 0;
         self.shift = 0;
+        self.skipped = 0;
+    }
+
+    /// Positions the sequence's pictures skipped under multimodal RoPE.
+    pub fn skipped_positions(&self) -> usize {
+        self.skipped
+    }
+
+    /// Counts `n` more skipped positions (a prompt's pictures, once its
+    /// tokens are in).
+    pub fn skip_positions(&mut self, n: usize) {
+        self.skipped += n;
     }
 
     /// Goes on with the same sequence: the next tokens are a new prompt
@@ -334,6 +351,7 @@ impl KvCache {
             pool: self.pool.snapshot(),
             processed: self.processed,
             peak_len: self.stats.peak_len,
+            skipped: self.skipped,
         })
     }
 
@@ -345,6 +363,7 @@ impl KvCache {
         self.processed = snapshot.processed;
         self.prompt_start = snapshot.processed;
         self.stats.peak_len = snapshot.peak_len;
+        self.skipped = snapshot.skipped;
         Ok(())
     }
 
@@ -358,6 +377,12 @@ impl KvCache {
         } else {
             (self.pool.len() + n.saturating_sub(1)).min(self.pool.capacity().saturating_sub(1))
         }
+    }
+
+    /// Whether the policy places tokens at their cache index rather than
+    /// their sequence position.
+    pub fn positions_follow_cache_length(&self) -> bool {
+        self.policy.rope_position(1, 0) != 1
     }
 
     /// The rotary position of the `i`-th of the next tokens.

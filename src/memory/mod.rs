@@ -179,12 +179,10 @@ impl Memory {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<FrameAdded> {
         let started = Instant::now();
-        let rows = generator
-            .model()
-            .manifest
-            .vision
-            .as_ref()
-            .map_or(0, |vision| vision.image_tokens);
+        let rows = match generator.model().manifest.vision {
+            Some(_) => generator.picture_tokens(image)?,
+            None => 0,
+        };
         let caption_prompt = self.options.captions.then_some(self.options.caption_prompt.as_deref());
         let piece =
             generator

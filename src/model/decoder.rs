@@ -242,6 +242,8 @@ pub struct Decoder {
     logits: Vec<f32>,
     seqlens_k: [i32; 1],
     total_sequence_length: [i32; 1],
+    /// Rows of `position_ids`: 1, or 3 with multimodal RoPE.
+    position_rows: usize,
     /// Time inside ONNX Runtime since the last [`Decoder::reset_timer`], ms.
     run_ms: f64,
     /// Entries the last step read.
@@ -321,6 +323,7 @@ impl Decoder {
             logits: vec![0.0; manifest.vocab],
             seqlens_k: [0],
             total_sequence_length: [0],
+            position_rows: if manifest.mrope_section.is_some() { 3 } else { 1 },
             run_ms: 0.0,
             past: 0,
         })
@@ -379,7 +382,14 @@ impl Decoder {
         self.past
     }
 
-    /// One step over `positions.len()` new tokens: the graph reads the past
+    /// Rows of `position_ids` a step takes: 1, or 3 (time, height, width)
+    /// with multimodal RoPE.
+    pub(crate) fn position_rows(&self) -> usize {
+        self.position_rows
+    }
+
+    /// One step over `positions.len() / position_rows` new tokens (with
+    /// multimodal RoPE `positions` is `[3][T]`): the graph reads the past
     /// from the pool and writes the new K/V into the pool's next slots; then
     /// the entries are committed, the attention sums (when the policy wants
     /// them) go to the policy, and the last position's logits are kept.
@@ -389,10 +399,12 @@ impl Decoder {
         embeds: &[E],
         positions: &[i64],
     ) -> Result<()> {
-        let t = positions.len();
-        if t == 0 || embeds.len() != t * self.hidden {
+        let t = positions.len() / self.position_rows;
+        if t == 0 || embeds.len() != t * self.hidden || positions.len() != t * self.position_rows {
             return Err(Error::Shape(format!(
-                "a decoder step of {t} positions with {} embedding values (hidden {})",
+                "a decoder step of {} position values ({} a token) with {} embedding values (hidden {})",
+                positions.len(),
+                self.position_rows,
                 embeds.len(),
                 self.hidden
             )));
@@ -467,7 +479,8 @@ impl Decoder {
         positions: &[i64],
         wants_scores: bool,
     ) -> Result<()> {
-        let (t, past) = (positions.len(), cache.pool().len());
+        let rows = self.position_rows;
+        let (t, past) = (positions.len() / rows, cache.pool().len());
         let total = past + t;
         let (layers, kv_heads, head_dim) = (self.layers, self.kv_heads, self.head_dim);
         let info = &self.memory;
@@ -479,7 +492,7 @@ impl Decoder {
         );
         scratch.input(
             &names.position_ids,
-            tensor(info, positions.as_ptr(), t, &[1, t as i64])?,
+            tensor(info, positions.as_ptr(), rows * t, &[rows as i64, t as i64])?,
         );
         let bias: &[E] = bytemuck::cast_slice(&self.bias);
         let bias_len = match self.format {

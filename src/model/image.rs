@@ -26,6 +26,7 @@
 //! Alpha is dropped, not composited (PIL's `convert("RGB")`); gray is
 //! replicated to the three channels; palette images are expanded.
 
+pub mod dynamic;
 mod resample;
 pub mod sizing;
 pub mod split;
@@ -74,6 +75,11 @@ pub enum Resize {
     /// Idefics3 processor's filter; a model with `vision.split` resizes by
     /// [`split`] instead).
     LanczosSquash,
+    /// `bicubic_smart_resize` (Qwen2-VL, Qwen2.5-VL): the picture keeps its
+    /// aspect ratio, its sides rounded to the patch grid within the pixel
+    /// budget of `dynamic` ([`dynamic::DynamicResolution`]), PIL bicubic;
+    /// `width x height` is then only what a square picture gets.
+    BicubicSmartResize,
 }
 
 /// Everything that can go wrong turning an image into `pixel_values`.
@@ -182,6 +188,10 @@ pub struct Preprocess {
     /// Inputs with more pixels than this are refused before decoding.
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
+    /// The patch grid and pixel budget of a dynamic-resolution model (with
+    /// `resize` `bicubic_smart_resize`).
+    #[serde(default)]
+    pub dynamic: Option<dynamic::DynamicResolution>,
 }
 
 fn default_max_pixels() -> u64 {
@@ -219,6 +229,14 @@ impl Preprocess {
         }
         if !self.rescale.is_finite() || self.rescale <= 0.0 {
             return bad(format!("rescale {} must be positive and finite", self.rescale));
+        }
+        match (&self.dynamic, self.resize) {
+            (Some(spec), Resize::BicubicSmartResize) => spec.validate()?,
+            (None, Resize::BicubicSmartResize) => {
+                return bad("bicubic_smart_resize needs the dynamic resolution's settings (vision.dynamic)".into())
+            }
+            (Some(_), _) => return bad("vision.dynamic needs resize bicubic_smart_resize".into()),
+            (None, _) => {}
         }
         if self.max_pixels == 0 || self.max_pixels > MAX_PIXELS_LIMIT {
             return bad(format!(
@@ -261,12 +279,74 @@ impl Preprocess {
         self.finish(image, None, out)
     }
 
+    /// As [`Self::load_file`], for a dynamic-resolution model: the picture's
+    /// size picks its patch grid, and `out` receives every vision input.
+    pub fn load_file_dynamic(&self, path: &Path, out: &mut dynamic::DynamicPixels) -> Result<ImageInfo, ImageError> {
+        let spec = self.dynamic_spec()?;
+        let (rgb, format) = decode_file_rgb8(path, self.max_pixels)?;
+        self.finish_dynamic(spec, &rgb, Some(format), out)
+    }
+
+    /// As [`Self::load_bytes`], for a dynamic-resolution model.
+    pub fn load_bytes_dynamic(&self, bytes: &[u8], out: &mut dynamic::DynamicPixels) -> Result<ImageInfo, ImageError> {
+        let spec = self.dynamic_spec()?;
+        let name = "(in-memory image)";
+        if bytes.is_empty() {
+            return Err(ImageError::Empty { input: name.into() });
+        }
+        let (rgb, format) = self.decode(Cursor::new(bytes), name)?;
+        self.finish_dynamic(spec, &rgb, Some(format), out)
+    }
+
+    /// As [`Self::from_rgb8`], for a dynamic-resolution model.
+    pub fn from_rgb8_dynamic(
+        &self,
+        image: &RgbImage,
+        out: &mut dynamic::DynamicPixels,
+    ) -> Result<ImageInfo, ImageError> {
+        let spec = self.dynamic_spec()?;
+        self.check_frame(image)?;
+        self.finish_dynamic(spec, image, None, out)
+    }
+
+    fn dynamic_spec(&self) -> Result<&dynamic::DynamicResolution, ImageError> {
+        self.validate()?;
+        self.dynamic
+            .as_ref()
+            .ok_or_else(|| ImageError::Config("this model's pictures have a fixed size, not a dynamic one".into()))
+    }
+
+    fn finish_dynamic(
+        &self,
+        spec: &dynamic::DynamicResolution,
+        rgb: &RgbImage,
+        format: Option<&'static str>,
+        out: &mut dynamic::DynamicPixels,
+    ) -> Result<ImageInfo, ImageError> {
+        let (width, height) = rgb.dimensions();
+        let lut = dynamic::channel_tables(self.rescale, self.mean, self.std);
+        dynamic::fill(spec, &lut, rgb.as_raw(), width as usize, height as usize, out)?;
+        Ok(ImageInfo { width, height, format })
+    }
+
     /// The resized RGB8 picture (packed HWC), before normalisation: what PIL's
     /// `resize` returns. Exposed for tests and debugging.
     pub fn resize_rgb8(&self, image: &RgbImage) -> Result<Vec<u8>, ImageError> {
         self.validate()?;
+        self.check_fixed()?;
         self.check_frame(image)?;
         Ok(self.resize_inner(image))
+    }
+
+    /// The fixed-size loaders refuse a dynamic-resolution model (its
+    /// pictures have no one size).
+    fn check_fixed(&self) -> Result<(), ImageError> {
+        if self.dynamic.is_some() {
+            return Err(ImageError::Config(
+                "this model sizes each picture by its own shape (dynamic resolution): use the dynamic loader".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// A raw frame must have pixels, and no more than `max_pixels`.
@@ -294,6 +374,7 @@ impl Preprocess {
     }
 
     fn check_out(&self, out: &[f32]) -> Result<(), ImageError> {
+        self.check_fixed()?;
         let needed = self.output_len();
         if out.len() != needed {
             return Err(ImageError::OutputLength {
@@ -326,6 +407,9 @@ impl Preprocess {
             Resize::BilinearSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bilinear),
             Resize::BicubicSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
             Resize::LanczosSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Lanczos),
+            // Refused before (`check_fixed`): a dynamic model's pictures go
+            // through `finish_dynamic`.
+            Resize::BicubicSmartResize => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
             Resize::BicubicShortestEdgeCenterCrop => {
                 // Only the centre crop is computed: the resized picture of a
                 // 60000 x 1 source would be 20 million columns wide.
@@ -702,6 +786,7 @@ mod tests {
             rescale: 1.0 / 255.0,
             resize,
             max_pixels: DEFAULT_MAX_PIXELS,
+            dynamic: None,
         }
     }
 

@@ -79,6 +79,12 @@ pub struct Manifest {
     pub hidden: usize,
     pub vocab: usize,
     pub rope_theta: f64,
+    /// Multimodal RoPE (Qwen2-VL, Qwen2.5-VL): how many of a head's
+    /// `head_dim / 2` rotary frequencies turn with the token's time, height
+    /// and width position. `position_ids` is then `[3, T]`
+    /// ([`crate::model::mrope`]); absent for plain RoPE (`[1, T]`).
+    #[serde(default)]
+    pub mrope_section: Option<[usize; 3]>,
     pub max_positions: usize,
     pub bos_token_id: Option<u32>,
     #[serde(default)]
@@ -380,6 +386,21 @@ impl Manifest {
                         format!("{} is outside 1..={MAX_PIXELS_LIMIT}", pre.max_pixels),
                     ));
                 }
+                pre.validate().map_err(|e| invalid(path, "vision", e))?;
+                if let Some(spec) = &pre.dynamic {
+                    if vision.image_tokens != spec.max_tokens() {
+                        return Err(invalid(
+                            path,
+                            "vision.image_tokens",
+                            format!(
+                                "{} differs from the most tokens the pixel budget gives ({}: max_pixels / \
+                                 (patch_size x merge_size)^2)",
+                                vision.image_tokens,
+                                spec.max_tokens()
+                            ),
+                        ));
+                    }
+                }
                 if vision.image_tokens == 0 || vision.image_tokens > MAX_IMAGE_TOKENS.min(self.max_positions - 1) {
                     return Err(invalid(
                         path,
@@ -390,7 +411,6 @@ impl Manifest {
                         ),
                     ));
                 }
-                pre.validate().map_err(|e| invalid(path, "vision", e))?;
                 if vision.input_dtype != "float32" {
                     return Err(invalid(
                         path,
@@ -404,28 +424,49 @@ impl Manifest {
                     None => Dim::Fixed(1),
                 };
                 if let Some(split) = &vision.split {
+                    if pre.dynamic.is_some() {
+                        return Err(invalid(
+                            path,
+                            "vision.split",
+                            "a model has vision.split or vision.dynamic, not both",
+                        ));
+                    }
                     self.validate_split(path, vision, split)?;
                 }
-                expect_tensor(
-                    path,
-                    "graphs.vision.inputs",
-                    &graph.inputs,
-                    "pixel_values",
-                    "float32",
-                    &[
-                        batch(),
-                        Dim::Fixed(3),
-                        Dim::Fixed(vision.preprocess.height as usize),
-                        Dim::Fixed(vision.preprocess.width as usize),
-                    ],
-                )?;
+                let vision_in = |name: &str, dtype: &str, dims: &[Dim]| {
+                    expect_tensor(path, "graphs.vision.inputs", &graph.inputs, name, dtype, dims)
+                };
+                let tokens = match &pre.dynamic {
+                    None => {
+                        vision_in(
+                            "pixel_values",
+                            "float32",
+                            &[
+                                batch(),
+                                Dim::Fixed(3),
+                                Dim::Fixed(pre.height as usize),
+                                Dim::Fixed(pre.width as usize),
+                            ],
+                        )?;
+                        Dim::Fixed(vision.image_tokens)
+                    }
+                    // One picture a run, its grid its own (docs/model-format.md).
+                    Some(spec) => {
+                        vision_in("pixel_values", "float32", &[Dim::Any, Dim::Fixed(spec.patch_len())])?;
+                        vision_in("patch_positions", "int64", &[Dim::Any, Dim::Fixed(2)])?;
+                        for name in ["window_index", "window_reverse", "window_ids"] {
+                            vision_in(name, "int64", &[Dim::Any])?;
+                        }
+                        Dim::Any
+                    }
+                };
                 expect_tensor(
                     path,
                     "graphs.vision.outputs",
                     &graph.outputs,
                     "image_embeds",
                     &self.dtype,
-                    &[batch(), Dim::Fixed(vision.image_tokens), Dim::Fixed(self.hidden)],
+                    &[batch(), tokens, Dim::Fixed(self.hidden)],
                 )?;
             }
             _ => {
@@ -527,14 +568,30 @@ impl Manifest {
         let dt = self.dtype.as_str();
         let field_in = "graphs.decoder.inputs";
         let field_out = "graphs.decoder.outputs";
+        let format = self.decoder_format();
         let tensor_in =
             |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_in, inputs, name, dtype, dims);
         let tensor_out =
             |name: &str, dtype: &str, dims: &[Dim]| expect_tensor(path, field_out, outputs, name, dtype, dims);
         tensor_in("inputs_embeds", dt, &[Dim::Fixed(1), Dim::Any, Dim::Fixed(self.hidden)])?;
-        tensor_in("position_ids", "int64", &[Dim::Fixed(1), Dim::Any])?;
+        let rows = match self.mrope_section {
+            None => 1,
+            Some(sections) => {
+                if sections.iter().sum::<usize>() != self.head_dim / 2 || format != DecoderFormat::InPlace {
+                    return Err(invalid(
+                        path,
+                        "mrope_section",
+                        format!(
+                            "{sections:?} must sum to head_dim / 2 = {}, in a format-2 decoder",
+                            self.head_dim / 2
+                        ),
+                    ));
+                }
+                3
+            }
+        };
+        tensor_in("position_ids", "int64", &[Dim::Fixed(rows), Dim::Any])?;
         tensor_out("logits", "float32", &[Dim::Fixed(1), Dim::Fixed(self.vocab)])?;
-        let format = self.decoder_format();
         let (kv, new_names, bias, extra_inputs) = match format {
             DecoderFormat::PastAndNew => (
                 [

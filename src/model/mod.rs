@@ -6,8 +6,10 @@
 
 pub mod decoder;
 pub mod embeddings;
+pub mod family;
 pub mod image;
 pub mod manifest;
+pub mod mrope;
 pub mod prompt;
 pub mod providers;
 pub mod vision;

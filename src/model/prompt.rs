@@ -496,16 +496,23 @@ impl PromptTokenizer {
         &self,
         system: Option<&str>,
         turns: &[ChatTurn<'_>],
-        image_rows: usize,
+        image_rows: &[usize],
     ) -> Result<Prompt, PromptError> {
         let t = &self.template;
         let pictures: usize = turns.iter().map(|turn| turn.images).sum();
-        if pictures > 0 && image_rows == 0 {
+        if image_rows.len() != pictures {
+            return Err(PromptError::Template(format!(
+                "the turns hold {pictures} pictures but {} token counts were given",
+                image_rows.len()
+            )));
+        }
+        if image_rows.contains(&0) {
             return Err(PromptError::ZeroImageTokens);
         }
-        if pictures > TokenKind::MAX_IMAGES || image_rows > TokenKind::MAX_CELLS {
+        let most = image_rows.iter().copied().max().unwrap_or(0);
+        if pictures > TokenKind::MAX_IMAGES || most > TokenKind::MAX_CELLS {
             return Err(PromptError::Template(format!(
-                "{pictures} pictures of {image_rows} tokens: at most {} pictures of {} tokens each",
+                "{pictures} pictures of up to {most} tokens: at most {} pictures of {} tokens each",
                 TokenKind::MAX_IMAGES,
                 TokenKind::MAX_CELLS
             )));
@@ -541,7 +548,7 @@ impl PromptTokenizer {
                         user.clear();
                         prompt
                             .kinds
-                            .extend((0..image_rows).map(|cell| TokenKind::image(picture, cell)));
+                            .extend((0..image_rows[picture]).map(|cell| TokenKind::image(picture, cell)));
                         picture += 1;
                         piece.push_str(&t.image_suffix);
                     }
@@ -996,6 +1003,27 @@ mod tests {
         PromptTokenizer::from_file(&repo("models/tiny/tokenizer.json"), template, bos, add_bos)
     }
 
+    fn rows_of(turns: &[ChatTurn<'_>], rows: usize) -> Vec<usize> {
+        vec![rows; turns.iter().map(|turn| turn.images).sum()]
+    }
+
+    /// Each picture its own token count (a dynamic-resolution model's
+    /// pictures differ), and one count per picture.
+    #[test]
+    fn chat_pictures_take_their_own_token_counts() {
+        let tok = tiny(tiny_template(), Some(1), false).expect("tok");
+        let turn = [ChatTurn {
+            role: ChatRole::User,
+            text: "Two",
+            images: 2,
+        }];
+        let chat = tok.build_chat(None, &turn, &[2, 4]).expect("chat");
+        assert_eq!(chat, tok.build_images(Some("Two"), &[2, 4]).expect("one shot"));
+        assert_eq!(chat.image_tokens(), 6);
+        assert!(tok.build_chat(None, &turn, &[2]).is_err(), "one count for two pictures");
+        assert!(tok.build_chat(None, &turn, &[2, 0]).is_err(), "a picture of no tokens");
+    }
+
     #[test]
     fn a_chat_of_one_user_turn_is_the_one_shot_prompt_and_turns_follow_the_template() {
         let tok = tiny(tiny_template(), Some(1), false).expect("tok");
@@ -1005,7 +1033,9 @@ mod tests {
             images,
         };
         for (text, images) in [("Hi", 0), ("What is this?", 1), ("", 1), ("Two", 2)] {
-            let chat = tok.build_chat(None, &[user(text, images)], 5).expect("chat");
+            let chat = tok
+                .build_chat(None, &[user(text, images)], &vec![5; images])
+                .expect("chat");
             let user_text = (!text.is_empty()).then_some(text);
             let one_shot = tok.build_images(user_text, &vec![5; images]).expect("one shot");
             assert_eq!(chat, one_shot, "{text:?} with {images} pictures");
@@ -1021,13 +1051,15 @@ mod tests {
             },
             user("Second", 1),
         ];
-        let chat = tok.build_chat(Some("Be brief."), &turns, 3).expect("chat");
+        let chat = tok
+            .build_chat(Some("Be brief."), &turns, &rows_of(&turns, 3))
+            .expect("chat");
         assert_eq!(chat.image_tokens(), 6);
         let pictures: Vec<_> = chat.kinds.iter().filter(|k| k.is_image()).collect();
         assert_ne!(pictures[0], pictures[3], "the second picture has its own index");
         let t = tok.template();
         let text_only = tok
-            .build_chat(Some("Be brief."), &[user("First", 0), turns[1], user("Second", 0)], 3)
+            .build_chat(Some("Be brief."), &[user("First", 0), turns[1], user("Second", 0)], &[])
             .expect("text only");
         let whole = [
             t.system_prefix.as_str(),
@@ -1062,7 +1094,7 @@ mod tests {
             text: "x",
             images: 1,
         }];
-        assert!(tok.build_chat(None, &bad, 3).is_err());
+        assert!(tok.build_chat(None, &bad, &rows_of(&bad, 3)).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use ort::value::{PrimitiveTensorElementType, TensorRef};
 
 use crate::error::{error_chain, Error, Result};
 use crate::kv::KvElement;
+use crate::model::image::dynamic::DynamicPixels;
 use crate::model::manifest::Manifest;
 
 pub struct Vision {
@@ -13,6 +14,7 @@ pub struct Vision {
     shape: [usize; 4],
     /// Values of `image_embeds`: image tokens x hidden.
     embeds_len: usize,
+    hidden: usize,
 }
 
 impl std::fmt::Debug for Vision {
@@ -28,6 +30,7 @@ impl Vision {
             session,
             shape: [1, 3, spec.preprocess.height as usize, spec.preprocess.width as usize],
             embeds_len: spec.image_tokens * manifest.hidden,
+            hidden: manifest.hidden,
         })
     }
 
@@ -50,20 +53,78 @@ impl Vision {
         let (_, embeds) = outputs["image_embeds"]
             .try_extract_tensor::<E>()
             .map_err(|e| fail("image_embeds", &e))?;
-        if embeds.len() != self.embeds_len {
-            // The model's fault, not the picture's.
-            return Err(Error::ModelFile {
-                path: "vision.onnx".into(),
-                reason: format!(
-                    "model {model_name}: the vision graph gave {} values, but its manifest says \
-                     vision.image_tokens x hidden = {}: the graph does not match its manifest; rebuild the model",
-                    embeds.len(),
-                    self.embeds_len
-                ),
-            });
-        }
+        check_len(
+            embeds.len(),
+            self.embeds_len,
+            "vision.image_tokens x hidden",
+            model_name,
+        )?;
         Ok(embeds.to_vec())
     }
+
+    /// Runs the graph of a dynamic-resolution model over one picture's
+    /// inputs ([`DynamicPixels`]) and returns its embedding rows, one per
+    /// image token of its grid.
+    pub(crate) fn encode_dynamic<E: KvElement + PrimitiveTensorElementType + Copy>(
+        &mut self,
+        feed: &DynamicPixels,
+        model_name: &str,
+    ) -> Result<Vec<E>> {
+        let fail = |what: &str, err: &ort::Error| Error::Runtime {
+            context: format!("running {what}"),
+            reason: crate::model::decoder::one_line(&error_chain(err)),
+        };
+        let Some(grid) = feed.grid else {
+            return Err(Error::Shape("no picture was loaded for the vision graph".into()));
+        };
+        let (patches, tokens) = (grid.patches(), grid.tokens());
+        let patch_len = feed.pixels.len() / patches.max(1);
+        let pixels = TensorRef::from_array_view(([patches, patch_len], feed.pixels.as_slice()))
+            .map_err(|e| fail("pixel_values", &e))?;
+        let positions = TensorRef::from_array_view(([patches, 2], feed.patch_positions.as_slice()))
+            .map_err(|e| fail("patch_positions", &e))?;
+        let index = TensorRef::from_array_view(([tokens], feed.window_index.as_slice()))
+            .map_err(|e| fail("window_index", &e))?;
+        let reverse = TensorRef::from_array_view(([tokens], feed.window_reverse.as_slice()))
+            .map_err(|e| fail("window_reverse", &e))?;
+        let windows =
+            TensorRef::from_array_view(([patches], feed.window_ids.as_slice())).map_err(|e| fail("window_ids", &e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![
+                "pixel_values" => pixels,
+                "patch_positions" => positions,
+                "window_index" => index,
+                "window_reverse" => reverse,
+                "window_ids" => windows,
+            ])
+            .map_err(|e| fail("the vision graph", &e))?;
+        let (_, embeds) = outputs["image_embeds"]
+            .try_extract_tensor::<E>()
+            .map_err(|e| fail("image_embeds", &e))?;
+        check_len(
+            embeds.len(),
+            tokens * self.hidden,
+            "the grid's tokens x hidden",
+            model_name,
+        )?;
+        Ok(embeds.to_vec())
+    }
+}
+
+/// The graph gave as many values as its manifest promised; otherwise the
+/// model's fault, not the picture's.
+fn check_len(got: usize, expected: usize, what: &str, model_name: &str) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::ModelFile {
+        path: "vision.onnx".into(),
+        reason: format!(
+            "model {model_name}: the vision graph gave {got} values, but {what} = {expected}: the graph does not \
+             match its manifest; rebuild the model"
+        ),
+    })
 }
 
 // ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
@@ -98,18 +159,12 @@ impl Vision {
         let (_, embeds) = outputs["image_embeds"]
             .try_extract_tensor::<E>()
             .map_err(|e| fail("image_embeds", &e))?;
-        if embeds.len() != frames * self.embeds_len {
-            return Err(Error::ModelFile {
-                path: "vision.onnx".into(),
-                reason: format!(
-                    "model {model_name}: the vision graph gave {} values for {frames} tiles, but its manifest \
-                     says vision.image_tokens x hidden = {} a tile: the graph does not match its manifest; \
-                     rebuild the model",
-                    embeds.len(),
-                    self.embeds_len
-                ),
-            });
-        }
+        check_len(
+            embeds.len(),
+            frames * self.embeds_len,
+            "tiles x vision.image_tokens x hidden",
+            model_name,
+        )?;
         Ok(embeds.to_vec())
     }
 }

@@ -285,7 +285,7 @@ impl Captioner {
         let started = Instant::now();
         let model = generator.model();
         let pictures = job.turns.iter().map(|t| t.images.len()).sum::<usize>();
-        let rows = match &model.manifest.vision {
+        let rows: Vec<usize> = match &model.manifest.vision {
             // A split picture's rows depend on its size, which this prompt is built without.
             Some(_) if pictures > 0 && model.manifest.split().is_some() => {
                 self.shared.metrics.error(kind::REQUEST);
@@ -295,7 +295,18 @@ impl Captioner {
                     model.manifest.name
                 )));
             }
-            Some(vision) => vision.image_tokens,
+            Some(_) => {
+                let counted: Result<Vec<usize>> = job
+                    .turns
+                    .iter()
+                    .flat_map(|t| t.images.iter())
+                    .map(|image| generator.picture_tokens(ImageInput::Bytes(image)))
+                    .collect();
+                match counted {
+                    Ok(rows) => rows,
+                    Err(e) => return Err(self.job_error(route, &e)),
+                }
+            }
             None if pictures > 0 => {
                 self.shared.metrics.error(kind::REQUEST);
                 return Err(JobError::BadRequest(format!(
@@ -303,7 +314,7 @@ impl Captioner {
                     model.manifest.name
                 )));
             }
-            None => 0,
+            None => Vec::new(),
         };
         let turns: Vec<ChatTurn<'_>> = job
             .turns
@@ -314,7 +325,7 @@ impl Captioner {
                 images: t.images.len(),
             })
             .collect();
-        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, rows) {
+        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, &rows) {
             Ok(prompt) => prompt,
             Err(e) => return Err(self.job_error(route, &Error::Prompt(e))),
         };

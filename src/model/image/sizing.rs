@@ -87,13 +87,14 @@ pub fn qwen_smart_resize(
     }
     let mut h_bar = (h / f).round_ties_even() * f;
     let mut w_bar = (w / f).round_ties_even() * f;
-    // Python compares exact integers; h_bar * w_bar is below 2^53 here, so
-    // the f64 product is exact too.
-    if h_bar * w_bar > max_pixels as f64 {
+    // Python compares exact integers: so do we (each side is a whole number
+    // under 2^33, exact in f64, and their product fits in u128).
+    let pixels = (h_bar as u128) * (w_bar as u128);
+    if pixels > u128::from(max_pixels) {
         let beta = (h * w / max_pixels as f64).sqrt();
         h_bar = f.max((h / beta / f).floor() * f);
         w_bar = f.max((w / beta / f).floor() * f);
-    } else if h_bar * w_bar < min_pixels as f64 {
+    } else if pixels < u128::from(min_pixels) {
         let beta = (min_pixels as f64 / (h * w)).sqrt();
         h_bar = (h * beta / f).ceil() * f;
         w_bar = (w * beta / f).ceil() * f;

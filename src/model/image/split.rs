@@ -256,6 +256,7 @@ mod tests {
             rescale: 1.0 / 255.0,
             resize: Resize::BilinearSquash,
             max_pixels: DEFAULT_MAX_PIXELS,
+            dynamic: None,
         };
         (spec, pre)
     }
