@@ -18,7 +18,7 @@ use crate::kv::{PositionMap, Rope};
 use crate::model::image::dynamic::DynamicPixels;
 use crate::model::image::{decode_file_rgb8, decode_rgb8};
 use crate::model::mrope;
-use crate::model::prompt::Prompt;
+use crate::model::prompt::{PictureLayout, Prompt};
 use crate::model::{Decoder, Embeddings, Manifest, Model, ModelElement};
 pub use crate::sampling::Sampling;
 use crate::sampling::{check_stop_strings, Sampler, StopStrings};
@@ -241,6 +241,8 @@ pub struct Generator<'m> {
     trace: StepTrace,
     /// Most prompt tokens per decoder run (`None`: as many as the pool takes).
     prefill_chunk: Option<usize>,
+    /// How the pictures of the last `encode_images` sit in the prompt.
+    layouts: Vec<PictureLayout>,
 }
 
 impl<'m> Generator<'m> {
@@ -293,6 +295,7 @@ impl<'m> Generator<'m> {
             candidates: Vec::with_capacity(vocab),
             trace: StepTrace::default(),
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+            layouts: Vec::new(),
         })
     }
 
@@ -305,8 +308,9 @@ impl<'m> Generator<'m> {
     }
 
     /// The image tokens `image` costs this model: the manifest's count, or,
-    /// for a dynamic-resolution model, its grid's at the picture's own size
-    /// (an encoded picture is decoded to learn it). What a prompt built
+    /// for a dynamic-resolution model, its grid's at the picture's own size,
+    /// for a split one its tiles' and global image's (an encoded picture is
+    /// decoded to learn its size). What a prompt built
     /// before the picture is encoded needs ([`Prompt`] pieces, chats).
     pub fn picture_tokens(&self, image: ImageInput<'_>) -> Result<usize> {
         let Some(vision) = &self.model.manifest.vision else {
@@ -316,9 +320,9 @@ impl<'m> Generator<'m> {
             )));
         };
         let pre = &vision.preprocess;
-        let Some(spec) = &pre.dynamic else {
+        if pre.dynamic.is_none() && vision.split.is_none() {
             return Ok(vision.image_tokens);
-        };
+        }
         let (width, height) = match image {
             ImageInput::Rgb8(rgb) => rgb.dimensions(),
             ImageInput::File(path) => decode_file_rgb8(path, pre.max_pixels)?.0.dimensions(),
@@ -326,7 +330,12 @@ impl<'m> Generator<'m> {
                 .0
                 .dimensions(),
         };
-        Ok(spec.grid(width, height)?.tokens())
+        match (&pre.dynamic, &vision.split) {
+            (Some(spec), _) => Ok(spec.grid(width, height)?.tokens()),
+            // A split picture: its tiles' and global image's rows.
+            (None, Some(split)) => Ok(split.plan(width, height)?.images as usize * vision.image_tokens),
+            (None, None) => Ok(vision.image_tokens),
+        }
     }
 
     /// Empties the pool for a new sequence (a memory's start).
@@ -639,9 +648,8 @@ impl<'m> Generator<'m> {
             PromptInput::Chat { images, user_text } => {
                 // 1. The pictures, through the vision graph.
                 let image_embeds = self.encode_images::<E>(images, timings)?;
-                let rows: Vec<usize> = image_embeds.iter().map(|e| e.len() / hidden).collect();
                 // 2. The prompt, in the template's order.
-                let prompt = self.model.prompt.build_images(user_text, &rows)?;
+                let prompt = self.model.prompt.build_pictures(user_text, &self.layouts)?;
                 self.cache.reset();
                 self.cache.admit(prompt.len(), max_new_tokens)?;
                 self.admit_positions(prompt.len(), max_new_tokens)?;
@@ -788,6 +796,7 @@ impl<'m> Generator<'m> {
         timings: &mut Timings,
     ) -> Result<Vec<Vec<E>>> {
         self.grids.clear();
+        self.layouts.clear();
         images
             .iter()
             .map(|&image| self.encode_image::<E>(image, timings))
@@ -827,6 +836,9 @@ impl<'m> Generator<'m> {
     }
 
     fn encode_image<E: ModelElement>(&mut self, image: ImageInput<'_>, timings: &mut Timings) -> Result<Vec<E>> {
+        if self.model.manifest.split().is_some() {
+            return self.encode_split_image::<E>(image, timings);
+        }
         let (Some(preprocess), Some(vision)) = (&self.model.preprocess, self.model.vision.as_mut()) else {
             return Err(Error::Shape(format!(
                 "model {} has no vision graph; caption text only",
@@ -848,6 +860,8 @@ impl<'m> Generator<'m> {
             let embeds = vision.encode_dynamic::<E>(feed, &self.model.manifest.name)?;
             timings.vision_ms += ms(start);
             self.grids.push((grid.token_rows(), grid.token_cols()));
+            self.layouts
+                .push(PictureLayout::single(embeds.len() / self.model.manifest.hidden));
             return Ok(embeds);
         }
         match image {
@@ -859,6 +873,47 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let embeds = vision.encode::<E>(&self.pixels, &self.model.manifest.name)?;
         timings.vision_ms += ms(start);
+        self.layouts
+            .push(PictureLayout::single(embeds.len() / self.model.manifest.hidden));
+        Ok(embeds)
+    }
+}
+
+// ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
+
+impl Generator<'_> {
+    /// A picture cut into tiles (the manifest's `vision.split`): the tiles
+    /// and the global image through the vision graph in one run, their rows
+    /// tile by tile then the global image's; its layout is recorded for the
+    /// prompt.
+    fn encode_split_image<E: ModelElement>(&mut self, image: ImageInput<'_>, timings: &mut Timings) -> Result<Vec<E>> {
+        let model = &mut *self.model;
+        let (Some(split), Some(preprocess), Some(vision), Some(spec)) = (
+            model.manifest.split(),
+            &model.preprocess,
+            model.vision.as_mut(),
+            model.manifest.vision.as_ref(),
+        ) else {
+            return Err(Error::Shape(format!(
+                "model {} has no vision graph; caption text only",
+                model.manifest.name
+            )));
+        };
+        let start = Instant::now();
+        let picture = match image {
+            ImageInput::File(path) => split.load_file(preprocess, path, &mut self.pixels)?,
+            ImageInput::Bytes(bytes) => split.load_bytes(preprocess, bytes, &mut self.pixels)?,
+            ImageInput::Rgb8(rgb) => split.from_rgb8(preprocess, rgb, &mut self.pixels)?,
+        };
+        timings.image_decode_ms += ms(start);
+        let start = Instant::now();
+        let embeds = vision.encode_tiles::<E>(&self.pixels, picture.frames, &model.manifest.name)?;
+        timings.vision_ms += ms(start);
+        self.layouts.push(PictureLayout {
+            rows: picture.rows,
+            cols: picture.cols,
+            tokens_per_tile: spec.image_tokens,
+        });
         Ok(embeds)
     }
 }

@@ -1403,6 +1403,16 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
                 manifest.vision.as_ref().map_or(0, |v| v.image_tokens),
                 weights_bytes as f64 / 1e6
             );
+            if let (Some(split), Some(vision)) = (manifest.split(), &manifest.vision) {
+                outln!(
+                    "  image splitting: long side to {}, tiles of {} ({:?}): up to {} frames a picture, {} tokens each",
+                    split.longest_edge,
+                    split.tile,
+                    split.resample,
+                    split.max_frames(),
+                    vision.image_tokens
+                );
+            }
             // Which decoder graph runs, and whether this runtime and each
             // device can run it (the check `caption` makes before loading).
             outln!(

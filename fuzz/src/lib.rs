@@ -27,6 +27,7 @@ pub fn preprocess(resize: Resize, width: u32, height: u32) -> Preprocess {
         rescale: 1.0 / 255.0,
         resize,
         max_pixels: 2_000_000,
+        dynamic: None,
     }
 }
 

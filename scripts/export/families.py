@@ -6,7 +6,8 @@ Supported (by config.json "architectures"/"model_type"):
   LlavaForConditionalGeneration   (LLaVA-1.5: CLIP vision tower, MLP projector, Llama decoder)
   Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration
                                   (SmolVLM / Idefics3: SigLIP-style encoder, pixel-shuffle connector,
-                                   Llama decoder; one global image, no image splitting)
+                                   Llama decoder; with do_image_splitting the vision graph takes a
+                                   batch of tiles, else one global image)
   Qwen2_5_VLForConditionalGeneration
                                   (Qwen2.5-VL: dynamic resolution within a pixel budget, window
                                    attention and patch merger (export.qwen2vl), Qwen2 decoder with
@@ -15,7 +16,8 @@ The decoder is re-implemented by export.decoder.ContractDecoder from the checkpo
 weights; the vision graph wraps the checkpoint's own vision tower + projector.
 
 `python -m export.families --selftest` builds tiny randomly initialised configurations
-of both classes, exports them and checks ONNX Runtime against PyTorch.
+of each family (Idefics3 with and without image splitting), exports them and checks ONNX
+Runtime against PyTorch, and the split prompts against the Hugging Face processor.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ class LlavaVision(nn.Module):
 
 
 class Idefics3Vision(nn.Module):
-    """One global image (no splitting, no padding): vision encoder + pixel-shuffle connector."""
+    """Full images of the encoder's size, no padding: vision encoder + pixel-shuffle connector. The
+    batch axis is free: a split picture's tiles and its global image go through in one run."""
 
     def __init__(self, model, image_size: int, patch: int):
         super().__init__()
@@ -186,6 +189,7 @@ def family_parts(ckpt: str, family: str, cfg, model):
     text_cfg = cfg.text_config
     dcfg = DecoderConfig.from_hf(text_cfg)
     sd = model.state_dict()
+    split = None
     if family == "llava":
         prefix = "model.language_model."
         vc = cfg.vision_config
@@ -209,6 +213,9 @@ def family_parts(ckpt: str, family: str, cfg, model):
         n_img = (grid // cfg.scale_factor) ** 2
         vision = Idefics3Vision(model, size, vc.patch_size)
         resize = "bilinear_squash"
+        split = idefics3_split_settings(pp, size, tok)
+        if split is not None:
+            resize = "lanczos_squash" if split["resample"] == "lanczos" else f"{split['resample']}_squash"
         tpl = {"system_prefix": "", "system_prompt": "", "system_suffix": "", "user_prefix": "<|im_start|>User:",
                "image_prefix": "<fake_token_around_image><global-img>", "image_suffix": "<fake_token_around_image>",
                "default_user_prompt": "Can you describe this image?", "user_suffix": "<end_of_utterance>\n",
@@ -225,13 +232,48 @@ def family_parts(ckpt: str, family: str, cfg, model):
     vis_meta = {"image_size": size, "height": size, "width": size, "mean": mean, "std": std, "resize": resize,
                 "rescale": pp.get("rescale_factor", 1 / 255), "channel_order": "RGB", "layout": "NCHW",
                 "input_dtype": "float32", "image_tokens": n_img, "projector": {"kind": family}}
+    if split is not None:
+        vis_meta["split"] = split
     tokens = {"bos_token_id": bos, "add_bos": add_bos, "eos_token_id": stops[0], "pad_token_id": stops[0],
               "stop_token_ids": stops}
     return dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens
 
 
+SPLIT_TOKENS = {"fake_image": "<fake_token_around_image>", "row_col": "<row_{r}_col_{c}>",
+                "global_image": "<global-img>", "image": "<image>"}
+PIL_FILTERS = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
+
+
+def idefics3_split_settings(pp: Dict, size: int, tok: Dict):
+    """The manifest's vision.split from preprocessor_config.json (Idefics3ImageProcessor's defaults
+    where a key is missing), or None when do_image_splitting is false."""
+    if not pp.get("do_image_splitting", True):
+        return None
+    if not pp.get("do_resize", True):
+        die("preprocessor_config.json: do_resize false with do_image_splitting is not supported")
+    tile = (pp.get("max_image_size") or {"longest_edge": 364})["longest_edge"]
+    edge = (pp.get("size") or {"longest_edge": 4 * 364}).get("longest_edge")
+    if tile != size:
+        die(f"preprocessor_config.json: max_image_size.longest_edge {tile} differs from the vision encoder's "
+            f"image_size {size}; the graph takes tiles of the encoder's size")
+    if edge is None:
+        die("preprocessor_config.json: size must have longest_edge for image splitting")
+    resample = PIL_FILTERS.get(pp.get("resample", 1))
+    if resample is None:
+        die(f"preprocessor_config.json: resample {pp.get('resample')!r} is not one of {PIL_FILTERS}")
+    # Each marker must be one token, as the processor's prompt has it.
+    added = {t["content"] for t in tok.get("added_tokens", [])}
+    side = -(-edge // tile)
+    need = [SPLIT_TOKENS["fake_image"], SPLIT_TOKENS["global_image"], SPLIT_TOKENS["image"]]
+    need += [SPLIT_TOKENS["row_col"].format(r=r, c=c) for r in range(1, side + 1) for c in range(1, side + 1)]
+    missing = [t for t in need if t not in added]
+    if missing:
+        die(f"tokenizer.json lacks the added tokens {missing[:4]}... that split pictures are written with")
+    return {"longest_edge": edge, "tile": tile, "resample": resample, "tokens": dict(SPLIT_TOKENS)}
+
+
 def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None, decoder_format: int = 2,
-           scores: bool = True, max_pixels: int | None = None) -> str:
+           scores: bool = True, description: str | None = None, max_pixels: int | None = None) -> str:
     check_files(ckpt)
     family = detect(ckpt)
     if family == "qwen2_5_vl":
@@ -254,18 +296,22 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
             def forward(s, px):
                 return s.v(px.float()).to(dtype)
 
+        split = "split" in vis_meta  # a batch of tiles: N free
+        batch = "N" if split else 1
         with torch.no_grad():
-            torch.onnx.export(Cast(vision), (torch.zeros(1, 3, size, size),), os.path.join(tmp, "vision.onnx"),
+            torch.onnx.export(Cast(vision), (torch.zeros(2 if split else 1, 3, size, size),),
+                              os.path.join(tmp, "vision.onnx"),
                               input_names=["pixel_values"], output_names=["image_embeds"], opset_version=17,
-                              do_constant_folding=True, dynamo=False)
+                              do_constant_folding=True, dynamo=False,
+                              dynamic_axes={"pixel_values": {0: "N"}, "image_embeds": {0: "N"}} if split else None)
         set_output_shapes(os.path.join(tmp, "vision.onnx"),
-                          {"image_embeds": [1, vis_meta["image_tokens"], dcfg.hidden]})
+                          {"image_embeds": [batch, vis_meta["image_tokens"], dcfg.hidden]})
         embed.numpy().astype("<f2" if dtype == torch.float16 else "<f4").tofile(os.path.join(tmp, "embed_tokens.bin"))
         js = json.load(open(os.path.join(ckpt, "tokenizer.json")))
         js["post_processor"] = None  # the client adds BOS itself when add_bos is true
         write_json(os.path.join(tmp, "tokenizer.json"), js)
         write_manifest(tmp, name=name or os.path.basename(os.path.abspath(ckpt)),
-                       description=f"{family} checkpoint exported from {ckpt}",
+                       description=description or f"{family} checkpoint exported from {ckpt}",
                        dtype="float16" if dtype == torch.float16 else "float32", cfg=dcfg, tokens=tokens,
                        vision=vis_meta, chat_template=tpl, extra_files=extra,
                        build={"key": "", "exporter": "scripts/export/families.py", "family": family,
@@ -342,18 +388,52 @@ def _tiny_tokenizer(d: str, extra):
     return tok.get_vocab_size()
 
 
+IDEFICS3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                     "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+# The tiny split model's processor: tiles of 32 (the encoder's size), long side 96 (up to 3 x 3 tiles);
+# scripts/fixtures/idefics3_fixtures.py writes the pictures' pixel_values with the same settings.
+TINY_SPLIT_PP = {"do_image_splitting": True, "size": {"longest_edge": 96}, "max_image_size": {"longest_edge": 32},
+                 "resample": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+
+
+def tiny_idefics3(ck: str, splitting: bool):
+    """A tiny random Idefics3 checkpoint in ck (tokenizer, weights, preprocessor_config.json)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    os.makedirs(ck, exist_ok=True)
+    V = _tiny_tokenizer(ck, IDEFICS3_SPECIALS)
+    text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    cfg = Idefics3Config(text_config=text.to_dict(),
+                         vision_config={"hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 2, "num_attention_heads": 2,
+                                        "image_size": 32, "patch_size": 4},
+                         scale_factor=2, image_token_id=3)
+    model = Idefics3ForConditionalGeneration(cfg)
+    pp = dict(TINY_SPLIT_PP) if splitting else {"do_image_splitting": False, "image_mean": [0.5] * 3,
+                                                 "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+    _widen(model)
+    model.save_pretrained(ck)
+    write_json(os.path.join(ck, "preprocessor_config.json"), pp)
+
+
+def _widen(model) -> None:
+    with torch.no_grad():  # random weights: widen the logits so greedy is decisive
+        for n, p in model.named_parameters():
+            if "norm" not in n and "embed" not in n and p.dim() == 2:
+                p.mul_(3.0)
+
+
 def selftest(keep: str | None = None) -> Dict:
-    from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig,
-                              LlavaConfig, LlavaForConditionalGeneration)
-    from .ortrun import OrtModel
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(0)
     results = {}
     root = tempfile.mkdtemp(prefix="ee-families-")
     try:
-        for family in ("llava", "idefics3"):
-            ck = os.path.join(root, family)
-            os.makedirs(ck)
+        for family, variant in (("llava", "llava"), ("idefics3", "idefics3"), ("idefics3", "idefics3-split")):
+            ck = os.path.join(root, variant)
             if family == "llava":
+                os.makedirs(ck)
                 V = _tiny_tokenizer(ck, ["<unk>", "<s>", "</s>", "<image>"])
                 text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -365,31 +445,21 @@ def selftest(keep: str | None = None) -> Dict:
                 model = LlavaForConditionalGeneration(cfg)
                 pp = {"image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276],
                       "crop_size": {"height": 32, "width": 32}, "rescale_factor": 1 / 255}
+                _widen(model)
+                model.save_pretrained(ck)
+                write_json(os.path.join(ck, "preprocessor_config.json"), pp)
             else:
-                V = _tiny_tokenizer(ck, ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
-                                         "<fake_token_around_image>", "<global-img>"])
-                text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-                cfg = Idefics3Config(text_config=text.to_dict(),
-                                     vision_config={"hidden_size": 32, "intermediate_size": 64,
-                                                    "num_hidden_layers": 2, "num_attention_heads": 2,
-                                                    "image_size": 32, "patch_size": 4},
-                                     scale_factor=2, image_token_id=3)
-                model = Idefics3ForConditionalGeneration(cfg)
-                pp = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
-            with torch.no_grad():  # random weights: widen the logits so greedy is decisive
-                for n, p in model.named_parameters():
-                    if "norm" not in n and "embed" not in n and p.dim() == 2:
-                        p.mul_(3.0)
-            model.save_pretrained(ck)
-            write_json(os.path.join(ck, "preprocessor_config.json"), pp)
+                tiny_idefics3(ck, splitting=variant.endswith("-split"))
             ref = load(ck, family)[1]
             for decoder_format in (2, 1):
-                results[f"{family}-format{decoder_format}"] = _check_export(ck, ref, family, root, decoder_format)
+                results[f"{variant}-format{decoder_format}"] = _check_export(ck, ref, family, root, decoder_format,
+                                                                             variant)
+            if variant.endswith("-split"):
+                results[f"{variant}-processor"] = check_split(ck, ref, os.path.join(root, variant + "-onnx-format2"))
         results.update(qwen_selftest(root, os.path.join(keep, "tiny-qwen2_5_vl") if keep else None))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    results["published-configs"] = _check_published_configs()
     return results
 
 
@@ -563,9 +633,149 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
     return results
 
 
-def _check_export(ck: str, ref, family: str, root: str, decoder_format: int) -> Dict:
+def _check_published_configs() -> Dict:
+    """vision.split from the published SmolVLM preprocessor configs (models/configs, no weights), with
+    a tokenizer holding the processor's markers (the published ones have <row_r_col_c> up to 6 x 6)."""
+    configs = os.path.join(FIXTURES, "..", "..", "configs")
+    markers = [SPLIT_TOKENS["fake_image"], SPLIT_TOKENS["global_image"], SPLIT_TOKENS["image"]]
+    markers += [SPLIT_TOKENS["row_col"].format(r=r, c=c) for r in range(1, 7) for c in range(1, 7)]
+    tok = {"added_tokens": [{"content": t} for t in markers]}
+    out = {}
+    for name, edge, tile in (("smolvlm-instruct", 1536, 384), ("smolvlm-256m-instruct", 2048, 512)):
+        d = os.path.join(configs, name)
+        if not os.path.isdir(d):
+            continue
+        pp = json.load(open(os.path.join(d, "preprocessor_config.json")))
+        size = json.load(open(os.path.join(d, "config.json")))["vision_config"]["image_size"]
+        got = idefics3_split_settings(pp, size, tok)
+        want = {"longest_edge": edge, "tile": tile, "resample": "lanczos", "tokens": SPLIT_TOKENS}
+        if got != want:
+            die(f"models/configs/{name}: vision.split {got}, expected {want}")
+        out[name] = got
+    return out
+
+
+# The split prompts checked against the processor (and written to the tiny split model's fixture):
+# (name, fixture pictures, user text).
+SPLIT_CASES = [
+    ("one picture", ["chelsea-crop-61x93"], "describe the image briefly."),
+    ("two pictures", ["coffee-crop-130x47", "astronaut-crop-20x24"], "which one is a cat?"),
+]
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "fixtures", "idefics3")
+
+
+def split_prompt(om, user_text: str, layouts):
+    """The prompt as the Rust client builds it for split pictures (prompt.rs, build_pictures): the
+    text pieces between images tokenized one by one, an image row where the processor has <image>.
+    -> token ids with None at image rows."""
+    m = om.m
+    tpl, tokens, n = m["chat_template"], m["vision"]["split"]["tokens"], m["vision"]["image_tokens"]
+    ids, piece = [], tpl["system_prefix"] + tpl["system_prompt"] + tpl["system_suffix"] + tpl["user_prefix"]
+
+    def image():
+        nonlocal piece
+        ids.extend(om.encode(piece) if piece else [])
+        ids.extend([None] * n)
+        piece = ""
+
+    for rows, cols in layouts:
+        if rows == 0:
+            piece += tpl["image_prefix"]
+            image()
+            piece += tpl["image_suffix"]
+            continue
+        for r in range(rows):
+            for c in range(cols):
+                piece += tokens["fake_image"] + tokens["row_col"].replace("{r}", str(r + 1)).replace("{c}", str(c + 1))
+                image()
+            piece += "\n"
+        piece += "\n" + tokens["fake_image"] + tokens["global_image"]
+        image()
+        piece += tokens["fake_image"]
+    piece += user_text + tpl["user_suffix"] + tpl["assistant_prefix"]
+    ids.extend(om.encode(piece))
+    return ids
+
+
+def check_split(ck: str, ref, out: str, max_new: int = 12) -> Dict:
+    """A split model against transformers: (a) the processor's input_ids equal the client's prompt
+    (its image token where the client puts image rows), the processor's pixel_values equal the
+    committed fixtures (what the Rust preprocessing gives bit for bit); (b) the model's logits and
+    greedy ids on the processor's inputs equal ONNX Runtime's, fed as the Rust client feeds it
+    (vision graph once per picture over its tiles, rows in prompt order)."""
+    from PIL import Image
+    from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
     from .ortrun import OrtModel
-    out = os.path.join(root, f"{family}-onnx-format{decoder_format}")
+    om = OrtModel(out)
+    m = om.m
+    pp = json.load(open(os.path.join(ck, "preprocessor_config.json")))
+    n = m["vision"]["image_tokens"]
+    proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(**pp), tokenizer=AutoTokenizer.from_pretrained(ck),
+                             image_seq_len=n)
+    image_id = proc.image_token_id
+    tpl = m["chat_template"]
+    cases, worst = [], {"logits": 0.0, "image_embeds": 0.0}
+    for name, pictures, user_text in SPLIT_CASES:
+        imgs = [Image.open(os.path.join(FIXTURES, p + ".png")).convert("RGB") for p in pictures]
+        text = tpl["user_prefix"] + "<image>" * len(imgs) + user_text + tpl["user_suffix"] + tpl["assistant_prefix"]
+        inputs = proc(images=[imgs], text=[text], return_tensors="pt")
+        inputs.pop("token_type_ids", None)  # the tokenizer's; the model takes none
+        hf_ids = inputs["input_ids"][0].tolist()
+        info = proc.image_processor([imgs], return_row_col_info=True)
+        layouts = list(zip(info["rows"][0], info["cols"][0]))
+        mine = split_prompt(om, user_text, layouts)
+        if [image_id if i is None else i for i in mine] != hf_ids:
+            die(f"split prompt {name!r}: the client's ids differ from Idefics3Processor's:\n{mine}\n{hf_ids}")
+        px = inputs["pixel_values"][0].numpy()
+        start = 0
+        for p in pictures:
+            want = np.fromfile(os.path.join(FIXTURES, p + ".f32"), "<f4").reshape(-1, 3, 32, 32)
+            if not np.array_equal(px[start:start + len(want)], want):
+                die(f"split prompt {name!r}: the processor's pixel_values for {p} differ from the fixture")
+            start += len(want)
+        # (b): the vision graph over each picture's frames, rows in prompt order
+        rows, start = [], 0
+        for (r, c) in layouts:
+            frames = r * c + 1
+            rows.append(om.image_embeds(px[start:start + frames]).reshape(-1, m["hidden"]))
+            start += frames
+        rows = np.concatenate(rows, 0)
+        with torch.no_grad():
+            t_ie = ref.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                pixel_attention_mask=inputs["pixel_attention_mask"])
+        worst["image_embeds"] = max(worst["image_embeds"], float(np.abs(rows - t_ie.reshape(rows.shape).numpy()).max()))
+        it = iter(rows)
+        emb = np.stack([next(it) if i is None else np.asarray(om.embed[i]) for i in mine])[None].astype(om.np_dtype)
+        cache = om.empty_cache()
+        o_logits = om.step(cache, emb, list(range(emb.shape[1])))["logits"][0]
+        with torch.no_grad():
+            t_logits = ref(**inputs).logits[0, -1].numpy()
+            g = ref.generate(**inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=m["stop_token_ids"],
+                             pad_token_id=m["stop_token_ids"][0])[0, len(hf_ids):].tolist()
+        worst["logits"] = max(worst["logits"], float(np.abs(o_logits - t_logits).max()))
+        # The answer's NLL under teacher forcing: what the client's `score` computes.
+        full = torch.cat([inputs["input_ids"], torch.tensor([g])], 1)
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(input_ids=full, attention_mask=torch.ones_like(full),
+                                       pixel_values=inputs["pixel_values"],
+                                       pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0].double(), -1)
+        nll = -sum(float(lp[len(hf_ids) - 1 + i, t]) for i, t in enumerate(g))
+        got = om.generate(emb, max_new)
+        if got != g:
+            die(f"split prompt {name!r}: ONNX Runtime's greedy ids {got} differ from transformers' {g}")
+        cases.append({"name": name, "pictures": [p + ".png" for p in pictures], "user_text": user_text,
+                      "rows_cols": [list(map(int, rc)) for rc in layouts], "frames": int(px.shape[0]),
+                      "input_ids": hf_ids, "expected_ids": g, "expected_ids_nll": nll,
+                      "logits_first8": [float(v) for v in t_logits[:8]]})
+    if worst["logits"] > 1e-4 or worst["image_embeds"] > 1e-4:
+        die(f"split model vs transformers: {worst} (at most 1e-4)")
+    log(f"split: the processor's ids and pixel_values match; vs transformers {worst}, greedy ids equal")
+    return {"image_token_id": image_id, "max_abs_err": worst, "cases": cases, "ok": True}
+
+
+def _check_export(ck: str, ref, family: str, root: str, decoder_format: int, variant: str) -> Dict:
+    from .ortrun import OrtModel
+    out = os.path.join(root, f"{variant}-onnx-format{decoder_format}")
     export(ck, out, decoder_format=decoder_format)
     om = OrtModel(out)
     # vision
@@ -599,11 +809,34 @@ def _check_export(ck: str, ref, family: str, root: str, decoder_format: int) -> 
     ok = got == g and got_fast == g and verr < 1e-4 and dv["max_abs_err"]["logits"] < 1e-4
     result = {"vision_max_abs_err": verr, **dv, "fast_graph_vs_scores_graph": fast, "greedy_transformers": g,
               "greedy_onnxruntime": got, "greedy_fast_graph": got_fast, "ok": ok}
-    log(f"selftest {family} format {decoder_format}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, "
+    log(f"selftest {variant} format {decoder_format}: vision err {verr:.2g}, decoder {dv['max_abs_err']}, "
         f"greedy match {got == g}")
     if not ok:
-        die(f"selftest {family} format {decoder_format} failed: {result}")
+        die(f"selftest {variant} format {decoder_format} failed: {result}")
     return result
+
+
+def write_tiny_split(out: str) -> Dict:
+    """The committed tiny split model (models/tiny-idefics3-split) and what transformers gives on it
+    (models/fixtures/idefics3/tiny_split_expected.json); deterministic, seeded."""
+    torch.manual_seed(0)
+    root = tempfile.mkdtemp(prefix="ee-tiny-split-")
+    try:
+        ck = os.path.join(root, "ckpt")
+        tiny_idefics3(ck, splitting=True)
+        ref = load(ck, "idefics3")[1]
+        export(ck, out, name="tiny-idefics3-split",
+               description="tiny random Idefics3 with image splitting (export.families --tiny-split)")
+        result = check_split(ck, ref, out, max_new=16)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    doc = {"model": "models/tiny-idefics3-split",
+           "written_by": "cd scripts && python -m export.families --tiny-split ../models/tiny-idefics3-split",
+           "processor": "Idefics3Processor (Idefics3ImageProcessor with the model's preprocessor settings, "
+                        "the tiny tokenizer), transformers greedy generate on its inputs",
+           "preprocessor": TINY_SPLIT_PP, **result}
+    write_json(os.path.join(FIXTURES, "tiny_split_expected.json"), doc)
+    return doc
 
 
 def main():
@@ -622,6 +855,8 @@ def main():
     ap.add_argument("--max-pixels", type=int,
                     help=f"Qwen2.5-VL: the pixel budget of one picture (default {QWEN_MAX_PIXELS} = 1024 tokens, "
                          "or the checkpoint's max_pixels if lower)")
+    ap.add_argument("--tiny-split", metavar="OUT_DIR",
+                    help="write the tiny split Idefics3 model there and its fixture (models/fixtures/idefics3)")
     add_format_args(ap)
     a = ap.parse_args()
     check_format_args(a)
@@ -633,13 +868,17 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
         print(json.dumps(r, indent=1))
         return
+    if a.tiny_split:
+        write_tiny_split(a.tiny_split)
+        return
     if a.selftest:
         r = selftest(a.keep)
         print(json.dumps(r, indent=1))
         return
     if not a.checkpoint or not a.out:
         ap.error("CHECKPOINT_DIR and OUT_DIR are required (or --selftest)")
-    export(a.checkpoint, a.out, a.dtype, a.name, a.decoder_format, a.decoder_scores == "on", a.max_pixels)
+    export(a.checkpoint, a.out, a.dtype, a.name, a.decoder_format, a.decoder_scores == "on",
+           max_pixels=a.max_pixels)
 
 
 if __name__ == "__main__":

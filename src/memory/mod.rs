@@ -108,6 +108,13 @@ impl Memory {
                 model.manifest.name
             )));
         };
+        if model.manifest.split().is_some() {
+            // Its frames would each take a size-dependent number of rows.
+            return Err(Error::Shape(format!(
+                "model {} cuts pictures into tiles (vision.split), which a camera memory does not support yet",
+                model.manifest.name
+            )));
+        }
         if generator.cache().policy() == PolicyKind::Full && !allow_full {
             return Err(Error::Policy(
                 "full cannot be a memory's policy: it never forgets, so the pool fills; choose elastic, h2o or local"

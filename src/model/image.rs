@@ -29,6 +29,7 @@
 pub mod dynamic;
 mod resample;
 pub mod sizing;
+pub mod split;
 
 use std::io::{BufRead, BufReader, Cursor, Read, Seek};
 use std::path::Path;
@@ -70,6 +71,10 @@ pub enum Resize {
     /// `trunc(size * long / short)`, as `transformers` computes it), then a
     /// center crop with the offsets rounded down. Needs width == height.
     BicubicShortestEdgeCenterCrop,
+    /// `lanczos_squash`: as `bilinear_squash` with PIL `Image.LANCZOS` (the
+    /// Idefics3 processor's filter; a model with `vision.split` resizes by
+    /// [`split`] instead).
+    LanczosSquash,
     /// `bicubic_smart_resize` (Qwen2-VL, Qwen2.5-VL): the picture keeps its
     /// aspect ratio, its sides rounded to the patch grid within the pixel
     /// budget of `dynamic` ([`dynamic::DynamicResolution`]), PIL bicubic;
@@ -406,6 +411,7 @@ impl Preprocess {
         match self.resize {
             Resize::BilinearSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bilinear),
             Resize::BicubicSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),
+            Resize::LanczosSquash => resize_rgb8(src, sw, sh, tw, th, Filter::Lanczos),
             // Refused before (`check_fixed`): a dynamic model's pictures go
             // through `finish_dynamic`.
             Resize::BicubicSmartResize => resize_rgb8(src, sw, sh, tw, th, Filter::Bicubic),

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::kv::{KvDtype, KvLayout, KvShape};
+use crate::model::image::split::SplitSpec;
 use crate::model::image::{Preprocess, MAX_PIXELS_LIMIT, MAX_TARGET_SIDE};
 use crate::model::prompt::ChatTemplate;
 
@@ -105,6 +106,10 @@ pub struct VisionSpec {
     pub preprocess: Preprocess,
     pub input_dtype: String,
     pub image_tokens: usize,
+    /// Idefics3 / SmolVLM image splitting: the graph takes a batch of tiles
+    /// (`image_tokens` rows each); absent: one picture per run.
+    #[serde(default)]
+    pub split: Option<SplitSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +269,11 @@ impl Manifest {
         }
     }
 
+    /// The splitting settings of a model whose pictures are cut into tiles.
+    pub fn split(&self) -> Option<&SplitSpec> {
+        self.vision.as_ref().and_then(|v| v.split.as_ref())
+    }
+
     /// Image preprocessing, for models with a vision graph.
     pub fn preprocess(&self) -> Option<Preprocess> {
         self.vision.as_ref().map(|v| v.preprocess.clone())
@@ -408,6 +418,21 @@ impl Manifest {
                         "only float32 pixel values are supported",
                     ));
                 }
+                // A split model's graph takes any number of tiles at once.
+                let batch = || match vision.split {
+                    Some(_) => Dim::Any,
+                    None => Dim::Fixed(1),
+                };
+                if let Some(split) = &vision.split {
+                    if pre.dynamic.is_some() {
+                        return Err(invalid(
+                            path,
+                            "vision.split",
+                            "a model has vision.split or vision.dynamic, not both",
+                        ));
+                    }
+                    self.validate_split(path, vision, split)?;
+                }
                 let vision_in = |name: &str, dtype: &str, dims: &[Dim]| {
                     expect_tensor(path, "graphs.vision.inputs", &graph.inputs, name, dtype, dims)
                 };
@@ -417,7 +442,7 @@ impl Manifest {
                             "pixel_values",
                             "float32",
                             &[
-                                Dim::Fixed(1),
+                                batch(),
                                 Dim::Fixed(3),
                                 Dim::Fixed(pre.height as usize),
                                 Dim::Fixed(pre.width as usize),
@@ -441,7 +466,7 @@ impl Manifest {
                     &graph.outputs,
                     "image_embeds",
                     &self.dtype,
-                    &[Dim::Fixed(1), tokens, Dim::Fixed(self.hidden)],
+                    &[batch(), tokens, Dim::Fixed(self.hidden)],
                 )?;
             }
             _ => {
@@ -453,6 +478,35 @@ impl Manifest {
             }
         }
         self.validate_decoder(path)
+    }
+
+    /// `vision.split`: tiles of the graph's input size, and a picture's
+    /// tiles all in the prompt with room to spare.
+    fn validate_split(&self, path: &Path, vision: &VisionSpec, split: &SplitSpec) -> Result<()> {
+        split
+            .validate(&vision.preprocess)
+            .map_err(|e| invalid(path, "vision.split", e))?;
+        let most = (split.max_frames() as usize).saturating_mul(vision.image_tokens);
+        let limit = crate::kv::TokenKind::MAX_CELLS.min(self.max_positions - 1);
+        if most > limit {
+            return Err(invalid(
+                path,
+                "vision.split",
+                format!(
+                    "a picture can take {} frames of {} tokens = {most}, more than the {limit} a picture may have",
+                    split.max_frames(),
+                    vision.image_tokens
+                ),
+            ));
+        }
+        if !split.tokens.row_col.contains("{r}") || !split.tokens.row_col.contains("{c}") {
+            return Err(invalid(
+                path,
+                "vision.split.tokens.row_col",
+                format!("{:?} must contain {{r}} and {{c}}", split.tokens.row_col),
+            ));
+        }
+        Ok(())
     }
 
     /// Every file the manifest names must be inside the model folder: a

@@ -104,7 +104,8 @@ impl Model {
             manifest.chat_template.clone(),
             bos,
             manifest.add_bos,
-        )?;
+        )?
+        .with_split_tokens(manifest.split().map(|split| split.tokens.clone()));
         let preprocess = manifest.preprocess();
         release_freed_heap();
         Ok(Model {

@@ -47,6 +47,60 @@ pub struct ChatTemplate {
 /// The only `image_position` the format defines.
 pub const IMAGE_POSITION_USER_BEFORE_TEXT: &str = "user_before_text";
 
+/// The marker tokens of a split picture (the manifest's
+/// `vision.split.tokens`), as the Idefics3 processor writes them:
+/// `get_image_prompt_string` in transformers'
+/// `models/idefics3/processing_idefics3.py`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitTokens {
+    /// Around every tile and the global image: `<fake_token_around_image>`.
+    pub fake_image: String,
+    /// Before tile (r, c), 1-based, with `{r}` and `{c}` in it: `<row_{r}_col_{c}>`.
+    pub row_col: String,
+    /// Before the global image: `<global-img>`.
+    pub global_image: String,
+    /// The token an image row stands for in the processor's ids (`<image>`);
+    /// the prompt has the vision graph's rows there instead.
+    pub image: String,
+}
+
+/// How one picture's rows sit in the prompt: `rows x cols` tiles (none:
+/// the picture is one image) of `tokens_per_tile` rows each, then the
+/// global image's. Its rows in the vision output are tile-major, row by
+/// row, then the global image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PictureLayout {
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens_per_tile: usize,
+}
+
+impl PictureLayout {
+    /// A picture of `tokens` rows, not split: the template's image prefix and suffix around it.
+    pub const fn single(tokens: usize) -> Self {
+        PictureLayout {
+            rows: 0,
+            cols: 0,
+            tokens_per_tile: tokens,
+        }
+    }
+
+    /// Whether the picture has tiles.
+    pub const fn is_split(&self) -> bool {
+        self.rows > 0 && self.cols > 0
+    }
+
+    /// Image rows in the prompt: every tile's and the global image's (saturating).
+    pub fn image_rows(&self) -> usize {
+        let frames = match self.is_split() {
+            true => self.rows.saturating_mul(self.cols).saturating_add(1),
+            false => 1,
+        };
+        frames.saturating_mul(self.tokens_per_tile)
+    }
+}
+
 impl ChatTemplate {
     /// Rejects values this code would not reproduce faithfully.
     pub fn validate(&self) -> Result<(), PromptError> {
@@ -226,6 +280,8 @@ pub struct PromptTokenizer {
     template: ChatTemplate,
     bos: Option<u32>,
     vocab: usize,
+    /// The markers of split pictures (a model with `vision.split`).
+    split: Option<SplitTokens>,
 }
 
 impl std::fmt::Debug for PromptTokenizer {
@@ -300,6 +356,7 @@ impl PromptTokenizer {
             template,
             bos,
             vocab,
+            split: None,
         })
     }
 
@@ -326,40 +383,8 @@ impl PromptTokenizer {
     /// an empty or whitespace-only text is an error. The text is used as
     /// given (not trimmed), as in the reference.
     pub fn build_images(&self, user_text: Option<&str>, images: &[usize]) -> Result<Prompt, PromptError> {
-        let t = &self.template;
-        let user = self.user_text(user_text)?;
-        if images.contains(&0) {
-            return Err(PromptError::ZeroImageTokens);
-        }
-        if images.len() > TokenKind::MAX_IMAGES || images.iter().any(|&n| n > TokenKind::MAX_CELLS) {
-            return Err(PromptError::Template(format!(
-                "{} pictures of up to {} tokens: at most {} pictures of {} tokens each",
-                images.len(),
-                images.iter().max().unwrap_or(&0),
-                TokenKind::MAX_IMAGES,
-                TokenKind::MAX_CELLS
-            )));
-        }
-        let mut prompt = Prompt {
-            ids: self.bos.into_iter().collect(),
-            kinds: Vec::new(),
-        };
-        prompt.kinds.resize(prompt.ids.len(), TokenKind::TEMPLATE);
-        let head = [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix].map(String::as_str);
-        let mut piece = head.concat();
-        for (index, &rows) in images.iter().enumerate() {
-            piece.push_str(&t.image_prefix);
-            prompt.push_text(self, &piece, 0..0)?;
-            prompt.kinds.extend((0..rows).map(|cell| TokenKind::image(index, cell)));
-            piece.clear();
-            piece.push_str(&t.image_suffix);
-        }
-        let user_start = piece.len();
-        for s in [user, &t.user_suffix, &t.assistant_prefix] {
-            piece.push_str(s);
-        }
-        prompt.push_text(self, &piece, user_start..user_start + user.len())?;
-        Ok(prompt)
+        let layouts: Vec<PictureLayout> = images.iter().map(|&n| PictureLayout::single(n)).collect();
+        self.build_pictures(user_text, &layouts)
     }
 
     // ---- a camera memory's pieces (docs/memory.md) ------------------------
@@ -687,6 +712,113 @@ impl StreamDecoder<'_> {
     }
 }
 
+// ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
+
+impl PromptTokenizer {
+    /// Writes split pictures with `tokens` (a model with `vision.split`).
+    pub fn with_split_tokens(mut self, tokens: Option<SplitTokens>) -> Self {
+        self.split = tokens;
+        self
+    }
+
+    /// [`Self::build_images`] for pictures of any layout: a picture that is
+    /// not split goes between the template's image prefix and suffix; a
+    /// split one is written as the Idefics3 processor writes it (one line
+    /// per tile row, the global image after an empty line):
+    ///
+    /// ```text
+    /// <fake><row_1_col_1>TILE<fake><row_1_col_2>TILE\n
+    /// <fake><row_2_col_1>TILE<fake><row_2_col_2>TILE\n
+    /// \n<fake><global-img>GLOBAL<fake>
+    /// ```
+    ///
+    /// Tile (r, c)'s rows are the picture's vision rows
+    /// `[(r * cols + c) * n, +n)`, the global image's the last n.
+    pub fn build_pictures(&self, user_text: Option<&str>, pictures: &[PictureLayout]) -> Result<Prompt, PromptError> {
+        let t = &self.template;
+        let user = self.user_text(user_text)?;
+        if pictures.iter().any(|p| p.tokens_per_tile == 0) {
+            return Err(PromptError::ZeroImageTokens);
+        }
+        if pictures.len() > TokenKind::MAX_IMAGES || pictures.iter().any(|p| p.image_rows() > TokenKind::MAX_CELLS) {
+            return Err(PromptError::Template(format!(
+                "{} pictures of up to {} tokens: at most {} pictures of {} tokens each",
+                pictures.len(),
+                pictures.iter().map(PictureLayout::image_rows).max().unwrap_or(0),
+                TokenKind::MAX_IMAGES,
+                TokenKind::MAX_CELLS
+            )));
+        }
+        let mut prompt = Prompt {
+            ids: self.bos.into_iter().collect(),
+            kinds: Vec::new(),
+        };
+        prompt.kinds.resize(prompt.ids.len(), TokenKind::TEMPLATE);
+        let head = [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix].map(String::as_str);
+        let mut piece = head.concat();
+        for (index, layout) in pictures.iter().enumerate() {
+            self.push_picture(&mut prompt, &mut piece, index, layout)?;
+        }
+        let user_start = piece.len();
+        for s in [user, &t.user_suffix, &t.assistant_prefix] {
+            piece.push_str(s);
+        }
+        prompt.push_text(self, &piece, user_start..user_start + user.len())?;
+        Ok(prompt)
+    }
+
+    /// Picture `index`: the text pending in `piece` and the picture's own
+    /// text before each of its images is tokenized, its rows appended; what
+    /// follows its last image is left in `piece`.
+    fn push_picture(
+        &self,
+        prompt: &mut Prompt,
+        piece: &mut String,
+        index: usize,
+        layout: &PictureLayout,
+    ) -> Result<(), PromptError> {
+        let n = layout.tokens_per_tile;
+        let image = |prompt: &mut Prompt, piece: &mut String, frame: usize| -> Result<(), PromptError> {
+            prompt.push_text(self, piece, 0..0)?;
+            piece.clear();
+            prompt
+                .kinds
+                .extend((frame * n..(frame + 1) * n).map(|cell| TokenKind::image(index, cell)));
+            Ok(())
+        };
+        if !layout.is_split() {
+            piece.push_str(&self.template.image_prefix);
+            image(prompt, piece, 0)?;
+            piece.push_str(&self.template.image_suffix);
+            return Ok(());
+        }
+        let Some(tokens) = &self.split else {
+            return Err(PromptError::Template(format!(
+                "picture {index} is split into {}x{} tiles, but the model has no vision.split tokens",
+                layout.rows, layout.cols
+            )));
+        };
+        for r in 0..layout.rows {
+            for c in 0..layout.cols {
+                piece.push_str(&tokens.fake_image);
+                let tag = tokens
+                    .row_col
+                    .replace("{r}", &(r + 1).to_string())
+                    .replace("{c}", &(c + 1).to_string());
+                piece.push_str(&tag);
+                image(prompt, piece, r * layout.cols + c)?;
+            }
+            piece.push('\n');
+        }
+        piece.push('\n');
+        piece.push_str(&tokens.fake_image);
+        piece.push_str(&tokens.global_image);
+        image(prompt, piece, layout.rows * layout.cols)?;
+        piece.push_str(&tokens.fake_image);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,6 +923,75 @@ mod tests {
                 assert_eq!(streamed(&tok, &ids(out)), text, "{variant}");
             }
         }
+    }
+
+    #[test]
+    fn split_prompts_equal_the_hf_processor_ids() {
+        let m = json(&repo("models/tiny-idefics3-split/manifest.json"));
+        let template: ChatTemplate = serde_json::from_value(m["chat_template"].clone()).expect("template");
+        let tokens: SplitTokens = serde_json::from_value(m["vision"]["split"]["tokens"].clone()).expect("tokens");
+        let n = m["vision"]["image_tokens"].as_u64().expect("image_tokens") as usize;
+        let path = repo("models/tiny-idefics3-split/tokenizer.json");
+        let plain = PromptTokenizer::from_file(&path, template.clone(), None, false).expect("tokenizer");
+        let tok = PromptTokenizer::from_file(&path, template, None, false)
+            .expect("tokenizer")
+            .with_split_tokens(Some(tokens));
+        let fx = json(&repo("models/fixtures/idefics3/tiny_split_expected.json"));
+        let image_id = fx["image_token_id"].as_i64().expect("image_token_id");
+        for case in fx["cases"].as_array().expect("cases") {
+            let name = case["name"].as_str().expect("name");
+            let layouts: Vec<PictureLayout> = case["rows_cols"]
+                .as_array()
+                .expect("rows_cols")
+                .iter()
+                .map(|rc| PictureLayout {
+                    rows: rc[0].as_u64().expect("rows") as usize,
+                    cols: rc[1].as_u64().expect("cols") as usize,
+                    tokens_per_tile: n,
+                })
+                .collect();
+            let expected: Vec<i64> = case["input_ids"]
+                .as_array()
+                .expect("input_ids")
+                .iter()
+                .map(|x| x.as_i64().expect("id"))
+                .collect();
+            let p = tok.build_pictures(case["user_text"].as_str(), &layouts).expect("build");
+            assert_eq!(p.ids_with_placeholder(image_id), expected, "{name}");
+            // Image rows in prompt order are each picture's vision rows in
+            // order: its tiles row by row, then its global image.
+            let cells: Vec<(u32, u32)> = p
+                .kinds
+                .iter()
+                .filter_map(|k| match k.class() {
+                    crate::kv::KindClass::Image { index, cell } => Some((index, cell)),
+                    _ => None,
+                })
+                .collect();
+            let want: Vec<(u32, u32)> = layouts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, l)| (0..l.image_rows() as u32).map(move |c| (i as u32, c)))
+                .collect();
+            assert_eq!(cells, want, "{name}");
+            // A tokenizer without the markers refuses a split picture.
+            let e = plain.build_pictures(None, &layouts).expect_err("no split tokens");
+            assert!(e.to_string().contains("no vision.split tokens"), "{e}");
+        }
+        // A picture that is not split is written as before, with the
+        // template's prefix and suffix.
+        let single = tok.build_pictures(None, &[PictureLayout::single(n)]).expect("single");
+        assert_eq!(single, tok.build_images(None, &[n]).expect("images"));
+        assert_eq!(single, plain.build_images(None, &[n]).expect("images"));
+        let zero = PictureLayout {
+            rows: 2,
+            cols: 2,
+            tokens_per_tile: 0,
+        };
+        assert!(matches!(
+            tok.build_pictures(None, &[zero]),
+            Err(PromptError::ZeroImageTokens)
+        ));
     }
 
     fn tiny_template() -> ChatTemplate {

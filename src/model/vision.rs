@@ -126,3 +126,45 @@ fn check_len(got: usize, expected: usize, what: &str, model_name: &str) -> Resul
         ),
     })
 }
+
+// ---- split pictures (Idefics3 / SmolVLM) ----------------------------------
+
+impl Vision {
+    /// Runs the graph once over `frames` preprocessed tiles
+    /// (`[frames, 3, height, width]`, a split picture's tiles then its
+    /// global image) and returns their embedding rows in that order.
+    pub(crate) fn encode_tiles<E: KvElement + PrimitiveTensorElementType + Copy>(
+        &mut self,
+        pixels: &[f32],
+        frames: usize,
+        model_name: &str,
+    ) -> Result<Vec<E>> {
+        let [_, channels, height, width] = self.shape;
+        let shape = [frames, channels, height, width];
+        if frames == 0 || pixels.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape(format!(
+                "{} pixel values for {frames} tiles of {channels}x{height}x{width}",
+                pixels.len()
+            )));
+        }
+        let fail = |what: &str, err: &ort::Error| Error::Runtime {
+            context: format!("running {what}"),
+            reason: crate::model::decoder::one_line(&error_chain(err)),
+        };
+        let input = TensorRef::from_array_view((shape, pixels)).map_err(|e| fail("pixel_values", &e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["pixel_values" => input])
+            .map_err(|e| fail("the vision graph", &e))?;
+        let (_, embeds) = outputs["image_embeds"]
+            .try_extract_tensor::<E>()
+            .map_err(|e| fail("image_embeds", &e))?;
+        check_len(
+            embeds.len(),
+            frames * self.embeds_len,
+            "tiles x vision.image_tokens x hidden",
+            model_name,
+        )?;
+        Ok(embeds.to_vec())
+    }
+}

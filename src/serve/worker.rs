@@ -286,6 +286,15 @@ impl Captioner {
         let model = generator.model();
         let pictures = job.turns.iter().map(|t| t.images.len()).sum::<usize>();
         let rows: Vec<usize> = match &model.manifest.vision {
+            // A split picture's rows depend on its size, which this prompt is built without.
+            Some(_) if pictures > 0 && model.manifest.split().is_some() => {
+                self.shared.metrics.error(kind::REQUEST);
+                return Err(JobError::BadRequest(format!(
+                    "model {} cuts pictures into tiles (vision.split), which chat requests do not support yet: \
+                     send text only, or use `elastic-edge caption`",
+                    model.manifest.name
+                )));
+            }
             Some(_) => {
                 let counted: Result<Vec<usize>> = job
                     .turns

@@ -626,9 +626,11 @@ pub fn check_prompt(generator: &Generator<'_>, config: &StreamConfig) -> Result<
             model.manifest.name
         )));
     };
+    // A split picture takes up to its most frames' rows (the markers aside).
+    let frames = model.manifest.split().map_or(1, |split| split.max_frames() as usize);
     let prompt = model
         .prompt
-        .build(config.prompt.as_deref(), Some(vision.image_tokens))?;
+        .build(config.prompt.as_deref(), Some(vision.image_tokens * frames))?;
     generator.cache().admit(prompt.len(), config.params.max_new_tokens)
 }
 

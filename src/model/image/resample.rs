@@ -1,5 +1,5 @@
-//! PIL's antialiased resampling (`Image.resize` with `BILINEAR` or `BICUBIC`)
-//! for packed RGB u8, reproduced bit for bit.
+//! PIL's antialiased resampling (`Image.resize` with `BILINEAR`, `BICUBIC` or
+//! `LANCZOS`) for packed RGB u8, reproduced bit for bit.
 //!
 //! The arithmetic follows Pillow's `src/libImaging/Resample.c` (checked
 //! against Pillow 11.3 with the fixtures in `tests/data/pil_resize.json`):
@@ -30,6 +30,9 @@ pub enum Filter {
     Bilinear,
     /// PIL `Image.BICUBIC`: Keys cubic with a = -0.5, support 2.
     Bicubic,
+    /// PIL `Image.LANCZOS`: `sinc(x) sinc(x / 3)` on `[-3, 3)`, support 3
+    /// (the Idefics3 / SmolVLM processor's default).
+    Lanczos,
 }
 
 impl Filter {
@@ -37,10 +40,19 @@ impl Filter {
         match self {
             Filter::Bilinear => 1.0,
             Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
         }
     }
 
     fn eval(self, x: f64) -> f64 {
+        if self == Filter::Lanczos {
+            // Pillow's window is half-open and not folded to |x|: -3 is in, 3 is out.
+            return if (-3.0..3.0).contains(&x) {
+                sinc(x) * sinc(x / 3.0)
+            } else {
+                0.0
+            };
+        }
         let x = if x < 0.0 { -x } else { x };
         match self {
             Filter::Bilinear => {
@@ -61,8 +73,18 @@ impl Filter {
                     0.0
                 }
             }
+            Filter::Lanczos => 0.0, // handled above
         }
     }
+}
+
+/// Pillow's `sinc_filter`: `sin(pi x) / (pi x)`, in this order of operations.
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -322,7 +344,7 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (i, o) in [(37usize, 16usize), (5, 32), (300, 224), (1, 7), (4000, 3)] {
-            for f in [Filter::Bilinear, Filter::Bicubic] {
+            for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
                 let c = Coeffs::new(i, o, 0, o, f);
                 for (idx, &(_, n)) in c.bounds.iter().enumerate() {
                     let s: i64 = (0..n).map(|x| i64::from(c.weight(idx, x))).sum();
@@ -340,7 +362,7 @@ mod tests {
             (4000, 3, 1, 2),
             (2, 900, 400, 7),
         ] {
-            for f in [Filter::Bilinear, Filter::Bicubic] {
+            for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
                 let table = Coeffs::new(i, o, first, count, f);
                 let computed = Coeffs::with_table_limit(i, o, first, count, f, 0);
                 assert!(!table.offsets.is_empty() && computed.offsets.is_empty());
@@ -426,7 +448,7 @@ mod tests {
             );
             let win = Window { x0, y0, width, height };
             let src: Vec<u8> = (0..sw * sh * 3).map(|_| next(256) as u8).collect();
-            for f in [Filter::Bilinear, Filter::Bicubic] {
+            for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
                 let got = resize_rgb8_window(&src, sw, sh, dw, dh, win, f);
                 let want = whole_then_crop(&src, sw, sh, dw, dh, win, f);
                 assert_eq!(got, want, "case {case}: {sw}x{sh} -> {dw}x{dh} {win:?} {f:?}");
@@ -467,7 +489,7 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let src = vec![77u8; 13 * 9 * 3];
-        for f in [Filter::Bilinear, Filter::Bicubic] {
+        for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
             let out = resize_rgb8(&src, 13, 9, 31, 4, f);
             assert!(out.iter().all(|&v| v == 77), "{f:?}");
         }
