@@ -28,6 +28,6 @@ rm -f "$STAMP"
 say "exporting and checking the tiny family models against transformers (a minute or two)"
 cd "$ROOT/scripts"
 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 "$ROOT/.cache/venv/bin/python" -m export.families \
-  --selftest --keep "$MODELS" >"$MODELS/tiny-families.json"
+  --selftest --keep "$MODELS" >"$MODELS/tiny-families.log"
 echo "$key" >"$STAMP"
-say "done in $(( $(date +%s) - start ))s: every family matches transformers ($MODELS/tiny-families.json)"
+say "done in $(( $(date +%s) - start ))s: every family matches transformers ($MODELS/tiny-families.log: the figures)"

@@ -307,12 +307,13 @@ impl<'m> Generator<'m> {
         self.model
     }
 
-    /// The image tokens `image` costs this model: the manifest's count, or,
-    /// for a dynamic-resolution model, its grid's at the picture's own size,
-    /// for a split one its tiles' and global image's (an encoded picture is
-    /// decoded to learn its size). What a prompt built
-    /// before the picture is encoded needs ([`Prompt`] pieces, chats).
-    pub fn picture_tokens(&self, image: ImageInput<'_>) -> Result<usize> {
+    /// How `image`'s rows will sit in a prompt for this model: the
+    /// manifest's count of tokens; for a dynamic-resolution model its
+    /// grid's at the picture's own size; for a split one its tiles and
+    /// global image (an encoded picture is decoded to learn its size). What
+    /// a prompt built before the picture is encoded needs (chats, a
+    /// memory's frames).
+    pub fn picture_layout(&self, image: ImageInput<'_>) -> Result<PictureLayout> {
         let Some(vision) = &self.model.manifest.vision else {
             return Err(Error::Shape(format!(
                 "model {} has no vision graph; caption text only",
@@ -321,7 +322,7 @@ impl<'m> Generator<'m> {
         };
         let pre = &vision.preprocess;
         if pre.dynamic.is_none() && vision.split.is_none() {
-            return Ok(vision.image_tokens);
+            return Ok(PictureLayout::single(vision.image_tokens));
         }
         let (width, height) = match image {
             ImageInput::Rgb8(rgb) => rgb.dimensions(),
@@ -331,11 +332,22 @@ impl<'m> Generator<'m> {
                 .dimensions(),
         };
         match (&pre.dynamic, &vision.split) {
-            (Some(spec), _) => Ok(spec.grid(width, height)?.tokens()),
-            // A split picture: its tiles' and global image's rows.
-            (None, Some(split)) => Ok(split.plan(width, height)?.images as usize * vision.image_tokens),
-            (None, None) => Ok(vision.image_tokens),
+            (Some(spec), _) => Ok(PictureLayout::single(spec.grid(width, height)?.tokens())),
+            (None, Some(split)) => {
+                let plan = split.plan(width, height)?;
+                Ok(PictureLayout {
+                    rows: plan.rows as usize,
+                    cols: plan.cols as usize,
+                    tokens_per_tile: vision.image_tokens,
+                })
+            }
+            (None, None) => Ok(PictureLayout::single(vision.image_tokens)),
         }
+    }
+
+    /// The image tokens `image` costs this model ([`Self::picture_layout`]'s rows).
+    pub fn picture_tokens(&self, image: ImageInput<'_>) -> Result<usize> {
+        Ok(self.picture_layout(image)?.image_rows())
     }
 
     /// Empties the pool for a new sequence (a memory's start).

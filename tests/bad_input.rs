@@ -654,10 +654,12 @@ fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
         "{}",
         cut.stderr
     );
-    // With stdout closed it stops at the first piece: nearer a one-token
-    // run than the whole answer. The best of five runs each, so a busy
-    // machine's pauses do not decide it (the start-up is most of a run, and
-    // the tiny model's whole answer only some 60 ms more than one token).
+    // With stdout closed it stops at the first piece instead of generating
+    // the whole answer into nothing: faster than the whole answer. The best
+    // of five runs each, so a busy machine's pauses do not decide it. (The
+    // start-up is most of a run and the tiny model's whole answer only some
+    // 60-100 ms more than one token, so a finer bound, "nearer one token
+    // than the whole", failed on a loaded machine with the code unchanged.)
     let best = |args: &[&str], read: Option<usize>| {
         (0..5)
             .map(|_| run_into_pipe(args, read).0)
@@ -672,7 +674,7 @@ fn a_closed_stdout_ends_the_command_with_an_error_not_a_panic() {
     );
     assert_eq!(closed.status.code(), Some(1), "{}", closed.stderr);
     assert!(
-        closed.took < one.took + (whole.took.saturating_sub(one.took)) / 2,
+        closed.took < whole.took,
         "stopped at the first piece: {:?} against {:?} for one token and {:?} for the whole answer",
         closed.took,
         one.took,

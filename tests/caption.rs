@@ -202,7 +202,16 @@ fn full_cache_refuses_a_prompt_the_pool_cannot_hold() {
     let err = generator
         .generate(&[], Some("Hello, who are you?"), &params, &mut |_| panic!("no text"))
         .unwrap_err();
-    assert!(err.to_string().contains("raise --kv-budget"), "{err}");
+    // The smallest budget that works, named: the prompt and the 64-token answer.
+    let err = err.to_string();
+    let needed: usize = err
+        .split(" entries needed")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(needed > 30 + 64, "{err}");
+    assert!(err.contains(&format!("--kv-budget {needed}tokens")), "{err}");
 }
 
 /// The demo model, full cache, against transformers' greedy ids (fp32; fp16

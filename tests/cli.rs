@@ -216,7 +216,7 @@ fn bad_prompts_models_and_devices_are_one_line_errors() {
     caption_fails(&["--image", &gradient(), "--prompt", "  "], "prompt is empty");
     caption_fails(
         &["--image", &gradient(), "--policy", "full", "--kv-budget", "30tokens"],
-        "raise --kv-budget",
+        "the smallest budget that holds them is --kv-budget ",
     );
     caption_fails(
         &["--image", &gradient(), "--device", "cuda"],

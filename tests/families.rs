@@ -196,3 +196,59 @@ fn qwen2_5_vl_bad_pictures_and_small_budgets_are_one_line() {
     assert!(err.contains(&format!("--kv-budget {needed}tokens")), "{err}");
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// A camera memory over a dynamic-resolution model: frames of two sizes
+/// (their own grids, so their own rows and skipped positions), compressed
+/// under the budget and re-based when positions run out, questions
+/// answered; the same memory over the split SmolVLM model's tiles.
+#[test]
+fn memories_hold_frames_of_their_own_sizes() {
+    use elastic_edge::memory::{Memory, MemoryOptions};
+    use std::time::{Duration, SystemTime};
+    let mut runs = vec![(repo().join("models/tiny-idefics3-split"), 40)];
+    if let Some((dir, _)) = family_model("qwen2_5_vl") {
+        runs.push((dir, 400));
+    }
+    let frames: Vec<image::RgbImage> = ["chelsea-crop-61x93", "coffee-crop-130x47"]
+        .iter()
+        .map(|name| {
+            image::open(repo().join(format!("models/fixtures/qwen2vl/{name}.png")))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    for (dir, count) in runs {
+        let mut model = load(&dir);
+        let max_positions = model.manifest.max_positions;
+        let shape = model.manifest.kv_shape();
+        let pool = KvPool::with_capacity(shape, 400, &PoolBacking::Anonymous).unwrap();
+        let cache = KvCache::new(pool, PolicyKind::Elastic, &PolicyConfig::default(), KeepRatio::FULL).unwrap();
+        let mut generator = Generator::new(&mut model, cache).unwrap();
+        let options = MemoryOptions {
+            captions: false,
+            caption_prompt: None,
+            caption_params: params(4),
+        };
+        let mut memory = Memory::new(&mut generator, options, false).unwrap();
+        let mut rebases = 0;
+        for i in 0..count {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + i);
+            let frame = &frames[i as usize % 2];
+            memory
+                .add_frame(&mut generator, i, at, ImageInput::Rgb8(frame), &mut |_| {})
+                .unwrap_or_else(|e| panic!("{}: frame {i}: {e}", dir.display()));
+            let figures = memory.figures(&generator);
+            assert!(figures.cache_entries <= figures.pool_slots);
+            assert!(figures.max_position < max_positions, "frame {i}: {figures:?}");
+            rebases = figures.rebases;
+            if i % 20 == 19 {
+                memory
+                    .ask(&mut generator, "What did you see?", &params(4), &mut |_| {})
+                    .unwrap_or_else(|e| panic!("{}: question after frame {i}: {e}", dir.display()));
+            }
+        }
+        if count >= 400 {
+            assert!(rebases > 0, "{}: {count} frames never re-based", dir.display());
+        }
+    }
+}

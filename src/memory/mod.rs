@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, Generator, ImageInput, StopReason, Timings};
 use crate::kv::PolicyKind;
-use crate::model::prompt::Prompt;
+use crate::model::prompt::{PictureLayout, Prompt};
 
 /// How frames enter the memory.
 #[derive(Clone, Debug, Default)]
@@ -108,13 +108,6 @@ impl Memory {
                 model.manifest.name
             )));
         };
-        if model.manifest.split().is_some() {
-            // Its frames would each take a size-dependent number of rows.
-            return Err(Error::Shape(format!(
-                "model {} cuts pictures into tiles (vision.split), which a camera memory does not support yet",
-                model.manifest.name
-            )));
-        }
         if generator.cache().policy() == PolicyKind::Full && !allow_full {
             return Err(Error::Policy(
                 "full cannot be a memory's policy: it never forgets, so the pool fills; choose elastic, h2o or local"
@@ -127,7 +120,7 @@ impl Memory {
         let frame = tok
             .memory_frame(
                 &frame_header(u64::MAX, SystemTime::UNIX_EPOCH),
-                vision.image_tokens,
+                &largest_frame(vision),
                 caption_prompt,
             )?
             .len();
@@ -179,16 +172,16 @@ impl Memory {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<FrameAdded> {
         let started = Instant::now();
-        let rows = match generator.model().manifest.vision {
-            Some(_) => generator.picture_tokens(image)?,
-            None => 0,
+        let layout = match generator.model().manifest.vision {
+            Some(_) => generator.picture_layout(image)?,
+            None => PictureLayout::single(0),
         };
         let caption_prompt = self.options.captions.then_some(self.options.caption_prompt.as_deref());
         let piece =
             generator
                 .model()
                 .prompt
-                .memory_frame(&frame_header(frame_id, captured_at), rows, caption_prompt)?;
+                .memory_frame(&frame_header(frame_id, captured_at), &layout, caption_prompt)?;
         let answer = match self.options.captions {
             true => self.options.caption_params.max_new_tokens,
             false => 0,
@@ -335,6 +328,22 @@ impl Memory {
 }
 
 /// The text before a frame's picture: its id and capture time (UTC).
+/// The most rows one frame can take: the manifest's count (a dynamic
+/// model's budget), or a split model's most tiles.
+fn largest_frame(vision: &crate::model::manifest::VisionSpec) -> PictureLayout {
+    match &vision.split {
+        Some(split) => {
+            let side = split.longest_edge.div_ceil(split.tile.max(1)) as usize;
+            PictureLayout {
+                rows: side,
+                cols: side,
+                tokens_per_tile: vision.image_tokens,
+            }
+        }
+        None => PictureLayout::single(vision.image_tokens),
+    }
+}
+
 pub fn frame_header(frame_id: u64, captured_at: SystemTime) -> String {
     let time = jiff::Timestamp::try_from(captured_at)
         .map(|t| t.strftime("%H:%M:%S").to_string())

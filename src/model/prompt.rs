@@ -414,10 +414,11 @@ impl PromptTokenizer {
     pub fn memory_frame(
         &self,
         header: &str,
-        rows: usize,
+        layout: &PictureLayout,
         caption_prompt: Option<Option<&str>>,
     ) -> Result<Prompt, PromptError> {
-        if rows == 0 {
+        let rows = layout.image_rows();
+        if layout.tokens_per_tile == 0 {
             return Err(PromptError::ZeroImageTokens);
         }
         if rows > TokenKind::MAX_CELLS {
@@ -431,11 +432,8 @@ impl PromptTokenizer {
             ids: Vec::new(),
             kinds: Vec::new(),
         };
-        let mut piece = format!("{}{header}{}", t.user_prefix, t.image_prefix);
-        prompt.push_text(self, &piece, 0..0)?;
-        prompt.kinds.extend((0..rows).map(|cell| TokenKind::image(0, cell)));
-        piece.clear();
-        piece.push_str(&t.image_suffix);
+        let mut piece = format!("{}{header}", t.user_prefix);
+        self.push_picture(&mut prompt, &mut piece, &mut Vec::new(), 0, layout)?;
         match caption_prompt {
             None => {
                 piece.push_str(&t.user_suffix);
@@ -486,7 +484,7 @@ impl PromptTokenizer {
     /// prompt), then each turn in order, each closed by the template's turn
     /// end (`user_suffix`, which ends every turn in ChatML-style templates),
     /// and the assistant prefix for the answer. A user turn's pictures
-    /// (`images` of them, `image_rows` rows each) come before its text, as
+    /// (`images` of them, laid out as `pictures` says, in order) come before its text, as
     /// the template's `user_before_text` says; a user turn with no text
     /// takes the default prompt. Pictures are numbered across the whole
     /// conversation. With one user turn and no system text this is
@@ -496,20 +494,20 @@ impl PromptTokenizer {
         &self,
         system: Option<&str>,
         turns: &[ChatTurn<'_>],
-        image_rows: &[usize],
+        layouts: &[PictureLayout],
     ) -> Result<Prompt, PromptError> {
         let t = &self.template;
         let pictures: usize = turns.iter().map(|turn| turn.images).sum();
-        if image_rows.len() != pictures {
+        if layouts.len() != pictures {
             return Err(PromptError::Template(format!(
-                "the turns hold {pictures} pictures but {} token counts were given",
-                image_rows.len()
+                "the turns hold {pictures} pictures but {} layouts were given",
+                layouts.len()
             )));
         }
-        if image_rows.contains(&0) {
+        if layouts.iter().any(|layout| layout.tokens_per_tile == 0) {
             return Err(PromptError::ZeroImageTokens);
         }
-        let most = image_rows.iter().copied().max().unwrap_or(0);
+        let most = layouts.iter().map(PictureLayout::image_rows).max().unwrap_or(0);
         if pictures > TokenKind::MAX_IMAGES || most > TokenKind::MAX_CELLS {
             return Err(PromptError::Template(format!(
                 "{pictures} pictures of up to {most} tokens: at most {} pictures of {} tokens each",
@@ -542,15 +540,8 @@ impl PromptTokenizer {
                 ChatRole::User => {
                     piece.push_str(&t.user_prefix);
                     for _ in 0..turn.images {
-                        piece.push_str(&t.image_prefix);
-                        prompt.push_text_ranges(self, &piece, &user)?;
-                        piece.clear();
-                        user.clear();
-                        prompt
-                            .kinds
-                            .extend((0..image_rows[picture]).map(|cell| TokenKind::image(picture, cell)));
+                        self.push_picture(&mut prompt, &mut piece, &mut user, picture, &layouts[picture])?;
                         picture += 1;
-                        piece.push_str(&t.image_suffix);
                     }
                     let text = match turn.text.trim().is_empty() {
                         true => t.default_user_prompt.as_str(),
@@ -757,7 +748,7 @@ impl PromptTokenizer {
         let head = [&t.system_prefix, &t.system_prompt, &t.system_suffix, &t.user_prefix].map(String::as_str);
         let mut piece = head.concat();
         for (index, layout) in pictures.iter().enumerate() {
-            self.push_picture(&mut prompt, &mut piece, index, layout)?;
+            self.push_picture(&mut prompt, &mut piece, &mut Vec::new(), index, layout)?;
         }
         let user_start = piece.len();
         for s in [user, &t.user_suffix, &t.assistant_prefix] {
@@ -774,12 +765,16 @@ impl PromptTokenizer {
         &self,
         prompt: &mut Prompt,
         piece: &mut String,
+        user: &mut Vec<std::ops::Range<usize>>,
         index: usize,
         layout: &PictureLayout,
     ) -> Result<(), PromptError> {
         let n = layout.tokens_per_tile;
-        let image = |prompt: &mut Prompt, piece: &mut String, frame: usize| -> Result<(), PromptError> {
-            prompt.push_text(self, piece, 0..0)?;
+        // `user`: the user's byte ranges in the pending text (none after the
+        // first image).
+        let mut image = |prompt: &mut Prompt, piece: &mut String, frame: usize| -> Result<(), PromptError> {
+            prompt.push_text_ranges(self, piece, user)?;
+            user.clear();
             piece.clear();
             prompt
                 .kinds
@@ -958,6 +953,13 @@ mod tests {
                 .collect();
             let p = tok.build_pictures(case["user_text"].as_str(), &layouts).expect("build");
             assert_eq!(p.ids_with_placeholder(image_id), expected, "{name}");
+            // A chat of one user turn holding the pictures is the same prompt.
+            let turn = [ChatTurn {
+                role: ChatRole::User,
+                text: case["user_text"].as_str().unwrap_or(""),
+                images: layouts.len(),
+            }];
+            assert_eq!(tok.build_chat(None, &turn, &layouts).expect("chat"), p, "{name}: chat");
             // Image rows in prompt order are each picture's vision rows in
             // order: its tiles row by row, then its global image.
             let cells: Vec<(u32, u32)> = p
@@ -1003,8 +1005,8 @@ mod tests {
         PromptTokenizer::from_file(&repo("models/tiny/tokenizer.json"), template, bos, add_bos)
     }
 
-    fn rows_of(turns: &[ChatTurn<'_>], rows: usize) -> Vec<usize> {
-        vec![rows; turns.iter().map(|turn| turn.images).sum()]
+    fn rows_of(turns: &[ChatTurn<'_>], rows: usize) -> Vec<PictureLayout> {
+        vec![PictureLayout::single(rows); turns.iter().map(|turn| turn.images).sum()]
     }
 
     /// Each picture its own token count (a dynamic-resolution model's
@@ -1017,11 +1019,18 @@ mod tests {
             text: "Two",
             images: 2,
         }];
-        let chat = tok.build_chat(None, &turn, &[2, 4]).expect("chat");
+        let single = PictureLayout::single;
+        let chat = tok.build_chat(None, &turn, &[single(2), single(4)]).expect("chat");
         assert_eq!(chat, tok.build_images(Some("Two"), &[2, 4]).expect("one shot"));
         assert_eq!(chat.image_tokens(), 6);
-        assert!(tok.build_chat(None, &turn, &[2]).is_err(), "one count for two pictures");
-        assert!(tok.build_chat(None, &turn, &[2, 0]).is_err(), "a picture of no tokens");
+        assert!(
+            tok.build_chat(None, &turn, &[single(2)]).is_err(),
+            "one layout for two pictures"
+        );
+        assert!(
+            tok.build_chat(None, &turn, &[single(2), single(0)]).is_err(),
+            "a picture of no tokens"
+        );
     }
 
     #[test]
@@ -1034,7 +1043,7 @@ mod tests {
         };
         for (text, images) in [("Hi", 0), ("What is this?", 1), ("", 1), ("Two", 2)] {
             let chat = tok
-                .build_chat(None, &[user(text, images)], &vec![5; images])
+                .build_chat(None, &[user(text, images)], &vec![PictureLayout::single(5); images])
                 .expect("chat");
             let user_text = (!text.is_empty()).then_some(text);
             let one_shot = tok.build_images(user_text, &vec![5; images]).expect("one shot");

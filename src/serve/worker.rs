@@ -17,7 +17,7 @@ use super::openai::{ChatAnswer, ChatJob, Extension};
 use super::Shared;
 use crate::error::{error_chain, Error, Result};
 use crate::generate::{GenerateParams, Generator, ImageInput, StopReason};
-use crate::model::prompt::ChatTurn;
+use crate::model::prompt::{ChatTurn, PictureLayout};
 use crate::sampling::Sampling;
 use crate::source::{Grabber, NextFrame, StopFlag};
 use crate::stream::{self, AnswerRecord, CaptionRecord, CaptionResult, CaptionSink, JsonLines, MemoryRecord, Stream};
@@ -285,25 +285,18 @@ impl Captioner {
         let started = Instant::now();
         let model = generator.model();
         let pictures = job.turns.iter().map(|t| t.images.len()).sum::<usize>();
-        let rows: Vec<usize> = match &model.manifest.vision {
-            // A split picture's rows depend on its size, which this prompt is built without.
-            Some(_) if pictures > 0 && model.manifest.split().is_some() => {
-                self.shared.metrics.error(kind::REQUEST);
-                return Err(JobError::BadRequest(format!(
-                    "model {} cuts pictures into tiles (vision.split), which chat requests do not support yet: \
-                     send text only, or use `elastic-edge caption`",
-                    model.manifest.name
-                )));
-            }
+        // Each picture's rows (its own size decides them for a dynamic or
+        // split model) before the prompt is built around them.
+        let layouts: Vec<PictureLayout> = match &model.manifest.vision {
             Some(_) => {
-                let counted: Result<Vec<usize>> = job
+                let laid_out: Result<Vec<PictureLayout>> = job
                     .turns
                     .iter()
                     .flat_map(|t| t.images.iter())
-                    .map(|image| generator.picture_tokens(ImageInput::Bytes(image)))
+                    .map(|image| generator.picture_layout(ImageInput::Bytes(image)))
                     .collect();
-                match counted {
-                    Ok(rows) => rows,
+                match laid_out {
+                    Ok(layouts) => layouts,
                     Err(e) => return Err(self.job_error(route, &e)),
                 }
             }
@@ -325,7 +318,7 @@ impl Captioner {
                 images: t.images.len(),
             })
             .collect();
-        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, &rows) {
+        let prompt = match model.prompt.build_chat(job.system.as_deref(), &turns, &layouts) {
             Ok(prompt) => prompt,
             Err(e) => return Err(self.job_error(route, &Error::Prompt(e))),
         };
