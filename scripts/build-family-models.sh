@@ -2,8 +2,9 @@
 # Builds the model families' tiny random-weight exports and checks each
 # against transformers (python -m export.families --selftest): LLaVA-1.5 and
 # Idefics3/SmolVLM in both decoder formats, Qwen2.5-VL with one and two
-# pictures. Leaves .cache/models/tiny-qwen2_5_vl/ (with expected.json,
-# transformers' answers) for tests/families.rs. Skipped when the exporter's
+# pictures, each through its own Hugging Face processor. Leaves
+# .cache/models/tiny-{llava,idefics3,qwen2_5_vl}/ (with expected.json: the
+# processor's prompt ids, transformers' answers) for tests/families.rs. Skipped when the exporter's
 # sources and the fixture pictures are unchanged since the last good run.
 #
 #   scripts/build-family-models.sh           # build or skip
@@ -18,8 +19,9 @@ bash "$ROOT/scripts/setup-python.sh"
 key=$(cd "$ROOT" && cat scripts/export/*.py models/fixtures/qwen2vl/*.png scripts/export/requirements.txt \
   | sha256sum | cut -d' ' -f1)
 if [[ "${1:-}" != --force && -f "$STAMP" && "$(cat "$STAMP")" == "$key" \
-      && -f "$MODELS/tiny-qwen2_5_vl/expected.json" ]]; then
-  say "up to date ($MODELS/tiny-qwen2_5_vl)"
+      && -f "$MODELS/tiny-qwen2_5_vl/expected.json" && -f "$MODELS/tiny-llava/expected.json" \
+      && -f "$MODELS/tiny-idefics3/expected.json" ]]; then
+  say "up to date ($MODELS/tiny-{llava,idefics3,qwen2_5_vl})"
   exit 0
 fi
 start=$(date +%s)

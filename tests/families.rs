@@ -19,6 +19,7 @@ fn repo() -> PathBuf {
 
 /// The tiny export of `family`, or `None` (with a note) when it is not built.
 fn family_model(family: &str) -> Option<(PathBuf, Value)> {
+    // Built by scripts/build-family-models.sh.
     let dir = repo().join(".cache/models").join(format!("tiny-{family}"));
     match std::fs::read_to_string(dir.join("expected.json")) {
         Ok(text) => Some((dir, serde_json::from_str(&text).unwrap())),
@@ -65,56 +66,62 @@ fn params(max_new_tokens: usize) -> GenerateParams {
     }
 }
 
-/// Qwen2.5-VL: each picture's grid from its own size, window attention,
-/// multimodal RoPE; one picture and two in one prompt. The prompt's ids,
-/// its length and the greedy answer are transformers', whole and with the
-/// prompt fed in chunks that cut through the pictures.
+/// Every family against transformers with its own Hugging Face processor
+/// (LLaVA: CLIPImageProcessor; Idefics3/SmolVLM without splitting: its
+/// two Lanczos resizes; Qwen2.5-VL: each picture's grid from its own size,
+/// window attention, multimodal RoPE), one picture and two in one prompt:
+/// the prompt's ids are the processor's, and the greedy answer is
+/// transformers', whole and with the prompt fed in chunks that cut
+/// through the pictures.
 #[test]
-fn qwen2_5_vl_answers_as_transformers_does() {
-    let Some((dir, expected)) = family_model("qwen2_5_vl") else {
-        return;
-    };
-    let mut model = load(&dir);
-    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    let image_token = {
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-        tokenizer.token_to_id("<|image_pad|>").unwrap()
-    };
-    for case in expected["cases"].as_array().unwrap() {
-        let pictures: Vec<PathBuf> = case["pictures"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| repo().join(p.as_str().unwrap()))
-            .collect();
-        let grids: Vec<usize> = case["grids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| numbers(g).iter().product::<u64>() as usize)
-            .collect();
-        let prompt = model.prompt.build_images(None, &grids).unwrap();
-        let prompt_ids: Vec<u64> = prompt
-            .ids_with_placeholder(i64::from(image_token))
-            .iter()
-            .map(|&id| id as u64)
-            .collect();
-        assert_eq!(
-            prompt_ids,
-            numbers(&case["prompt_ids"]),
-            "{pictures:?}: the prompt's ids"
-        );
-        let answer: Vec<u32> = numbers(&case["answer_ids"]).iter().map(|&id| id as u32).collect();
-        let images: Vec<ImageInput<'_>> = pictures.iter().map(|p| ImageInput::File(p)).collect();
-        for chunk in [None, Some(5)] {
-            let cache = cache(&model, PolicyKind::Full, 1.0);
-            let mut generator = Generator::new(&mut model, cache).unwrap();
-            generator.set_prefill_chunk(chunk);
-            let generation = generator
-                .generate(&images, None, &params(max_new), &mut |_| {})
-                .unwrap();
-            assert_eq!(generation.prompt_tokens, prompt_ids.len());
-            assert_eq!(generation.token_ids, answer, "{pictures:?}, prefill chunk {chunk:?}");
+fn every_family_answers_as_transformers_does() {
+    for family in ["llava", "idefics3", "qwen2_5_vl"] {
+        let Some((dir, expected)) = family_model(family) else {
+            continue;
+        };
+        let mut model = load(&dir);
+        let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+        let image_token = {
+            let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+            tokenizer
+                .token_to_id(expected["image_token"].as_str().unwrap())
+                .unwrap()
+        };
+        for case in expected["cases"].as_array().unwrap() {
+            let pictures: Vec<PathBuf> = case["pictures"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| repo().join(p.as_str().unwrap()))
+                .collect();
+            let user_text = case["user_text"].as_str();
+            let images: Vec<ImageInput<'_>> = pictures.iter().map(|p| ImageInput::File(p)).collect();
+            let answer: Vec<u32> = numbers(&case["answer_ids"]).iter().map(|&id| id as u32).collect();
+            for chunk in [None, Some(5)] {
+                let cache = cache(&model, PolicyKind::Full, 1.0);
+                let mut generator = Generator::new(&mut model, cache).unwrap();
+                let layouts: Vec<_> = images.iter().map(|&i| generator.picture_layout(i).unwrap()).collect();
+                let prompt = generator.model().prompt.build_pictures(user_text, &layouts).unwrap();
+                let prompt_ids: Vec<u64> = prompt
+                    .ids_with_placeholder(i64::from(image_token))
+                    .iter()
+                    .map(|&id| id as u64)
+                    .collect();
+                assert_eq!(
+                    prompt_ids,
+                    numbers(&case["prompt_ids"]),
+                    "{family} {pictures:?}: the prompt's ids"
+                );
+                generator.set_prefill_chunk(chunk);
+                let generation = generator
+                    .generate(&images, user_text, &params(max_new), &mut |_| {})
+                    .unwrap();
+                assert_eq!(generation.prompt_tokens, prompt_ids.len());
+                assert_eq!(
+                    generation.token_ids, answer,
+                    "{family} {pictures:?}, prefill chunk {chunk:?}"
+                );
+            }
         }
     }
 }

@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
             global_image: "<global-img>".into(),
             image: "<image>".into(),
         },
+        splitting: true,
     };
     let mut out = Vec::new();
     match split.from_rgb8(&pre, &rgb, &mut out) {

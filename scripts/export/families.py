@@ -246,11 +246,11 @@ PIL_FILTERS = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resamplin
 
 def idefics3_split_settings(pp: Dict, size: int, tok: Dict):
     """The manifest's vision.split from preprocessor_config.json (Idefics3ImageProcessor's defaults
-    where a key is missing), or None when do_image_splitting is false."""
-    if not pp.get("do_image_splitting", True):
-        return None
+    where a key is missing). With do_image_splitting false, "splitting": false: the picture is only
+    its global image, made by the processor's two resizes (long side, then the square)."""
+    splitting = bool(pp.get("do_image_splitting", True))
     if not pp.get("do_resize", True):
-        die("preprocessor_config.json: do_resize false with do_image_splitting is not supported")
+        die("preprocessor_config.json: do_resize false is not supported (the picture must be resized to tiles)")
     tile = (pp.get("max_image_size") or {"longest_edge": 364})["longest_edge"]
     edge = (pp.get("size") or {"longest_edge": 4 * 364}).get("longest_edge")
     if tile != size:
@@ -263,13 +263,14 @@ def idefics3_split_settings(pp: Dict, size: int, tok: Dict):
         die(f"preprocessor_config.json: resample {pp.get('resample')!r} is not one of {PIL_FILTERS}")
     # Each marker must be one token, as the processor's prompt has it.
     added = {t["content"] for t in tok.get("added_tokens", [])}
-    side = -(-edge // tile)
+    side = -(-edge // tile) if splitting else 0
     need = [SPLIT_TOKENS["fake_image"], SPLIT_TOKENS["global_image"], SPLIT_TOKENS["image"]]
     need += [SPLIT_TOKENS["row_col"].format(r=r, c=c) for r in range(1, side + 1) for c in range(1, side + 1)]
     missing = [t for t in need if t not in added]
     if missing:
         die(f"tokenizer.json lacks the added tokens {missing[:4]}... that split pictures are written with")
-    return {"longest_edge": edge, "tile": tile, "resample": resample, "tokens": dict(SPLIT_TOKENS)}
+    return {"longest_edge": edge, "tile": tile, "resample": resample, "tokens": dict(SPLIT_TOKENS),
+            "splitting": splitting}
 
 
 def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = None, decoder_format: int = 2,
@@ -410,8 +411,7 @@ def tiny_idefics3(ck: str, splitting: bool):
                                         "image_size": 32, "patch_size": 4},
                          scale_factor=2, image_token_id=3)
     model = Idefics3ForConditionalGeneration(cfg)
-    pp = dict(TINY_SPLIT_PP) if splitting else {"do_image_splitting": False, "image_mean": [0.5] * 3,
-                                                 "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
+    pp = dict(TINY_SPLIT_PP, do_image_splitting=splitting)
     _widen(model)
     model.save_pretrained(ck)
     write_json(os.path.join(ck, "preprocessor_config.json"), pp)
@@ -454,8 +454,20 @@ def selftest(keep: str | None = None) -> Dict:
             for decoder_format in (2, 1):
                 results[f"{variant}-format{decoder_format}"] = _check_export(ck, ref, family, root, decoder_format,
                                                                              variant)
-            if variant.endswith("-split"):
-                results[f"{variant}-processor"] = check_split(ck, ref, os.path.join(root, variant + "-onnx-format2"))
+            out = os.path.join(root, variant + "-onnx-format2")
+            if family == "idefics3":
+                r = check_split(ck, ref, out)
+                results[f"{variant}-processor"] = r
+                cases = [{"pictures": [os.path.relpath(os.path.join(FIXTURES, p), REPO) for p in c["pictures"]],
+                          "user_text": c["user_text"], "prompt_ids": c["input_ids"], "answer_ids": c["expected_ids"]}
+                         for c in r["cases"]]
+                image_token = SPLIT_TOKENS["image"]
+            else:
+                r = check_llava(ck, ref, out)
+                results[f"{variant}-processor"] = r
+                cases, image_token = r["cases"], "<image>"
+            if keep and variant in ("llava", "idefics3"):
+                _keep(out, os.path.join(keep, f"tiny-{variant}"), image_token, cases, 12)
         results.update(qwen_selftest(root, os.path.join(keep, "tiny-qwen2_5_vl") if keep else None))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -623,13 +635,13 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
             f"{positions_match}, greedy match {got == g}")
         if not ok:
             die(f"selftest qwen2_5_vl with {count} picture(s) failed: {results}")
-        cases.append({"pictures": QWEN_PICTURES[:count], "prompt_ids": input_ids, "answer_ids": g,
-                      "grids": grids})
+        cases.append({"pictures": QWEN_PICTURES[:count], "user_text": None, "prompt_ids": input_ids,
+                      "answer_ids": g, "grids": grids})
     if keep:
         write_json(os.path.join(keep, "expected.json"), {
             "note": "transformers' prompt ids and greedy answers (12 tokens at most, stop token dropped) for "
                     "the default prompt; written by python -m export.families --selftest --keep",
-            "max_new_tokens": 12, "cases": cases})
+            "image_token": "<|image_pad|>", "max_new_tokens": 12, "cases": cases})
     return results
 
 
@@ -648,7 +660,8 @@ def _check_published_configs() -> Dict:
         pp = json.load(open(os.path.join(d, "preprocessor_config.json")))
         size = json.load(open(os.path.join(d, "config.json")))["vision_config"]["image_size"]
         got = idefics3_split_settings(pp, size, tok)
-        want = {"longest_edge": edge, "tile": tile, "resample": "lanczos", "tokens": SPLIT_TOKENS}
+        want = {"longest_edge": edge, "tile": tile, "resample": "lanczos", "tokens": SPLIT_TOKENS,
+                "splitting": True}
         if got != want:
             die(f"models/configs/{name}: vision.split {got}, expected {want}")
         out[name] = got
@@ -728,7 +741,7 @@ def check_split(ck: str, ref, out: str, max_new: int = 12) -> Dict:
             die(f"split prompt {name!r}: the client's ids differ from Idefics3Processor's:\n{mine}\n{hf_ids}")
         px = inputs["pixel_values"][0].numpy()
         start = 0
-        for p in pictures:
+        for p in pictures if m["vision"]["split"].get("splitting", True) else []:
             want = np.fromfile(os.path.join(FIXTURES, p + ".f32"), "<f4").reshape(-1, 3, 32, 32)
             if not np.array_equal(px[start:start + len(want)], want):
                 die(f"split prompt {name!r}: the processor's pixel_values for {p} differ from the fixture")
@@ -771,6 +784,76 @@ def check_split(ck: str, ref, out: str, max_new: int = 12) -> Dict:
         die(f"split model vs transformers: {worst} (at most 1e-4)")
     log(f"split: the processor's ids and pixel_values match; vs transformers {worst}, greedy ids equal")
     return {"image_token_id": image_id, "max_abs_err": worst, "cases": cases, "ok": True}
+
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+LLAVA_CASES = [(["models/fixtures/qwen2vl/chelsea-crop-61x93.png"], None),
+               (["models/fixtures/qwen2vl/coffee-crop-130x47.png", "models/fixtures/images/astronaut-224.png"],
+                "which one is a cat?")]
+
+
+def check_llava(ck: str, ref, out: str, max_new: int = 12) -> Dict:
+    """LLaVA against transformers with its own processor (CLIPImageProcessor + LlavaProcessor): one
+    picture and two in one prompt, the template's text around them; ONNX Runtime fed the processor's
+    pixel_values through the vision graph, its rows where the processor has <image>: logits and
+    greedy ids equal transformers'. -> the cases (processor ids, answers) for the Rust tests."""
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+    from .ortrun import OrtModel
+    om = OrtModel(out)
+    m = om.m
+    pp = json.load(open(os.path.join(ck, "preprocessor_config.json")))
+    size = m["vision"]["image_size"]
+    ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=pp["crop_size"], do_center_crop=True,
+                            resample=3, image_mean=pp["image_mean"], image_std=pp["image_std"],
+                            rescale_factor=pp["rescale_factor"])
+    proc = LlavaProcessor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(ck),
+                          patch_size=ref.config.vision_config.patch_size, num_additional_image_tokens=1,
+                          vision_feature_select_strategy=ref.config.vision_feature_select_strategy)
+    tpl, image_id = m["chat_template"], ref.config.image_token_index
+    cases, worst = [], 0.0
+    for pictures, user_text in LLAVA_CASES:
+        imgs = [Image.open(os.path.join(REPO, p)).convert("RGB") for p in pictures]
+        text = "<s>" + tpl["system_prefix"] + tpl["system_prompt"] + tpl["system_suffix"] + tpl["user_prefix"]
+        text += "".join(tpl["image_prefix"] + "<image>" + tpl["image_suffix"] for _ in imgs)
+        text += (user_text or tpl["default_user_prompt"]) + tpl["user_suffix"] + tpl["assistant_prefix"]
+        inputs = proc(images=imgs, text=[text], return_tensors="pt")
+        inputs.pop("token_type_ids", None)  # the tokenizer's; the model takes none
+        ids = inputs["input_ids"][0].tolist()
+        px = inputs["pixel_values"].numpy()  # one vision run a picture, as the client runs it
+        rows = np.concatenate([om.image_embeds(px[i:i + 1]).reshape(-1, m["hidden"]) for i in range(len(px))])
+        it = iter(rows)
+        emb = np.stack([next(it) if i == image_id else np.asarray(om.embed[i]) for i in ids])[None]
+        cache = om.empty_cache()
+        o_logits = om.step(cache, emb.astype(om.np_dtype), list(range(len(ids))))["logits"][0]
+        with torch.no_grad():
+            t_logits = ref(**inputs).logits[0, -1].numpy()
+            g = ref.generate(**inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=m["stop_token_ids"],
+                             pad_token_id=m["stop_token_ids"][0])[0, len(ids):].tolist()
+        if g and g[-1] in m["stop_token_ids"]:
+            g = g[:-1]
+        worst = max(worst, float(np.abs(o_logits - t_logits).max()))
+        got = om.generate(emb.astype(om.np_dtype), max_new)
+        if got and got[-1] in m["stop_token_ids"]:
+            got = got[:-1]
+        if got != g:
+            die(f"llava with {len(imgs)} picture(s): ONNX Runtime's greedy ids {got} differ from transformers' {g}")
+        cases.append({"pictures": pictures, "user_text": user_text, "prompt_ids": ids, "answer_ids": g})
+    if worst > 1e-4:
+        die(f"llava vs transformers on the processor's inputs: logits differ by {worst} (at most 1e-4)")
+    log(f"llava: one and two pictures through LlavaProcessor: logits within {worst:.2g}, greedy ids equal")
+    return {"logits_max_abs_err": worst, "cases": cases, "ok": True}
+
+
+def _keep(out: str, dest: str, image_token: str, cases, max_new: int) -> None:
+    """Leaves a self-test export at dest with expected.json, the Rust tests' reference."""
+    if os.path.isdir(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(out, dest)
+    write_json(os.path.join(dest, "expected.json"), {
+        "note": "the Hugging Face processor's prompt ids and transformers' greedy answers (stop token dropped); "
+                "written by python -m export.families --selftest --keep",
+        "image_token": image_token, "max_new_tokens": max_new, "cases": cases})
 
 
 def _check_export(ck: str, ref, family: str, root: str, decoder_format: int, variant: str) -> Dict:

@@ -332,7 +332,7 @@ impl Memory {
 /// model's budget), or a split model's most tiles.
 fn largest_frame(vision: &crate::model::manifest::VisionSpec) -> PictureLayout {
     match &vision.split {
-        Some(split) => {
+        Some(split) if split.splitting => {
             let side = split.longest_edge.div_ceil(split.tile.max(1)) as usize;
             PictureLayout {
                 rows: side,
@@ -340,7 +340,7 @@ fn largest_frame(vision: &crate::model::manifest::VisionSpec) -> PictureLayout {
                 tokens_per_tile: vision.image_tokens,
             }
         }
-        None => PictureLayout::single(vision.image_tokens),
+        _ => PictureLayout::single(vision.image_tokens),
     }
 }
 

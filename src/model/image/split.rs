@@ -59,6 +59,15 @@ pub struct SplitSpec {
     pub resample: SplitResample,
     /// The marker tokens the prompt writes around the tiles.
     pub tokens: SplitTokens,
+    /// `do_image_splitting`: false keeps only the global image, brought to
+    /// the tile's size through the same two resizes as the processor's
+    /// (long side first, then the square).
+    #[serde(default = "splitting_on")]
+    pub splitting: bool,
+}
+
+fn splitting_on() -> bool {
+    true
 }
 
 /// The most frames (tiles plus the global image) a split may make: 64 x 64
@@ -107,6 +116,9 @@ impl SplitSpec {
     /// `longest_edge` (at most 4096), so neither side passes
     /// `ceil(longest_edge / tile)` tiles.
     pub fn max_frames(&self) -> u32 {
+        if !self.splitting {
+            return 1;
+        }
         let side = self.longest_edge.div_ceil(self.tile.max(1));
         side.saturating_mul(side).saturating_add(1)
     }
@@ -116,7 +128,7 @@ impl SplitSpec {
         let params = Idefics3Params {
             longest_edge: Some(self.longest_edge),
             tile: self.tile,
-            splitting: true,
+            splitting: self.splitting,
             // Sizes only: the prompt counts the tokens.
             image_seq_len: 1,
         };
@@ -247,6 +259,7 @@ mod tests {
             tile: 32,
             resample: SplitResample::Lanczos,
             tokens: tokens(),
+            splitting: true,
         };
         let pre = Preprocess {
             width: 32,
