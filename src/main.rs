@@ -526,8 +526,10 @@ struct DoctorArgs {
     #[arg(long, default_value = DEFAULT_KEEP, value_parser = parse_keep)]
     keep: KeepRatio,
 
-    /// Picture size, WIDTHxHEIGHT, that a Hugging Face checkpoint folder
-    /// (config.json, no manifest.json) is sized for (default: a 720p camera frame).
+    /// Picture size, WIDTHxHEIGHT, that the model (an exported one, or a
+    /// Hugging Face checkpoint folder: config.json, no manifest.json) is
+    /// sized for: what one picture costs in image tokens, and how many a
+    /// budget holds (default: a 720p camera frame).
     #[arg(long, value_name = "WxH", default_value = "1280x720", value_parser = parse_picture)]
     picture: (u32, u32),
 
@@ -1379,6 +1381,7 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
 
     // The model, if one is found: its manifest and files, and its geometry.
     let mut weights_bytes = 0;
+    let mut picture_tokens = None;
     let mut shape = KvShape {
         layers: args.pool.layers.unwrap_or(30),
         kv_heads: args.pool.kv_heads.unwrap_or(3),
@@ -1404,23 +1407,52 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
                 weights_bytes as f64 / 1e6
             );
             if let (Some(split), Some(vision)) = (manifest.split(), &manifest.vision) {
+                match split.splitting {
+                    true => outln!(
+                        "  image splitting: long side to {}, tiles of {} ({:?}): up to {} frames a picture, {} tokens each",
+                        split.longest_edge,
+                        split.tile,
+                        split.resample,
+                        split.max_frames(),
+                        vision.image_tokens
+                    ),
+                    false => outln!(
+                        "  no image splitting: long side to {}, then the {}x{} square ({:?}): {} tokens a picture",
+                        split.longest_edge,
+                        split.tile,
+                        split.tile,
+                        split.resample,
+                        vision.image_tokens
+                    ),
+                }
+            }
+            if let Some(spec) = manifest.vision.as_ref().and_then(|v| v.preprocess.dynamic.as_ref()) {
                 outln!(
-                    "  image splitting: long side to {}, tiles of {} ({:?}): up to {} frames a picture, {} tokens each",
-                    split.longest_edge,
-                    split.tile,
-                    split.resample,
-                    split.max_frames(),
-                    vision.image_tokens
+                    "  dynamic resolution: {} to {} pixels a picture, tokens of {}x{} pixels: up to {} tokens a picture",
+                    spec.min_pixels,
+                    spec.max_pixels,
+                    spec.factor(),
+                    spec.factor(),
+                    spec.max_tokens()
                 );
+            }
+            outln!(
+                "  KV per token: {} bytes ({})",
+                manifest.kv_shape().kv_bytes_per_slot(),
+                manifest.kv_shape().dtype.name(),
+            );
+            if let Some(vision) = &manifest.vision {
+                let (width, height) = args.picture;
+                match model::family::exported_picture_cost(vision, width, height) {
+                    Ok((tokens, how)) => {
+                        picture_tokens = Some(tokens);
+                        outln!("  a {width}x{height} picture (--picture): {how}: {tokens} image tokens");
+                    }
+                    Err(err) => outln!("  a {width}x{height} picture (--picture): {}", error_chain(&err)),
+                }
             }
             // Which decoder graph runs, and whether this runtime and each
             // device can run it (the check `caption` makes before loading).
-            outln!(
-                "  KV per token: {} bytes ({}); one picture: {} image tokens",
-                manifest.kv_shape().kv_bytes_per_slot(),
-                manifest.kv_shape().dtype.name(),
-                manifest.vision.as_ref().map_or(0, |v| v.image_tokens)
-            );
             outln!("  decoder: {}", model::describe_decoder(&manifest));
             for device in [Device::Cpu, Device::Cuda, Device::Tensorrt] {
                 match model::check_decoder_support(&dir, &manifest, &library.version, device) {
@@ -1486,6 +1518,15 @@ fn doctor(onnxruntime: Option<&std::path::Path>, args: &DoctorArgs) -> anyhow::R
         cache.keep().get(),
         (pool.capacity() as f64 / cache.keep().get()).floor()
     );
+    if let Some(tokens) = picture_tokens.filter(|&t| t > 0) {
+        // Pictures alone, without the text around them: an upper bound.
+        let keep = cache.keep().get();
+        outln!(
+            "  pictures of --picture's size it holds: {} at full cache, about {} at --keep {keep} (policy elastic)",
+            pool.capacity() / tokens,
+            (pool.capacity() as f64 / (tokens as f64 * keep)).floor()
+        );
+    }
     if let Some(available) = available {
         outln!("{}", memory_line(available));
     }

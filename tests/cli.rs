@@ -35,8 +35,13 @@ fn doctor_loads_onnxruntime_checks_the_model_and_sizes_the_pool() {
     );
     // The manifest's KV bytes per token (2 layers x 2 x 2 heads x 16 x 4
     // bytes) and its image tokens.
+    assert!(stdout.contains("KV per token: 512 bytes (f32)"), "{stdout}");
     assert!(
-        stdout.contains("KV per token: 512 bytes (f32); one picture: 16 image tokens"),
+        stdout.contains("a 1280x720 picture (--picture): resized to 32x32: 16 image tokens"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pictures of --picture's size it holds: 118 at full cache"),
         "{stdout}"
     );
     // 2 layers x 2 (k, v) x 2 heads x 16 x 4 bytes + 2 x 20 metadata = 552 bytes a slot.

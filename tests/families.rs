@@ -259,3 +259,27 @@ fn memories_hold_frames_of_their_own_sizes() {
         }
     }
 }
+
+/// `doctor` on an exported dynamic-resolution model: what a picture of
+/// `--picture`'s size costs under its own grid, and how many a budget holds.
+#[test]
+fn doctor_sizes_a_dynamic_resolution_picture_by_its_grid() {
+    let Some((dir, _)) = family_model("qwen2_5_vl") else {
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastic-edge"))
+        .arg("doctor")
+        .arg("--model")
+        .arg(&dir)
+        .args(["--picture", "1280x720", "--kv-budget", "4MiB", "--keep", "0.5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    // smart_resize(720, 1280) within 28 x 28 x 48 pixels: 140 x 252, 5 x 9 tokens.
+    assert!(
+        stdout.contains("smart_resize to 252x140 (within 3136 to 37632 pixels), 5 x 9 tokens: 45 image tokens"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("up to 48 tokens a picture"), "{stdout}");
+}

@@ -290,6 +290,48 @@ impl FamilySizing {
     }
 }
 
+/// What one `width x height` picture costs an exported model (its
+/// manifest's `vision`): its image tokens, and in words how its resize rule
+/// got there.
+pub fn exported_picture_cost(
+    vision: &crate::model::manifest::VisionSpec,
+    width: u32,
+    height: u32,
+) -> Result<(usize, String), crate::model::image::ImageError> {
+    let tokens = vision.image_tokens;
+    if let Some(spec) = &vision.preprocess.dynamic {
+        let grid = spec.grid(width, height)?;
+        let p = spec.patch_size as usize;
+        return Ok((
+            grid.tokens(),
+            format!(
+                "smart_resize to {}x{} (within {} to {} pixels), {} x {} tokens",
+                grid.cols * p,
+                grid.rows * p,
+                spec.min_pixels,
+                spec.max_pixels,
+                grid.token_rows(),
+                grid.token_cols()
+            ),
+        ));
+    }
+    if let Some(split) = &vision.split {
+        let plan = split.plan(width, height)?;
+        let how = match plan.rows {
+            0 => format!("one {0}x{0} frame", split.tile),
+            _ => format!(
+                "{} x {} tiles of {} + the global image",
+                plan.rows, plan.cols, split.tile
+            ),
+        };
+        return Ok((plan.images as usize * tokens, format!("{how}, {tokens} tokens each")));
+    }
+    Ok((
+        tokens,
+        format!("resized to {}x{}", vision.preprocess.width, vision.preprocess.height),
+    ))
+}
+
 /// What a budget of `slots` buys for pictures of `image_tokens` each.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BudgetFit {
