@@ -3,7 +3,7 @@
 # against transformers (python -m export.families --selftest): LLaVA-1.5 and
 # Idefics3/SmolVLM in both decoder formats, Qwen2.5-VL with one and two
 # pictures, each through its own Hugging Face processor. Leaves
-# .cache/models/tiny-{llava,idefics3,qwen2_5_vl}/ (with expected.json: the
+# .cache/models/tiny-{llava,idefics3,qwen2_5_vl,qwen2_vl}/ (with expected.json: the
 # processor's prompt ids, transformers' answers) for tests/families.rs. Skipped when the exporter's
 # sources and the fixture pictures are unchanged since the last good run.
 #
@@ -20,8 +20,8 @@ key=$(cd "$ROOT" && cat scripts/export/*.py models/fixtures/qwen2vl/*.png script
   | sha256sum | cut -d' ' -f1)
 if [[ "${1:-}" != --force && -f "$STAMP" && "$(cat "$STAMP")" == "$key" \
       && -f "$MODELS/tiny-qwen2_5_vl/expected.json" && -f "$MODELS/tiny-llava/expected.json" \
-      && -f "$MODELS/tiny-idefics3/expected.json" ]]; then
-  say "up to date ($MODELS/tiny-{llava,idefics3,qwen2_5_vl})"
+      && -f "$MODELS/tiny-idefics3/expected.json" && -f "$MODELS/tiny-qwen2_vl/expected.json" ]]; then
+  say "up to date ($MODELS/tiny-{llava,idefics3,qwen2_5_vl,qwen2_vl})"
   exit 0
 fi
 start=$(date +%s)

@@ -69,13 +69,14 @@ fn params(max_new_tokens: usize) -> GenerateParams {
 /// Every family against transformers with its own Hugging Face processor
 /// (LLaVA: CLIPImageProcessor; Idefics3/SmolVLM without splitting: its
 /// two Lanczos resizes; Qwen2.5-VL: each picture's grid from its own size,
-/// window attention, multimodal RoPE), one picture and two in one prompt:
+/// window attention, multimodal RoPE; Qwen2-VL: the same without windows),
+/// one picture and two in one prompt:
 /// the prompt's ids are the processor's, and the greedy answer is
 /// transformers', whole and with the prompt fed in chunks that cut
 /// through the pictures.
 #[test]
 fn every_family_answers_as_transformers_does() {
-    for family in ["llava", "idefics3", "qwen2_5_vl"] {
+    for family in ["llava", "idefics3", "qwen2_5_vl", "qwen2_vl"] {
         let Some((dir, expected)) = family_model(family) else {
             continue;
         };

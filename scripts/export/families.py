@@ -12,6 +12,7 @@ Supported (by config.json "architectures"/"model_type"):
                                   (Qwen2.5-VL: dynamic resolution within a pixel budget, window
                                    attention and patch merger (export.qwen2vl), Qwen2 decoder with
                                    multimodal RoPE; format 2 only)
+  Qwen2VLForConditionalGeneration (Qwen2-VL: the same, every vision block over the whole picture)
 The decoder is re-implemented by export.decoder.ContractDecoder from the checkpoint's
 weights; the vision graph wraps the checkpoint's own vision tower + projector.
 
@@ -37,12 +38,14 @@ from .common import AtomicDir, die, log, write_json
 from .decoder import DecoderConfig, build_from_state_dict, set_output_shapes, state_dict_from_hf_llama
 from .decoder_v2 import add_format_args, check_format_args, export_any
 from .manifest import write_manifest
+from .qwen2vl import QWEN2_VL_WINDOW
 
 KNOWN = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "idefics3",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
 }
 
 # Qwen2.5-VL's pixel budget unless --max-pixels says otherwise: 1024 image tokens at most
@@ -105,8 +108,8 @@ def detect(ckpt: str) -> str:
     mt = cfg.get("model_type")
     if mt in ("llava", "idefics3", "smolvlm"):
         return "llava" if mt == "llava" else "idefics3"
-    if mt == "qwen2_5_vl":
-        return "qwen2_5_vl"
+    if mt in ("qwen2_5_vl", "qwen2_vl"):
+        return mt
     die(f"{ckpt}: architecture {archs or mt!r} is not supported by the exporter; supported: "
         f"{', '.join(KNOWN)}")
 
@@ -128,6 +131,8 @@ def load(ckpt: str, family: str):
         from transformers import LlavaForConditionalGeneration as C
     elif family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as C
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration as C
     else:
         from transformers import Idefics3ForConditionalGeneration as C
     try:
@@ -165,9 +170,10 @@ def qwen_parts(ckpt: str, cfg, model, pp: Dict, vocab_ids: Dict, max_pixels: int
     vis_meta = {"image_size": side, "height": side, "width": side, "mean": pp.get("image_mean"),
                 "std": pp.get("image_std"), "resize": "bicubic_smart_resize",
                 "rescale": pp.get("rescale_factor", 1 / 255), "channel_order": "RGB", "layout": "patches",
-                "input_dtype": "float32", "image_tokens": tokens_max, "projector": {"kind": "qwen2_5_vl"},
+                "input_dtype": "float32", "image_tokens": tokens_max, "projector": {"kind": cfg.model_type},
                 "dynamic": {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal,
-                            "window_size": vc.window_size, "min_pixels": min_pixels, "max_pixels": budget}}
+                            "window_size": getattr(vc, "window_size", None) or QWEN2_VL_WINDOW,
+                            "min_pixels": min_pixels, "max_pixels": budget}}
     tpl = {"system_prefix": "<|im_start|>system\n", "system_prompt": "You are a helpful assistant.",
            "system_suffix": "<|im_end|>\n", "user_prefix": "<|im_start|>user\n",
            "image_prefix": "<|vision_start|>", "image_suffix": "<|vision_end|>",
@@ -277,8 +283,8 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
            scores: bool = True, description: str | None = None, max_pixels: int | None = None) -> str:
     check_files(ckpt)
     family = detect(ckpt)
-    if family == "qwen2_5_vl":
-        return export_qwen(ckpt, out, dtype_name, name, decoder_format, scores, max_pixels)
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        return export_qwen(ckpt, out, dtype_name, name, decoder_format, scores, max_pixels, family)
     cfg, model = load(ckpt, family)
     dcfg, dec_sd, embed, vision, vis_meta, tpl, tokens = family_parts(ckpt, family, cfg, model)
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32
@@ -321,32 +327,33 @@ def export(ckpt: str, out: str, dtype_name: str = "fp32", name: str | None = Non
 
 
 def export_qwen(ckpt: str, out: str, dtype_name: str, name: str | None, decoder_format: int, scores: bool,
-                max_pixels: int | None) -> str:
+                max_pixels: int | None, family: str = "qwen2_5_vl") -> str:
+    """Qwen2.5-VL, or Qwen2-VL (the same parts; its tower attends over the whole picture in every block)."""
     from .qwen2vl import export_vision
     if decoder_format != 2:
-        die("Qwen2.5-VL's multimodal RoPE needs --decoder-format 2 (the format-1 graph takes one position a token)")
-    cfg, model = load(ckpt, "qwen2_5_vl")
+        die(f"{family}'s multimodal RoPE needs --decoder-format 2 (the format-1 graph takes one position a token)")
+    cfg, model = load(ckpt, family)
     pp = json.load(open(os.path.join(ckpt, "preprocessor_config.json")))
     tok = json.load(open(os.path.join(ckpt, "tokenizer.json")))
     vocab_ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     dcfg, dec_sd, embed, vis_meta, tpl, tokens = qwen_parts(ckpt, cfg, model, pp, vocab_ids, max_pixels)
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32
     with AtomicDir(out) as tmp:
-        log(f"qwen2_5_vl: exporting decoder.onnx ({dcfg.layers} layers, multimodal RoPE {dcfg.mrope_section})")
+        log(f"{family}: exporting decoder.onnx ({dcfg.layers} layers, multimodal RoPE {dcfg.mrope_section})")
         extra = export_any(build_from_state_dict(dcfg, dec_sd, dtype), os.path.join(tmp, "decoder.onnx"), dtype,
                            decoder_format, scores)
         d = vis_meta["dynamic"]
-        log(f"qwen2_5_vl: exporting vision.onnx (dynamic resolution, {d['min_pixels']} to {d['max_pixels']} "
+        log(f"{family}: exporting vision.onnx (dynamic resolution, {d['min_pixels']} to {d['max_pixels']} "
             f"pixels: up to {vis_meta['image_tokens']} tokens a picture)")
         export_vision(model, os.path.join(tmp, "vision.onnx"), dtype)
         embed.numpy().astype("<f2" if dtype == torch.float16 else "<f4").tofile(os.path.join(tmp, "embed_tokens.bin"))
         tok["post_processor"] = None
         write_json(os.path.join(tmp, "tokenizer.json"), tok)
         man = write_manifest(tmp, name=name or os.path.basename(os.path.abspath(ckpt)),
-                             description=f"qwen2_5_vl checkpoint exported from {ckpt}",
+                             description=f"{family} checkpoint exported from {ckpt}",
                              dtype="float16" if dtype == torch.float16 else "float32", cfg=dcfg, tokens=tokens,
                              vision=vis_meta, chat_template=tpl, extra_files=extra,
-                             build={"key": "", "exporter": "scripts/export/families.py", "family": "qwen2_5_vl",
+                             build={"key": "", "exporter": "scripts/export/families.py", "family": family,
                                     "torch": torch.__version__})
         if man["graphs"]["vision"]["inputs"][0]["name"] != "pixel_values":
             die("vision.onnx's first input is not pixel_values")
@@ -469,6 +476,7 @@ def selftest(keep: str | None = None) -> Dict:
             if keep and variant in ("llava", "idefics3"):
                 _keep(out, os.path.join(keep, f"tiny-{variant}"), image_token, cases, 12)
         results.update(qwen_selftest(root, os.path.join(keep, "tiny-qwen2_5_vl") if keep else None))
+        results.update(qwen_selftest(root, os.path.join(keep, "tiny-qwen2_vl") if keep else None, arch="qwen2_vl"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["published-configs"] = _check_published_configs()
@@ -506,7 +514,7 @@ def _fill_vocab(path: str, size: int) -> None:
     write_json(path, tok)
 
 
-def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> Dict:
+def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny", arch: str = "qwen2_5_vl") -> Dict:
     """A random Qwen2.5-VL (window attention over several windows, multimodal RoPE) of QWEN_SHAPES[shapes],
     exported and checked against transformers on one and on two pictures: the prompt ids, get_rope_index's
     positions, the vision rows, the last logits, every layer's new K/V and attention column sums, and the
@@ -515,12 +523,12 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
     import time
     from PIL import Image
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLImageProcessor)
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
     from .ortrun import OrtModel
     from .qwen2vl import vision_index_inputs
     repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     torch.manual_seed(0)
-    ck = os.path.join(root, "qwen2_5_vl")
+    ck = os.path.join(root, arch)
     os.makedirs(ck)
     V = _tiny_tokenizer(ck, QWEN_SPECIALS)
     ids = {t: PreTrainedTokenizerFast(tokenizer_file=os.path.join(ck, "tokenizer.json")).convert_tokens_to_ids(t)
@@ -530,11 +538,17 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
         _fill_vocab(os.path.join(ck, "tokenizer.json"), vocab)
     text = dict(text_shape, vocab_size=vocab or V, max_position_embeddings=4096)
     vision = dict(vision_shape, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+    Config, Model = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    if arch == "qwen2_vl":  # its tower's own field names, no window attention
+        Config, Model = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(depth=vision["depth"], embed_dim=vision["hidden_size"], hidden_size=vision["out_hidden_size"],
+                      num_heads=vision["num_heads"], mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+    cfg = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
                            eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = Model(cfg).eval()
     if shapes == "tiny":
         with torch.no_grad():  # random init is near-identity: widen the weights so every part matters
             for n, p in model.named_parameters():
@@ -545,10 +559,10 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
           "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
           "image_std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255}
     write_json(os.path.join(ck, "preprocessor_config.json"), pp)
-    ref = load(ck, "qwen2_5_vl")[1]
-    out = keep or os.path.join(root, "qwen2_5_vl-onnx")
+    ref = load(ck, arch)[1]
+    out = keep or os.path.join(root, f"{arch}-onnx")
     started = time.time()
-    export(ck, out, name="tiny-qwen2_5_vl" if shapes == "tiny" else f"random-{shapes}-4-layers")
+    export(ck, out, name=f"tiny-{arch}" if shapes == "tiny" else f"random-{shapes}-4-layers")
     export_s = time.time() - started
     om = OrtModel(out)
     m = om.m
@@ -625,16 +639,16 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny") -> D
             nxt_pos += 1
         tol = 1e-4 if shapes == "tiny" else 2e-3  # 2048-wide sums in another order
         ok = positions_match and got == g and verr < tol and lerr < tol and kv_err < tol and colsum_err < 1e-5
-        results[f"qwen2_5_vl-{shapes}-{count}-pictures"] = {
+        results[f"{arch}-{shapes}-{count}-pictures"] = {
             "grids": grids, "vision_max_abs_err": verr, "logits_max_abs_err": lerr,
             "logits_max_abs": float(np.abs(logits).max()), "new_kv_max_abs_err": kv_err,
             "colsum_max_abs_err": colsum_err, "positions_match_get_rope_index": positions_match,
             "greedy_transformers": g, "greedy_onnxruntime": got, "export_s": round(export_s, 1), "ok": ok}
-        log(f"selftest qwen2_5_vl ({shapes}), {count} picture(s) {grids}: vision err {verr:.2g}, logits err "
+        log(f"selftest {arch} ({shapes}), {count} picture(s) {grids}: vision err {verr:.2g}, logits err "
             f"{lerr:.2g}, new K/V err {kv_err:.2g}, column sums err {colsum_err:.2g}, positions match "
             f"{positions_match}, greedy match {got == g}")
         if not ok:
-            die(f"selftest qwen2_5_vl with {count} picture(s) failed: {results}")
+            die(f"selftest {arch} with {count} picture(s) failed: {results}")
         cases.append({"pictures": QWEN_PICTURES[:count], "user_text": None, "prompt_ids": input_ids,
                       "answer_ids": g, "grids": grids})
     if keep:

@@ -61,8 +61,22 @@ import torch
 from torch import nn
 
 
+# Qwen2-VL's tower has no window attention (every block attends over the whole picture): its window
+# inputs are computed with this nominal size and change nothing (the merger reads whole merge groups,
+# which the window order keeps together, and the order is undone after it).
+QWEN2_VL_WINDOW = 112
+
+
 def _vc(vision_config, name):
+    if name == "window_size" and not (vision_config.get(name) if isinstance(vision_config, dict)
+                                      else getattr(vision_config, name, None)):
+        return QWEN2_VL_WINDOW
     return vision_config[name] if isinstance(vision_config, dict) else getattr(vision_config, name)
+
+
+def out_hidden(vision_config) -> int:
+    """The merger's output width: out_hidden_size (Qwen2.5-VL) or hidden_size (Qwen2-VL)."""
+    return int(getattr(vision_config, "out_hidden_size", None) or vision_config.hidden_size)
 
 
 def vision_index_inputs(grid_h: int, grid_w: int, vision_config) -> Dict[str, np.ndarray]:
@@ -100,7 +114,8 @@ class Qwen25Vision(nn.Module):
         cfg = visual.config
         self.unit = cfg.spatial_merge_size ** 2
         self.heads = cfg.num_heads
-        self.full = set(cfg.fullatt_block_indexes)
+        # Qwen2-VL: every block attends over the whole picture
+        self.full = set(getattr(cfg, "fullatt_block_indexes", None) or range(cfg.depth))
         # kept as a python list so .to(float16) of the wrapper cannot round it: float32 constant
         self.inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().tolist()
 
@@ -116,6 +131,10 @@ class Qwen25Vision(nn.Module):
         freqs = freqs.reshape(-1, self.unit, f)[window_index].reshape(-1, f)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
+        if len(self.full) == len(v.blocks):
+            # Qwen2-VL: no window layers, so window_ids would drop out of the graph; a zero from it
+            # keeps the contract's five inputs (exact: the ids are finite).
+            x = x + (window_ids[:1, None] * 0).to(x.dtype)
         same = window_ids[:, None] == window_ids[None, :]
         win_mask = torch.where(same, torch.zeros((), dtype=x.dtype), torch.full((), float("-inf"), dtype=x.dtype))
         hd = d // self.heads
@@ -173,7 +192,7 @@ def export_vision(model, path: str, dtype=torch.float32, grid=(4, 6)) -> None:
         torch.onnx.export(Cast(wrapper).eval(), args, path, input_names=INPUT_NAMES,
                           output_names=["image_embeds"], dynamic_axes=dyn, opset_version=17,
                           do_constant_folding=True, dynamo=False)
-    set_output_shapes(path, {"image_embeds": [1, "M", visual.config.out_hidden_size]})
+    set_output_shapes(path, {"image_embeds": [1, "M", out_hidden(visual.config)]})
 
 
 # ------------------------------------------------------------------ self-test
