@@ -345,11 +345,6 @@ impl<'m> Generator<'m> {
         }
     }
 
-    /// The image tokens `image` costs this model ([`Self::picture_layout`]'s rows).
-    pub fn picture_tokens(&self, image: ImageInput<'_>) -> Result<usize> {
-        Ok(self.picture_layout(image)?.image_rows())
-    }
-
     /// Empties the pool for a new sequence (a memory's start).
     pub fn reset_cache(&mut self) {
         self.cache.reset();

@@ -404,22 +404,46 @@ TINY_SPLIT_PP = {"do_image_splitting": True, "size": {"longest_edge": 96}, "max_
                  "resample": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}
 
 
-def tiny_idefics3(ck: str, splitting: bool):
-    """A tiny random Idefics3 checkpoint in ck (tokenizer, weights, preprocessor_config.json)."""
+# Random-weight SmolVLM shapes for the self-test at the published sizes (models/configs), with 4 text
+# and 4 vision layers: (text, vision, scale_factor, the published preprocessor config's folder).
+SMOLVLM_SHAPES = {
+    "smolvlm-256m": (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64, vocab_size=49280, rope_theta=100000.0),
+                     dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, image_size=512,
+                          patch_size=16), 4, "smolvlm-256m-instruct"),
+    "smolvlm-2.2b": (dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
+                          vocab_size=49155, rope_theta=273768.0),
+                     dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384,
+                          patch_size=14), 3, "smolvlm-instruct"),
+}
+
+
+def tiny_idefics3(ck: str, splitting: bool, shapes: str = "tiny"):
+    """A random Idefics3 checkpoint in ck (tokenizer, weights, preprocessor_config.json): tiny, or
+    SMOLVLM_SHAPES[shapes] with the published preprocessor config."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
     os.makedirs(ck, exist_ok=True)
     V = _tiny_tokenizer(ck, IDEFICS3_SPECIALS)
-    text = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    cfg = Idefics3Config(text_config=text.to_dict(),
-                         vision_config={"hidden_size": 32, "intermediate_size": 64,
-                                        "num_hidden_layers": 2, "num_attention_heads": 2,
-                                        "image_size": 32, "patch_size": 4},
-                         scale_factor=2, image_token_id=3)
+    if shapes == "tiny":
+        text_shape = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        vision_shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "image_size": 32, "patch_size": 4}
+        scale, pp = 2, dict(TINY_SPLIT_PP, do_image_splitting=splitting)
+    else:
+        text_shape, vision_shape, scale, published = SMOLVLM_SHAPES[shapes]
+        text_shape = dict(text_shape, num_hidden_layers=4)
+        vision_shape = dict(vision_shape, num_hidden_layers=4)
+        _fill_vocab(os.path.join(ck, "tokenizer.json"), text_shape["vocab_size"])
+        pp = json.load(open(os.path.join(REPO, "models", "configs", published, "preprocessor_config.json")))
+        pp["do_image_splitting"] = splitting
+    text = LlamaConfig(max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                       tie_word_embeddings=True, **text_shape)
+    cfg = Idefics3Config(text_config=text.to_dict(), vision_config=vision_shape, scale_factor=scale,
+                         image_token_id=3)
     model = Idefics3ForConditionalGeneration(cfg)
-    pp = dict(TINY_SPLIT_PP, do_image_splitting=splitting)
-    _widen(model)
+    if shapes == "tiny":
+        _widen(model)
     model.save_pretrained(ck)
     write_json(os.path.join(ck, "preprocessor_config.json"), pp)
 
@@ -724,7 +748,7 @@ def split_prompt(om, user_text: str, layouts):
     return ids
 
 
-def check_split(ck: str, ref, out: str, max_new: int = 12) -> Dict:
+def check_split(ck: str, ref, out: str, max_new: int = 12, fixtures: bool = True) -> Dict:
     """A split model against transformers: (a) the processor's input_ids equal the client's prompt
     (its image token where the client puts image rows), the processor's pixel_values equal the
     committed fixtures (what the Rust preprocessing gives bit for bit); (b) the model's logits and
@@ -755,7 +779,7 @@ def check_split(ck: str, ref, out: str, max_new: int = 12) -> Dict:
             die(f"split prompt {name!r}: the client's ids differ from Idefics3Processor's:\n{mine}\n{hf_ids}")
         px = inputs["pixel_values"][0].numpy()
         start = 0
-        for p in pictures if m["vision"]["split"].get("splitting", True) else []:
+        for p in pictures if fixtures and m["vision"]["split"].get("splitting", True) else []:
             want = np.fromfile(os.path.join(FIXTURES, p + ".f32"), "<f4").reshape(-1, 3, 32, 32)
             if not np.array_equal(px[start:start + len(want)], want):
                 die(f"split prompt {name!r}: the processor's pixel_values for {p} differ from the fixture")
@@ -876,7 +900,8 @@ def _check_export(ck: str, ref, family: str, root: str, decoder_format: int, var
     export(ck, out, decoder_format=decoder_format)
     om = OrtModel(out)
     # vision
-    px = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    size = om.m["vision"]["image_size"]
+    px = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         if family == "llava":
             t_ie = ref.model.get_image_features(pixel_values=torch.from_numpy(px))
@@ -913,6 +938,33 @@ def _check_export(ck: str, ref, family: str, root: str, decoder_format: int, var
     return result
 
 
+def smolvlm_selftest(shapes: str, keep: str | None) -> Dict:
+    """A random SmolVLM of SMOLVLM_SHAPES[shapes] (published widths, 4 text and 4 vision layers, the published
+    preprocessor config: image splitting into tiles of 512 or 384): exported in format 2 and checked against
+    transformers (vision rows, logits, new K/V, column sums, greedy ids; then through Idefics3Processor with one
+    and two split pictures). keep: the export is left there."""
+    import time
+    root = tempfile.mkdtemp(prefix="ee-smolvlm-")
+    try:
+        torch.manual_seed(0)
+        ck = os.path.join(root, shapes)
+        tiny_idefics3(ck, True, shapes)
+        ref = load(ck, "idefics3")[1]
+        started = time.time()
+        r = {"export_and_check": _check_export(ck, ref, "idefics3", root, 2, shapes)}
+        r["export_and_check_s"] = round(time.time() - started, 1)
+        out = os.path.join(root, f"{shapes}-onnx-format2")
+        r["processor"] = check_split(ck, ref, out, fixtures=False)
+        r["files_bytes"] = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
+        if keep:
+            if os.path.isdir(keep):
+                shutil.rmtree(keep)
+            shutil.copytree(out, keep)
+        return r
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def write_tiny_split(out: str) -> Dict:
     """The committed tiny split model (models/tiny-idefics3-split) and what transformers gives on it
     (models/fixtures/idefics3/tiny_split_expected.json); deterministic, seeded."""
@@ -943,9 +995,9 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--name")
     ap.add_argument("--selftest", action="store_true")
-    ap.add_argument("--shapes", choices=sorted(QWEN_SHAPES), default="tiny",
-                    help="with --selftest: the random Qwen2.5-VL's shapes; qwen2.5-vl-3b checks only that family, "
-                         "at the published sizes with 4 layers (minutes, about 6 GB of memory)")
+    ap.add_argument("--shapes", choices=sorted(set(QWEN_SHAPES) | set(SMOLVLM_SHAPES)), default="tiny",
+                    help="with --selftest: tiny (every family), or one family at published widths with 4 layers: "
+                         "qwen2.5-vl-3b (5 minutes, 17 GB of memory), smolvlm-256m, smolvlm-2.2b")
     ap.add_argument("--keep", metavar="DIR",
                     help="with --selftest: leave the tiny Qwen2.5-VL export in DIR/tiny-qwen2_5_vl with the "
                          "transformers answers the Rust tests compare against")
@@ -957,6 +1009,10 @@ def main():
     add_format_args(ap)
     a = ap.parse_args()
     check_format_args(a)
+    if a.selftest and a.shapes in SMOLVLM_SHAPES:
+        r = smolvlm_selftest(a.shapes, os.path.join(a.keep, f"random-{a.shapes}") if a.keep else None)
+        print(json.dumps(r, indent=1))
+        return
     if a.selftest and a.shapes != "tiny":
         root = tempfile.mkdtemp(prefix="ee-families-")
         try:

@@ -76,6 +76,24 @@ pub struct PictureLayout {
     pub tokens_per_tile: usize,
 }
 
+/// Every picture takes tokens, and no more pictures or rows than a
+/// [`TokenKind`] can name.
+fn check_layouts(layouts: &[PictureLayout]) -> Result<(), PromptError> {
+    if layouts.iter().any(|layout| layout.tokens_per_tile == 0) {
+        return Err(PromptError::ZeroImageTokens);
+    }
+    let most = layouts.iter().map(PictureLayout::image_rows).max().unwrap_or(0);
+    if layouts.len() > TokenKind::MAX_IMAGES || most > TokenKind::MAX_CELLS {
+        return Err(PromptError::Template(format!(
+            "{} pictures of up to {most} tokens: at most {} pictures of {} tokens each",
+            layouts.len(),
+            TokenKind::MAX_IMAGES,
+            TokenKind::MAX_CELLS
+        )));
+    }
+    Ok(())
+}
+
 impl PictureLayout {
     /// A picture of `tokens` rows, not split: the template's image prefix and suffix around it.
     pub const fn single(tokens: usize) -> Self {
@@ -504,17 +522,7 @@ impl PromptTokenizer {
                 layouts.len()
             )));
         }
-        if layouts.iter().any(|layout| layout.tokens_per_tile == 0) {
-            return Err(PromptError::ZeroImageTokens);
-        }
-        let most = layouts.iter().map(PictureLayout::image_rows).max().unwrap_or(0);
-        if pictures > TokenKind::MAX_IMAGES || most > TokenKind::MAX_CELLS {
-            return Err(PromptError::Template(format!(
-                "{pictures} pictures of up to {most} tokens: at most {} pictures of {} tokens each",
-                TokenKind::MAX_IMAGES,
-                TokenKind::MAX_CELLS
-            )));
-        }
+        check_layouts(layouts)?;
         let mut prompt = Prompt {
             ids: self.bos.into_iter().collect(),
             kinds: Vec::new(),
@@ -728,18 +736,7 @@ impl PromptTokenizer {
     pub fn build_pictures(&self, user_text: Option<&str>, pictures: &[PictureLayout]) -> Result<Prompt, PromptError> {
         let t = &self.template;
         let user = self.user_text(user_text)?;
-        if pictures.iter().any(|p| p.tokens_per_tile == 0) {
-            return Err(PromptError::ZeroImageTokens);
-        }
-        if pictures.len() > TokenKind::MAX_IMAGES || pictures.iter().any(|p| p.image_rows() > TokenKind::MAX_CELLS) {
-            return Err(PromptError::Template(format!(
-                "{} pictures of up to {} tokens: at most {} pictures of {} tokens each",
-                pictures.len(),
-                pictures.iter().map(PictureLayout::image_rows).max().unwrap_or(0),
-                TokenKind::MAX_IMAGES,
-                TokenKind::MAX_CELLS
-            )));
-        }
+        check_layouts(pictures)?;
         let mut prompt = Prompt {
             ids: self.bos.into_iter().collect(),
             kinds: Vec::new(),

@@ -41,25 +41,8 @@ impl Vision {
         pixels: &[f32],
         model_name: &str,
     ) -> Result<Vec<E>> {
-        let fail = |what: &str, err: &ort::Error| Error::Runtime {
-            context: format!("running {what}"),
-            reason: crate::model::decoder::one_line(&error_chain(err)),
-        };
-        let input = TensorRef::from_array_view((self.shape, pixels)).map_err(|e| fail("pixel_values", &e))?;
-        let outputs = self
-            .session
-            .run(ort::inputs!["pixel_values" => input])
-            .map_err(|e| fail("the vision graph", &e))?;
-        let (_, embeds) = outputs["image_embeds"]
-            .try_extract_tensor::<E>()
-            .map_err(|e| fail("image_embeds", &e))?;
-        check_len(
-            embeds.len(),
-            self.embeds_len,
-            "vision.image_tokens x hidden",
-            model_name,
-        )?;
-        Ok(embeds.to_vec())
+        // One picture is one frame of the tiles' run.
+        self.encode_tiles(pixels, 1, model_name)
     }
 
     /// Runs the graph of a dynamic-resolution model over one picture's
