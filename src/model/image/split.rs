@@ -275,6 +275,39 @@ mod tests {
     }
 
     #[test]
+    fn unsplit_pixel_values_equal_the_hf_processor_bit_for_bit() {
+        let fx = expected();
+        let (split, pre) = tiny();
+        let spec = SplitSpec {
+            splitting: false,
+            ..split
+        };
+        let dir = repo("models/fixtures/idefics3");
+        let cases = fx["no_splitting"].as_array().expect("no_splitting");
+        assert_eq!(cases.len(), 3);
+        let mut out = Vec::new();
+        for case in cases {
+            let name = case["name"].as_str().expect("name");
+            let got = spec
+                .load_file(&pre, &dir.join(case["picture"].as_str().expect("picture")), &mut out)
+                .expect("global image");
+            assert_eq!((got.rows, got.cols, got.frames), (0, 0, 1), "{name}");
+            let raw = std::fs::read(dir.join(case["pixel_values"]["file"].as_str().expect("file"))).expect("f32");
+            let want: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(out.len(), want.len(), "{name}");
+            let differ = out
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{name}: {differ} values differ");
+        }
+    }
+
+    #[test]
     fn split_pixel_values_equal_the_hf_processor_bit_for_bit() {
         let fx = expected();
         let (spec, pre) = tiny();
