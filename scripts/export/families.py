@@ -360,6 +360,42 @@ def export_qwen(ckpt: str, out: str, dtype_name: str, name: str | None, decoder_
     return out
 
 
+def _qwen_prompt_embeds(om, px, thw, vision_config, input_ids, image_id: int):
+    """The vision graph a picture a run, as the Rust client feeds it, and the prompt's embeddings
+    (its rows where the processor has image_id). -> (rows per picture, embeds [1, P, hidden])."""
+    from .qwen2vl import vision_index_inputs
+    rows, at = [], 0
+    for (_, h, w) in thw.tolist():
+        n = h * w
+        feed = {"pixel_values": px["pixel_values"][at:at + n].numpy(), **vision_index_inputs(h, w, vision_config)}
+        rows.append(om.vis.run(None, feed)[0][0])
+        at += n
+    embeds, picture, i = [], 0, 0
+    while i < len(input_ids):
+        if input_ids[i] == image_id:
+            embeds.append(rows[picture])
+            i += len(rows[picture])
+            picture += 1
+        else:
+            embeds.append(np.asarray(om.embed[[input_ids[i]]]))
+            i += 1
+    return rows, np.concatenate(embeds, 0)[None].astype(om.np_dtype)
+
+
+def _qwen_greedy(om, cache, out, pos, max_new: int):
+    """Greedy ids after a prefill whose outputs are `out`, text tokens at three equal positions
+    going on from the prompt's largest (stop token dropped)."""
+    got, nxt_pos = [], int(pos.max()) + 1
+    for _ in range(max_new):
+        nxt = int(np.argmax(out["logits"][0]))
+        if nxt in om.m["stop_token_ids"]:
+            break
+        got.append(nxt)
+        out = om.step(cache, np.asarray(om.embed[[nxt]])[None], np.full((3, 1), nxt_pos))
+        nxt_pos += 1
+    return got
+
+
 def mrope_positions(ids, image_token_id: int, grids) -> np.ndarray:
     """[3, len(ids)] multimodal RoPE positions of a prompt whose pictures are runs of
     image_token_id, grids[i] = (rows, cols) of picture i in image tokens: what the Rust
@@ -549,7 +585,6 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny", arch
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
     from .ortrun import OrtModel
-    from .qwen2vl import vision_index_inputs
     repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     torch.manual_seed(0)
     ck = os.path.join(root, arch)
@@ -593,7 +628,7 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny", arch
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ck, "tokenizer.json"))
     proc = Qwen2VLImageProcessor(**{k: v for k, v in pp.items() if k != "image_processor_type"})
     tpl = m["chat_template"]
-    results, cases = {}, []
+    results, cases, om16 = {}, [], None
     for count in (1, 2):
         pictures = [Image.open(os.path.join(repo, p)).convert("RGB") for p in QWEN_PICTURES[:count]]
         px = proc(images=pictures, return_tensors="pt")
@@ -604,29 +639,12 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny", arch
                                 for r, c in grids)
         prompt += tpl["default_user_prompt"] + tpl["user_suffix"] + tpl["assistant_prefix"]
         input_ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
-        # the vision graph, a picture a run, as the Rust client feeds it
-        rows, at = [], 0
-        for (_, h, w) in thw.tolist():
-            n = h * w
-            feed = {"pixel_values": px["pixel_values"][at:at + n].numpy(),
-                    **vision_index_inputs(h, w, cfg.vision_config)}
-            rows.append(om.vis.run(None, feed)[0][0])
-            at += n
+        image_id = ids["<|image_pad|>"]
+        rows, emb = _qwen_prompt_embeds(om, px, thw, cfg.vision_config, input_ids, image_id)
         with torch.no_grad():
             t_ie = ref.model.get_image_features(px["pixel_values"], thw)
         t_ie = torch.cat(list(t_ie), 0) if isinstance(t_ie, (list, tuple)) else t_ie
         verr = float(np.abs(np.concatenate(rows, 0) - t_ie.numpy()).max())
-        image_id = ids["<|image_pad|>"]
-        embeds, picture, i = [], 0, 0
-        while i < len(input_ids):
-            if input_ids[i] == image_id:
-                embeds.append(rows[picture])
-                i += len(rows[picture])
-                picture += 1
-            else:
-                embeds.append(np.asarray(om.embed[[input_ids[i]]]))
-                i += 1
-        emb = np.concatenate(embeds, 0)[None]
         pos = mrope_positions(input_ids, image_id, grids)
         ii = torch.tensor([input_ids])
         with torch.no_grad():
@@ -653,21 +671,25 @@ def qwen_selftest(root: str, keep: str | None = None, shapes: str = "tiny", arch
                          float(np.abs(o[f"new_value_{l}"][0] - v_hf.numpy()).max()))
             col_hf = hf.attentions[l][0].sum(1).mean(0).numpy()
             colsum_err = max(colsum_err, float(np.abs(o[f"attn_colsum_{l}"][0] - col_hf).max()))
-        got, nxt_pos = [], int(pos.max()) + 1
-        for _ in range(12):
-            nxt = int(np.argmax(o["logits"][0]))
-            if nxt in m["stop_token_ids"]:
-                break
-            got.append(nxt)
-            o = om.step(cache, np.asarray(om.embed[[nxt]])[None], np.full((3, 1), nxt_pos))
-            nxt_pos += 1
+        got = _qwen_greedy(om, cache, o, pos, 12)
+        # fp16 (what a Jetson's GPU runs): the same answer on the tiny model
+        fp16 = None
+        if shapes == "tiny":
+            if om16 is None:
+                export(ck, os.path.join(root, f"{arch}-onnx-fp16"), dtype_name="fp16", name=f"tiny-{arch}-fp16")
+                om16 = OrtModel(os.path.join(root, f"{arch}-onnx-fp16"))
+            _, emb16 = _qwen_prompt_embeds(om16, px, thw, cfg.vision_config, input_ids, image_id)
+            cache16 = om16.empty_cache()
+            fp16 = _qwen_greedy(om16, cache16, om16.step(cache16, emb16, pos), pos, 12)
         tol = 1e-4 if shapes == "tiny" else 2e-3  # 2048-wide sums in another order
-        ok = positions_match and got == g and verr < tol and lerr < tol and kv_err < tol and colsum_err < 1e-5
+        ok = positions_match and got == g and verr < tol and lerr < tol and kv_err < tol and colsum_err < 1e-5 \
+            and fp16 in (None, g)
         results[f"{arch}-{shapes}-{count}-pictures"] = {
             "grids": grids, "vision_max_abs_err": verr, "logits_max_abs_err": lerr,
             "logits_max_abs": float(np.abs(logits).max()), "new_kv_max_abs_err": kv_err,
             "colsum_max_abs_err": colsum_err, "positions_match_get_rope_index": positions_match,
-            "greedy_transformers": g, "greedy_onnxruntime": got, "export_s": round(export_s, 1), "ok": ok}
+            "greedy_transformers": g, "greedy_onnxruntime": got, "greedy_fp16": fp16, "export_s": round(export_s, 1),
+            "ok": ok}
         log(f"selftest {arch} ({shapes}), {count} picture(s) {grids}: vision err {verr:.2g}, logits err "
             f"{lerr:.2g}, new K/V err {kv_err:.2g}, column sums err {colsum_err:.2g}, positions match "
             f"{positions_match}, greedy match {got == g}")
