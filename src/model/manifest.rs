@@ -577,7 +577,9 @@ impl Manifest {
         let rows = match self.mrope_section {
             None => 1,
             Some(sections) => {
-                if sections.iter().sum::<usize>() != self.head_dim / 2 || format != DecoderFormat::InPlace {
+                // Checked: a manifest's numbers may be anything.
+                let sum = sections.iter().try_fold(0usize, |sum, &s| sum.checked_add(s));
+                if sum != Some(self.head_dim / 2) || format != DecoderFormat::InPlace {
                     return Err(invalid(
                         path,
                         "mrope_section",

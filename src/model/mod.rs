@@ -493,6 +493,38 @@ mod tests {
         );
     }
 
+    /// Multimodal RoPE and dynamic resolution are checked before anything
+    /// is sized from them: sections that overflow or do not fill the head,
+    /// a decoder whose `position_ids` has one row, a dynamic spec beside a
+    /// fixed resize. Each is one error naming the field.
+    #[test]
+    fn multimodal_rope_and_dynamic_resolution_fields_are_checked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        let path = dir.join("manifest.json");
+        let parse = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            edit(&mut value);
+            Manifest::parse(&value.to_string(), &path).unwrap_err().to_string()
+        };
+        let err = parse(&|v| v["mrope_section"] = serde_json::json!([u64::MAX, 1, 0]));
+        assert!(
+            err.contains("mrope_section") && err.contains("head_dim / 2 = 8"),
+            "{err}"
+        );
+        // Sections that fill the head, but the tiny decoder takes one row of positions.
+        let err = parse(&|v| v["mrope_section"] = serde_json::json!([2, 3, 3]));
+        assert!(err.contains("position_ids") && err.contains("[3, ?]"), "{err}");
+        let err = parse(&|v| {
+            v["vision"]["dynamic"] = serde_json::json!({"patch_size": 14, "merge_size": 2,
+                "temporal_patch_size": 2, "window_size": 112, "min_pixels": 3136, "max_pixels": 37632})
+        });
+        assert!(
+            err.contains("vision.dynamic needs resize bicubic_smart_resize"),
+            "{err}"
+        );
+    }
+
     fn tiny(dir: &str) -> (PathBuf, Manifest) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let manifest = Manifest::load(&dir).unwrap();
