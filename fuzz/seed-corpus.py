@@ -185,6 +185,15 @@ def main():
         manifest["files"].pop(key, None)
         manifest["graphs"].pop(key, None)
     seeds["manifest"]["tiny-text-only.json"] = json.dumps(manifest).encode()
+    # Image splitting (committed), and a dynamic-resolution multimodal-RoPE one made from the tiny
+    # model's: the fields the parser checks, whatever the graphs say.
+    seeds["manifest"]["tiny-idefics3-split.json"] = (ROOT / "models" / "tiny-idefics3-split" / "manifest.json").read_bytes()
+    dynamic = json.loads(seeds["manifest"]["tiny.json"])
+    dynamic["mrope_section"] = [2, 3, 3]
+    dynamic["vision"].update({"resize": "bicubic_smart_resize", "image_tokens": 48, "dynamic": {
+        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "min_pixels": 3136,
+        "max_pixels": 37632}})
+    seeds["manifest"]["tiny-dynamic.json"] = json.dumps(dynamic).encode()
     jpeg = jpegs()
     seeds["pipe_mjpeg"] = {
         "two-frames.mjpeg": jpeg["baseline.jpg"] + jpeg["gray.jpg"],

@@ -1,12 +1,13 @@
 //! Any encoded picture (PNG, JPEG, WebP, BMP, TIFF, GIF, PNM) through
-//! decoding, the resize modes the exporter writes into manifests and
-//! Idefics3 splitting.
+//! decoding, the resize modes the exporter writes into manifests,
+//! Idefics3 splitting and Qwen2-VL's dynamic resolution.
 //!
 //! Contract: an error is an `ImageError` of one line, never a panic; an
 //! accepted picture gives exactly `3 x height x width` finite floats in
 //! range, in every mode; decoding is deterministic.
 #![no_main]
 
+use elastic_edge::model::image::dynamic::{DynamicPixels, DynamicResolution};
 use elastic_edge::model::image::split::{SplitResample, SplitSpec};
 use elastic_edge::model::image::{decode_rgb8, Resize};
 use elastic_edge::model::prompt::SplitTokens;
@@ -69,5 +70,40 @@ fuzz_target!(|data: &[u8]| {
             assert_one_line(&e.to_string());
             panic!("a decoded {width}x{height} picture refused by splitting: {e}");
         }
+    }
+    // Dynamic resolution, a small budget: the grid within it, every patch's
+    // values in range, the index inputs a permutation and its inverse.
+    let dynamic = DynamicResolution {
+        patch_size: 14,
+        merge_size: 2,
+        temporal_patch_size: 2,
+        window_size: 56,
+        min_pixels: 784,
+        max_pixels: 28 * 28 * 16,
+    };
+    let pre = elastic_edge::model::image::Preprocess {
+        dynamic: Some(dynamic.clone()),
+        ..preprocess(Resize::BicubicSmartResize, 112, 112)
+    };
+    let mut feed = DynamicPixels::for_spec(&dynamic);
+    match pre.from_rgb8_dynamic(&rgb, &mut feed) {
+        Ok(info) => {
+            assert_eq!((info.width, info.height), (width, height));
+            let grid = feed.grid.expect("a loaded picture has its grid");
+            assert!(grid.tokens() >= 1 && grid.tokens() <= dynamic.max_tokens());
+            assert_eq!(feed.pixels.len(), grid.patches() * dynamic.patch_len());
+            let (low, high) = (0..3)
+                .map(|c| elastic_edge_fuzz::channel_range(&pre, c))
+                .fold((f32::MAX, f32::MIN), |(l, h), (a, b)| (l.min(a), h.max(b)));
+            assert!(feed.pixels.iter().all(|v| v.is_finite() && (low..=high).contains(v)));
+            let mut order = feed.window_index.clone();
+            order.sort_unstable();
+            assert!(order.iter().enumerate().all(|(i, &t)| t == i as i64));
+            for (at, &token) in feed.window_index.iter().enumerate() {
+                assert_eq!(feed.window_reverse[token as usize], at as i64);
+            }
+        }
+        // A side over 200 times the other: refused, in one line.
+        Err(e) => assert_one_line(&e.to_string()),
     }
 });

@@ -129,11 +129,29 @@ impl DynamicResolution {
         let (h, w) = qwen_smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels)
             .map_err(|e| ImageError::Unsizable(e.to_string()))?;
         let patch = self.patch_size as usize;
-        Ok(PatchGrid {
+        let grid = PatchGrid {
             rows: h as usize / patch,
             cols: w as usize / patch,
             merge: self.merge_size as usize,
-        })
+        };
+        // smart_resize keeps at least one token a side, so a long, thin
+        // picture can come out over the budget (transformers lets it): here
+        // the budget bounds every buffer and the manifest's image_tokens, so
+        // such a picture is refused, naming the budget that would take it.
+        if grid.tokens() > self.max_tokens() {
+            let factor = u64::from(self.factor());
+            return Err(ImageError::Unsizable(format!(
+                "picture {width}x{height}: smart_resize makes it {} x {} tokens ({}), more than the {} this model's \
+                 pixel budget of {} pixels holds; crop it, or export the model with --max-pixels {} or more",
+                grid.token_rows(),
+                grid.token_cols(),
+                grid.tokens(),
+                self.max_tokens(),
+                self.max_pixels,
+                grid.tokens() as u64 * factor * factor
+            )));
+        }
+        Ok(grid)
     }
 }
 
@@ -406,5 +424,17 @@ mod tests {
         assert!(grid.tokens() <= s.max_tokens());
         assert!(grid.patches() <= s.max_patches());
         assert!(s.grid(100_000, 10).is_err(), "aspect ratio over 200");
+        // Long and thin: smart_resize's floor of one token a side leaves it
+        // over the budget (transformers gives 1 x 55 tokens; the budget holds 16).
+        let small = DynamicResolution {
+            max_pixels: 28 * 28 * 16,
+            ..s
+        };
+        let err = small.grid(4000, 21).unwrap_err().to_string();
+        assert!(
+            err.contains("1 x 55 tokens (55), more than the 16") && err.contains("--max-pixels 43120 or more"),
+            "{err}"
+        );
+        assert_eq!(small.grid(448, 448).unwrap().tokens(), 16);
     }
 }
