@@ -62,10 +62,15 @@ fn start(http: &str) -> Service {
 
 /// As [`start`], in `dir`, with more `tables` before `[http]`.
 fn start_with(dir: tempfile::TempDir, tables: &str, http: &str) -> Service {
+    start_model(&repo().join("models/tiny"), "64KiB", dir, tables, http)
+}
+
+/// As [`start_with`], on the model in `model` with a pool of `kv_budget`.
+fn start_model(model: &std::path::Path, kv_budget: &str, dir: tempfile::TempDir, tables: &str, http: &str) -> Service {
     let config = format!(
-        "[model]\ndir = \"{}\"\nthreads = 1\n\n[cache]\nkv_budget = \"64KiB\"\npolicy = \"elastic\"\nkeep = 0.5\n\n\
+        "[model]\ndir = \"{}\"\nthreads = 1\n\n[cache]\nkv_budget = \"{kv_budget}\"\npolicy = \"elastic\"\nkeep = 0.5\n\n\
          [caption]\nmax_new_tokens = 16\n\n{tables}\n[http]\nlisten = \"127.0.0.1:0\"\n{http}\n",
-        repo().join("models/tiny").display()
+        model.display()
     );
     let config_path = dir.path().join("serve.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -489,6 +494,52 @@ fn two_pictures_in_one_message_are_one_prompt_with_both() {
         tokens(&one),
         tokens(&two)
     );
+}
+
+/// Pictures whose size decides their rows: the tiny split SmolVLM (always
+/// there) and the tiny Qwen2.5-VL (built by scripts/build-family-models.sh;
+/// skipped with a note when missing). Two pictures of different sizes in
+/// one message are one prompt holding each one's own rows.
+#[test]
+fn pictures_of_their_own_sizes_are_laid_out_in_a_chat() {
+    let split = repo().join("models/tiny-idefics3-split");
+    let qwen = repo().join(".cache/models/tiny-qwen2_5_vl");
+    let pictures = [
+        repo().join("models/fixtures/qwen2vl/chelsea-crop-61x93.png"),
+        repo().join("models/fixtures/qwen2vl/coffee-crop-130x47.png"),
+    ];
+    let urls: Vec<String> = pictures.iter().map(|p| data_url(p, "image/png")).collect();
+    // (model, the two pictures' image rows): split, 3 x 2 and 2 x 3 tiles of
+    // 16 tokens plus the global images; Qwen, 3 x 2 and 2 x 5 tokens.
+    for (model, rows) in [(split, [7 * 16, 7 * 16]), (qwen, [6, 10])] {
+        if !model.join("manifest.json").is_file() {
+            // scripts/test.sh builds it and sets this.
+            assert!(
+                std::env::var_os("ELASTIC_EDGE_REQUIRE_FAMILY_MODELS").is_none(),
+                "{} is not built",
+                model.display()
+            );
+            eprintln!("note: {} is not built; its chat case is skipped", model.display());
+            continue;
+        }
+        let service = start_model(&model, "4MiB", tempfile::tempdir().unwrap(), "", "");
+        let ask = |urls: &[String]| {
+            let mut content = vec![json!({"type": "text", "text": "What differs?"})];
+            content.extend(
+                urls.iter()
+                    .map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+            );
+            let (status, answer) = chat(
+                &service,
+                &json!({"max_tokens": 2, "messages": [{"role": "user", "content": content}]}),
+            );
+            assert_eq!(status, 200, "{}: {}", model.display(), short(&answer));
+            answer["usage"]["prompt_tokens"].as_u64().unwrap()
+        };
+        let (none, first, both) = (ask(&[]), ask(&urls[..1]), ask(&urls));
+        assert!(first >= none + rows[0] as u64, "{}: {none} -> {first}", model.display());
+        assert!(both >= first + rows[1] as u64, "{}: {first} -> {both}", model.display());
+    }
 }
 
 #[test]
