@@ -473,8 +473,8 @@ def tiny_idefics3(ck: str, splitting: bool, shapes: str = "tiny"):
         _fill_vocab(os.path.join(ck, "tokenizer.json"), text_shape["vocab_size"])
         pp = json.load(open(os.path.join(REPO, "models", "configs", published, "preprocessor_config.json")))
         pp["do_image_splitting"] = splitting
-    text = LlamaConfig(max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                       tie_word_embeddings=True, **text_shape)
+    text = LlamaConfig(max_position_embeddings=512 if shapes == "tiny" else 8192, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=2, tie_word_embeddings=True, **text_shape)
     cfg = Idefics3Config(text_config=text.to_dict(), vision_config=vision_shape, scale_factor=scale,
                          image_token_id=3)
     model = Idefics3ForConditionalGeneration(cfg)
