@@ -28,6 +28,17 @@
 
 pub mod dynamic;
 mod resample;
+
+/// A committed fixture's `pixel_values`: raw little-endian f32 (the
+/// processors' outputs under `models/fixtures/`).
+#[cfg(test)]
+pub(crate) fn read_f32_fixture(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
 pub mod sizing;
 pub mod split;
 
@@ -821,11 +832,7 @@ mod tests {
             };
             let mut out = vec![0.0; p.output_len()];
             p.load_file(&repo(meta["picture"].as_str().unwrap()), &mut out).unwrap();
-            let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
-            let expected: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let expected = read_f32_fixture(&dir.join(format!("{name}.f32")));
             assert_eq!(out.len(), expected.len());
             let differ = out
                 .iter()

@@ -381,11 +381,7 @@ mod tests {
                 (grid.rows as u64, grid.cols as u64),
                 (thw[1].as_u64().unwrap(), thw[2].as_u64().unwrap())
             );
-            let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
-            let expected: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let expected = crate::model::image::read_f32_fixture(&dir.join(format!("{name}.f32")));
             assert_eq!(out.pixels.len(), expected.len(), "{name}");
             let differ = out
                 .pixels

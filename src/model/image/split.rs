@@ -292,11 +292,8 @@ mod tests {
                 .load_file(&pre, &dir.join(case["picture"].as_str().expect("picture")), &mut out)
                 .expect("global image");
             assert_eq!((got.rows, got.cols, got.frames), (0, 0, 1), "{name}");
-            let raw = std::fs::read(dir.join(case["pixel_values"]["file"].as_str().expect("file"))).expect("f32");
-            let want: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let want =
+                crate::model::image::read_f32_fixture(&dir.join(case["pixel_values"]["file"].as_str().expect("file")));
             assert_eq!(out.len(), want.len(), "{name}");
             let differ = out
                 .iter()
@@ -329,11 +326,8 @@ mod tests {
                 ),
                 "{name}"
             );
-            let raw = std::fs::read(dir.join(case["pixel_values"]["file"].as_str().expect("file"))).expect("f32");
-            let want: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let want =
+                crate::model::image::read_f32_fixture(&dir.join(case["pixel_values"]["file"].as_str().expect("file")));
             assert_eq!(out.len(), want.len(), "{name}");
             let max = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let differ = out
